@@ -38,16 +38,18 @@ def test_default_config_is_vit_b16():
     assert 149_000_000 < clip_params < 150_500_000
 
 
+def reference_matrix(model, inputs) -> torch.Tensor:
+    """`[I, T]` logits from the literal one-pair-at-a-time reference."""
+    pixels, num_captions = inputs["pixel_values"], inputs["node_input_ids"].shape[0]
+    return torch.stack(
+        [torch.stack([reference_logit(model, image, inputs, t) for t in range(num_captions)]) for image in pixels]
+    )
+
+
 @torch.no_grad()
 def test_batched_scores_match_literal_per_pair_reference(model, inputs):
     logits = model(**inputs).logits_per_image
-    expected = torch.stack(
-        [
-            torch.stack([reference_logit(model, inputs["pixel_values"][i], inputs, t) for t in range(4)])
-            for i in range(4)
-        ]
-    )
-    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits, reference_matrix(model, inputs), atol=1e-5, rtol=1e-5)
 
 
 @torch.no_grad()
@@ -57,13 +59,7 @@ def test_reference_agreement_with_intermediate_layer_and_heads():
     )
     inputs = dict(pixel_values=random_pixels(2, seed=5), **encode_graphs(example_graphs()[:2]))
     logits = model(**inputs).logits_per_image
-    expected = torch.stack(
-        [
-            torch.stack([reference_logit(model, inputs["pixel_values"][i], inputs, t) for t in range(2)])
-            for i in range(2)
-        ]
-    )
-    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits, reference_matrix(model, inputs), atol=1e-5, rtol=1e-5)
 
 
 @torch.no_grad()
