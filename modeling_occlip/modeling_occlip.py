@@ -478,27 +478,30 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
         output = image_features.binding_keys.new_zeros(image_index.shape[0])
         order = torch.argsort(image_index, stable=True)
         images, counts = torch.unique_consecutive(image_index[order], return_counts=True)
-        starts = torch.cumsum(counts, 0) - counts
-        group = 0
+        starts = (torch.cumsum(counts, 0) - counts).tolist()
         chunk = self.config.pair_chunk_size
-        while group < images.shape[0]:
-            end, width = group, 0
-            while end < images.shape[0] and (end == group or (end - group + 1) * max(width, counts[end]) <= chunk):
-                width = max(width, int(counts[end]))
-                end += 1
-            image_ids = images[group:end]
+        # Rows of (image, up to `chunk` of its pairs), longest first, so that tiles pad rows to similar lengths.
+        rows = [
+            (image, start + offset, min(chunk, count - offset))
+            for image, start, count in zip(images.tolist(), starts, counts.tolist())
+            for offset in range(0, count, chunk)
+        ]
+        rows.sort(key=lambda row: -row[2])
+        first = 0
+        while first < len(rows):
+            width = rows[first][2]
+            last = min(len(rows), first + max(1, chunk // width))
+            tile = torch.tensor(rows[first:last], device=image_index.device)
             offsets = torch.arange(width, device=image_index.device)
-            positions = starts[group:end, None] + offsets
-            valid = offsets[None, :] < counts[group:end, None]
-            positions = torch.where(valid, positions, starts[group:end, None])
-            pair_ids = order[positions]  # [images, width] pair positions, padded with each image's first pair
+            valid = offsets[None, :] < tile[:, 2:3]
+            positions = torch.where(valid, tile[:, 1:2] + offsets, tile[:, 1:2])
+            pair_ids = order[positions]  # [rows, width] pair positions, padded with each row's first pair
             part = text.select(text_index[pair_ids])
-            slots, _ = self._bind(
-                image_features.binding_keys[image_ids], image_features.binding_values[image_ids], part
-            )
+            keys = image_features.binding_keys[tile[:, 0]]
+            slots, _ = self._bind(keys, image_features.binding_values[tile[:, 0]], part)
             similarity = self.similarity(slots, part)
             output = output.index_put((pair_ids[valid],), similarity[valid])
-            group = end
+            first = last
         return output * self._logit_scale() if scale else output
 
     def binding_attention(

@@ -105,8 +105,9 @@ def test_score_chunking_and_pair_scoring_agree_with_full_grid(inputs):
     image_features = model.get_image_features(inputs["pixel_values"])
     text_features = model.get_text_features(**{k: v for k, v in inputs.items() if k != "pixel_values"})
     torch.testing.assert_close(model.score(image_features, text_features), full, atol=1e-6, rtol=1e-6)
-    image_index = torch.tensor([3, 0, 2, 0, 1, 3, 3])
-    text_index = torch.tensor([0, 1, 2, 3, 0, 3, 1])
+    # Image 3 has more pairs than one tile holds, so its pairs are split over rows.
+    image_index = torch.tensor([3, 0, 2, 0, 1, 3, 3, 3, 3])
+    text_index = torch.tensor([0, 1, 2, 3, 0, 3, 1, 2, 2])
     pairs = model.score_pairs(image_features, text_features, image_index, text_index)
     torch.testing.assert_close(pairs, full[image_index, text_index], atol=1e-6, rtol=1e-6)
 
