@@ -250,7 +250,14 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
         unique_keys, inverse = torch.unique(key, dim=0, return_inverse=True)
         first = torch.full((unique_keys.shape[0],), input_ids.shape[0], dtype=torch.long, device=input_ids.device)
         first = first.scatter_reduce(0, inverse, torch.arange(input_ids.shape[0], device=input_ids.device), "amin")
-        outputs = self.text_model(input_ids=input_ids[first], attention_mask=attention_mask[first], return_dict=True)
+        input_ids, attention_mask = input_ids[first], attention_mask[first]
+        # Columns masked in every phrase only cost compute: causal attention and pooling at the end-of-text token
+        # make the result independent of trailing padding.
+        used = attention_mask.bool().any(0).nonzero()
+        length = int(used.max()) + 1 if used.numel() else input_ids.shape[-1]
+        outputs = self.text_model(
+            input_ids=input_ids[:, :length], attention_mask=attention_mask[:, :length], return_dict=True
+        )
         embeds = outputs.pooler_output
         if self.config.text_embedding_source == "projected":
             embeds = self.text_projection(embeds)
