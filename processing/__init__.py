@@ -1,5 +1,18 @@
-"""Scene graphs, parsers and processors for OC-CLIP and CLOC."""
+"""Scene graphs, tokenizer and processors for OC-CLIP and CLOC.
 
+Importing this package registers `OCCLIPProcessor` with `AutoProcessor` for OC-CLIP checkpoints and marks it so
+that `save_pretrained` writes `auto_map` and copies its code (loadable with `trust_remote_code=True`).
+"""
+
+from transformers import AutoProcessor
+
+from modeling_occlip import OCCLIPConfig
+
+from .clip_tokenizer import bundled_clip_tokenizer
+from .processing_occlip import OCCLIPProcessor
 from .scene_graph import SceneGraph, SceneObject, SceneRelation
 
-__all__ = ["SceneGraph", "SceneObject", "SceneRelation"]
+AutoProcessor.register(OCCLIPConfig, OCCLIPProcessor, exist_ok=True)
+OCCLIPProcessor.register_for_auto_class("AutoProcessor")
+
+__all__ = ["OCCLIPProcessor", "SceneGraph", "SceneObject", "SceneRelation", "bundled_clip_tokenizer"]

@@ -1,0 +1,149 @@
+"""`OCCLIPProcessor`: images + scene graphs -> every tensor `OCCLIPModel.forward` takes."""
+
+import torch
+from transformers import CLIPImageProcessorPil
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+from transformers.utils import logging
+
+from .clip_tokenizer import bundled_clip_tokenizer
+from .scene_graph import SceneGraph
+
+logger = logging.get_logger(__name__)
+
+
+class OCCLIPProcessor(ProcessorMixin):
+    """Image processor (PIL backend) + CLIP tokenizer + scene-graph settings for OC-CLIP.
+
+    `OCCLIPProcessor()` with no argument uses CLIP's 224-px image preprocessing and the CLIP tokenizer built from
+    the vocabulary bundled with this package (no download).
+
+    Args:
+        image_processor: defaults to `CLIPImageProcessorPil()`.
+        tokenizer: defaults to the bundled CLIP tokenizer.
+        max_nodes / max_relations: graphs are truncated to these (with a warning naming the caption).
+        max_phrase_length: tokens per node or predicate phrase, special tokens included.
+        merge_duplicate_nodes: merge nodes with identical text (identical queries would get identical slots).
+    """
+
+    model_input_names = [
+        "pixel_values",
+        "node_input_ids",
+        "node_attention_mask",
+        "node_mask",
+        "relation_input_ids",
+        "relation_attention_mask",
+        "relation_mask",
+        "relation_subject_index",
+        "relation_object_index",
+    ]
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        max_nodes: int = 8,
+        max_relations: int = 8,
+        max_phrase_length: int = 20,
+        merge_duplicate_nodes: bool = True,
+        **kwargs,
+    ):
+        if max_nodes < 1 or max_relations < 0 or max_phrase_length < 3:
+            raise ValueError(
+                f"need max_nodes >= 1, max_relations >= 0, max_phrase_length >= 3; got {max_nodes}, "
+                f"{max_relations}, {max_phrase_length}"
+            )
+        self.max_nodes = max_nodes
+        self.max_relations = max_relations
+        self.max_phrase_length = max_phrase_length
+        self.merge_duplicate_nodes = merge_duplicate_nodes
+        super().__init__(
+            image_processor if image_processor is not None else CLIPImageProcessorPil(),
+            tokenizer if tokenizer is not None else bundled_clip_tokenizer(),
+            **kwargs,
+        )
+
+    def prepare_graphs(self, scene_graphs: list) -> list[SceneGraph]:
+        """Validate, merge duplicate nodes and truncate; errors and warnings name the caption index."""
+        if isinstance(scene_graphs, (dict, SceneGraph)):
+            scene_graphs = [scene_graphs]
+        if not isinstance(scene_graphs, (list, tuple)) or not scene_graphs:
+            raise ValueError("scene_graphs must be a non-empty list of scene-graph dicts (or SceneGraph objects).")
+        graphs = []
+        for index, data in enumerate(scene_graphs):
+            graph = SceneGraph.from_dict(data, caption_index=index)
+            if self.merge_duplicate_nodes:
+                graph = graph.merge_duplicate_nodes()
+            graph, truncated = graph.truncate(self.max_nodes, self.max_relations)
+            if truncated:
+                logger.warning(
+                    f"caption {index}: scene graph truncated to {self.max_nodes} nodes / {self.max_relations} "
+                    f"relations (nodes: {graph.node_texts})"
+                )
+            graphs.append(graph)
+        return graphs
+
+    def encode_graphs(self, graphs: list[SceneGraph]) -> dict[str, torch.Tensor]:
+        """Padded graph tensors; each distinct phrase is tokenized once."""
+        phrases = sorted({text for g in graphs for text in (*g.node_texts, *g.relation_texts)})
+        encoded = self.tokenizer(
+            phrases, padding="longest", truncation=True, max_length=self.max_phrase_length, return_tensors="pt"
+        )
+        row = {text: i for i, text in enumerate(phrases)}
+        ids, attention = encoded["input_ids"], encoded["attention_mask"]
+        pad_id = self.tokenizer.pad_token_id
+        num_nodes = max(len(g.objects) for g in graphs)
+        num_relations = max(len(g.relations) for g in graphs)
+
+        def table(count: int, texts_of):
+            table_ids = torch.full((len(graphs), count, ids.shape[1]), pad_id, dtype=torch.long)
+            table_mask = torch.zeros((len(graphs), count, ids.shape[1]), dtype=torch.long)
+            valid = torch.zeros((len(graphs), count), dtype=torch.bool)
+            for b, graph in enumerate(graphs):
+                texts = texts_of(graph)
+                if texts:
+                    rows = torch.tensor([row[t] for t in texts])
+                    table_ids[b, : len(texts)] = ids[rows]
+                    table_mask[b, : len(texts)] = attention[rows]
+                    valid[b, : len(texts)] = True
+            return table_ids, table_mask, valid
+
+        node_ids, node_attention, node_mask = table(num_nodes, lambda g: g.node_texts)
+        relation_ids, relation_attention, relation_mask = table(num_relations, lambda g: g.relation_texts)
+        subject = torch.zeros((len(graphs), num_relations), dtype=torch.long)
+        obj = torch.zeros_like(subject)
+        for b, graph in enumerate(graphs):
+            for p, relation in enumerate(graph.relations):
+                subject[b, p], obj[b, p] = relation.subject, relation.object
+        return {
+            "node_input_ids": node_ids,
+            "node_attention_mask": node_attention,
+            "node_mask": node_mask,
+            "relation_input_ids": relation_ids,
+            "relation_attention_mask": relation_attention,
+            "relation_mask": relation_mask,
+            "relation_subject_index": subject,
+            "relation_object_index": obj,
+        }
+
+    def __call__(self, images=None, text=None, scene_graphs=None, return_tensors="pt", **kwargs) -> BatchFeature:
+        """Preprocess images and scene graphs (`scene_graphs=`; one graph per caption) for `OCCLIPModel`.
+
+        `text=` (captions parsed into graphs) needs the scene-graph parser, which this version does not ship yet.
+        """
+        if text is not None:
+            raise ValueError(
+                "OCCLIPProcessor(text=...) needs the caption parser, which this version does not ship yet; pass "
+                "scene_graphs=[{'objects': [...], 'relations': [...]}, ...] instead."
+            )
+        if images is None and scene_graphs is None:
+            raise ValueError("OCCLIPProcessor needs images=, scene_graphs= or both.")
+        data = {}
+        if images is not None:
+            data.update(self.image_processor(images, return_tensors="pt", **kwargs))
+        if scene_graphs is not None:
+            data.update(self.encode_graphs(self.prepare_graphs(scene_graphs)))
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+
+__all__ = ["OCCLIPProcessor"]
