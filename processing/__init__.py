@@ -10,9 +10,17 @@ from modeling_occlip import OCCLIPConfig
 
 from .clip_tokenizer import bundled_clip_tokenizer
 from .processing_occlip import OCCLIPProcessor
+from .rule_parser import RuleSceneGraphParser
 from .scene_graph import SceneGraph, SceneObject, SceneRelation
 
 AutoProcessor.register(OCCLIPConfig, OCCLIPProcessor, exist_ok=True)
 OCCLIPProcessor.register_for_auto_class("AutoProcessor")
 
-__all__ = ["OCCLIPProcessor", "SceneGraph", "SceneObject", "SceneRelation", "bundled_clip_tokenizer"]
+__all__ = [
+    "OCCLIPProcessor",
+    "RuleSceneGraphParser",
+    "SceneGraph",
+    "SceneObject",
+    "SceneRelation",
+    "bundled_clip_tokenizer",
+]

