@@ -9,6 +9,7 @@ from transformers import AutoProcessor
 from modeling_occlip import OCCLIPConfig
 
 from .clip_tokenizer import bundled_clip_tokenizer
+from .llm_parser import LLMSceneGraphParser
 from .processing_occlip import OCCLIPProcessor
 from .rule_parser import RuleSceneGraphParser
 from .scene_graph import SceneGraph, SceneObject, SceneRelation
@@ -17,6 +18,7 @@ AutoProcessor.register(OCCLIPConfig, OCCLIPProcessor, exist_ok=True)
 OCCLIPProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
+    "LLMSceneGraphParser",
     "OCCLIPProcessor",
     "RuleSceneGraphParser",
     "SceneGraph",
