@@ -9,6 +9,7 @@ from transformers import AutoProcessor
 from modeling_occlip import OCCLIPConfig
 
 from .clip_tokenizer import bundled_clip_tokenizer
+from .dataset_parsing import add_scene_graphs
 from .llm_parser import LLMSceneGraphParser
 from .processing_occlip import OCCLIPProcessor
 from .rule_parser import RuleSceneGraphParser
@@ -24,5 +25,6 @@ __all__ = [
     "SceneGraph",
     "SceneObject",
     "SceneRelation",
+    "add_scene_graphs",
     "bundled_clip_tokenizer",
 ]
