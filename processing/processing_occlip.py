@@ -127,12 +127,26 @@ class OCCLIPProcessor(ProcessorMixin):
             "relation_object_index": obj,
         }
 
-    def __call__(self, images=None, text=None, scene_graphs=None, return_tensors="pt", **kwargs) -> BatchFeature:
+    def __call__(
+        self, images=None, text=None, scene_graphs=None, paired: bool = False, return_tensors="pt", **kwargs
+    ) -> BatchFeature:
         """Preprocess images and captions for `OCCLIPModel`.
 
         Captions come as `text=` (parsed into scene graphs by the offline spaCy rule parser) or, skipping the
-        parser, as `scene_graphs=` (one JSON graph per caption).
+        parser, as `scene_graphs=` (one JSON graph per caption). Scoring takes any numbers of images and
+        captions; with `paired=True` (training, `return_loss=True`) image k must go with caption k.
         """
+        if paired:
+            num_captions = None
+            if text is not None:
+                num_captions = 1 if isinstance(text, str) else len(text)
+            elif scene_graphs is not None:
+                num_captions = 1 if isinstance(scene_graphs, (dict, SceneGraph)) else len(scene_graphs)
+            num_images = None if images is None else (len(images) if isinstance(images, (list, tuple)) else 1)
+            if num_images is not None and num_captions is not None and num_images != num_captions:
+                raise ValueError(
+                    f"paired=True needs one caption per image: got {num_images} images and {num_captions} captions"
+                )
         if text is not None:
             if scene_graphs is not None:
                 raise ValueError("pass either text= or scene_graphs=, not both")

@@ -77,6 +77,30 @@ def test_two_bad_replies_fall_back_to_rule_parser_with_warning(caplog):
     assert "caption 5: LLM reply invalid twice" in caplog.text
 
 
+def test_loads_a_local_model_path(tmp_path):
+    torch.manual_seed(0)
+    tokenizer = bundled_clip_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    from_path = LLMSceneGraphParser(str(tmp_path), max_new_tokens=5)
+    from_model = LLMSceneGraphParser(model, tokenizer=tokenizer, max_new_tokens=5)
+    prompt = build_prompt("a red cube")
+    assert from_path.generate(prompt) == from_model.generate(prompt)
+
+
 def test_tiny_random_causal_lm_end_to_end(caplog):
     torch.manual_seed(0)
     tokenizer = bundled_clip_tokenizer()

