@@ -25,6 +25,9 @@ class OCCLIPProcessor(ProcessorMixin):
         max_nodes / max_relations: graphs are truncated to these (with a warning naming the caption).
         max_phrase_length: tokens per node or predicate phrase, special tokens included.
         merge_duplicate_nodes: merge nodes with identical text (identical queries would get identical slots).
+        parser: how `text=` is parsed: `"rule"` (offline spaCy rules) or `"llm"` (a causal LM, `parser_model`,
+            with the rule parser as fallback).
+        parser_model: local path or Hub id of the causal LM for `parser="llm"`.
     """
 
     model_input_names = [
@@ -47,8 +50,14 @@ class OCCLIPProcessor(ProcessorMixin):
         max_relations: int = 8,
         max_phrase_length: int = 20,
         merge_duplicate_nodes: bool = True,
+        parser: str = "rule",
+        parser_model: str | None = None,
         **kwargs,
     ):
+        if parser not in ("rule", "llm"):
+            raise ValueError(f"parser must be 'rule' or 'llm', got {parser!r}")
+        if parser == "llm" and not parser_model:
+            raise ValueError("parser='llm' needs parser_model (a local path or Hub id of a causal LM)")
         if max_nodes < 1 or max_relations < 0 or max_phrase_length < 3:
             raise ValueError(
                 f"need max_nodes >= 1, max_relations >= 0, max_phrase_length >= 3; got {max_nodes}, "
@@ -58,11 +67,26 @@ class OCCLIPProcessor(ProcessorMixin):
         self.max_relations = max_relations
         self.max_phrase_length = max_phrase_length
         self.merge_duplicate_nodes = merge_duplicate_nodes
+        self.parser = parser
+        self.parser_model = parser_model
+        self._caption_parser = None
         super().__init__(
             image_processor if image_processor is not None else CLIPImageProcessorPil(),
             tokenizer if tokenizer is not None else bundled_clip_tokenizer(),
             **kwargs,
         )
+
+    @property
+    def caption_parser(self):
+        """The parser `text=` goes through (built on first use)."""
+        if self._caption_parser is None:
+            if self.parser == "llm":
+                from .llm_parser import LLMSceneGraphParser
+
+                self._caption_parser = LLMSceneGraphParser(self.parser_model)
+            else:
+                self._caption_parser = RuleSceneGraphParser()
+        return self._caption_parser
 
     def prepare_graphs(self, scene_graphs: list) -> list[SceneGraph]:
         """Validate, merge duplicate nodes and truncate; errors and warnings name the caption index."""
@@ -150,7 +174,7 @@ class OCCLIPProcessor(ProcessorMixin):
         if text is not None:
             if scene_graphs is not None:
                 raise ValueError("pass either text= or scene_graphs=, not both")
-            scene_graphs = RuleSceneGraphParser().parse_batch([text] if isinstance(text, str) else list(text))
+            scene_graphs = self.caption_parser.parse_batch([text] if isinstance(text, str) else list(text))
         if images is None and scene_graphs is None:
             raise ValueError("OCCLIPProcessor needs images=, scene_graphs= or both.")
         data = {}

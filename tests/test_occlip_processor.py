@@ -9,7 +9,7 @@ from PIL import Image
 from transformers import AutoProcessor, CLIPImageProcessorPil
 
 from modeling_occlip import OCCLIPModel
-from processing import OCCLIPProcessor, bundled_clip_tokenizer
+from processing import OCCLIPProcessor, RuleSceneGraphParser, bundled_clip_tokenizer
 from tests.factories import tiny_occlip_config
 from tests.isolated_python import run_isolated
 
@@ -174,11 +174,23 @@ def test_missing_spacy_in_remote_process_gives_install_hint(clean_python, tmp_pa
     )
 
 
+def test_parser_settings_are_validated_and_saved(tmp_path):
+    with pytest.raises(ValueError, match="parser must be 'rule' or 'llm'"):
+        tiny_processor(parser="t5")
+    with pytest.raises(ValueError, match="needs parser_model"):
+        tiny_processor(parser="llm")
+    tiny_processor(parser="llm", parser_model="some/causal-lm").save_pretrained(tmp_path)
+    reloaded = AutoProcessor.from_pretrained(tmp_path)
+    assert (reloaded.parser, reloaded.parser_model) == ("llm", "some/causal-lm")
+
+
 def test_save_load_round_trip(tmp_path):
     processor = tiny_processor(max_nodes=5)
+    processor(text=["a cat on a mat"])  # the parser built on first use is not part of the saved state
     processor.save_pretrained(tmp_path)
     reloaded = AutoProcessor.from_pretrained(tmp_path)
     assert isinstance(reloaded, OCCLIPProcessor) and reloaded.max_nodes == 5
+    assert reloaded.parser == "rule" and isinstance(reloaded.caption_parser, RuleSceneGraphParser)
     a, b = processor(images=images(), scene_graphs=GRAPHS), reloaded(images=images(), scene_graphs=GRAPHS)
     assert a.keys() == b.keys()
     for key in a:
