@@ -77,7 +77,8 @@ def test_two_bad_replies_fall_back_to_rule_parser_with_warning(caplog):
     assert "caption 5: LLM reply invalid twice" in caplog.text
 
 
-def test_loads_a_local_model_path(tmp_path):
+def tiny_causal_lm():
+    """A random 1-layer Llama over the bundled CLIP vocabulary, and that tokenizer."""
     torch.manual_seed(0)
     tokenizer = bundled_clip_tokenizer()
     config = LlamaConfig(
@@ -92,7 +93,11 @@ def test_loads_a_local_model_path(tmp_path):
         eos_token_id=49407,
         pad_token_id=49407,
     )
-    model = LlamaForCausalLM(config)
+    return LlamaForCausalLM(config), tokenizer
+
+
+def test_loads_a_local_model_path(tmp_path):
+    model, tokenizer = tiny_causal_lm()
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     from_path = LLMSceneGraphParser(str(tmp_path), max_new_tokens=5)
@@ -102,21 +107,8 @@ def test_loads_a_local_model_path(tmp_path):
 
 
 def test_tiny_random_causal_lm_end_to_end(caplog):
-    torch.manual_seed(0)
-    tokenizer = bundled_clip_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-    )
-    parser = LLMSceneGraphParser(LlamaForCausalLM(config), tokenizer=tokenizer, max_new_tokens=6)
+    model, tokenizer = tiny_causal_lm()
+    parser = LLMSceneGraphParser(model, tokenizer=tokenizer, max_new_tokens=6)
     reply = parser.generate(build_prompt("a cat"))
     assert isinstance(reply, str)
     with caplog.at_level(logging.WARNING):
