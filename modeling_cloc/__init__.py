@@ -1,1 +1,28 @@
-"""modeling_cloc package."""
+"""CLOC (contrastive localized language-image pre-training) for transformers.
+
+Importing this package registers the configs and `CLOCModel` with `AutoConfig`/`AutoModel` and marks them so
+that `save_pretrained` writes `auto_map` and copies the model code.
+"""
+
+from transformers import AutoConfig, AutoModel
+
+from .configuration_cloc import CLOCConfig, CLOCPrompterConfig, CLOCTextConfig, CLOCVisionConfig
+from .modeling_cloc import CLOCModel, CLOCOutput, CLOCPreTrainedModel, CLOCPrompter, box_position_encoding
+
+for _config in (CLOCConfig, CLOCTextConfig, CLOCVisionConfig, CLOCPrompterConfig):
+    AutoConfig.register(_config.model_type, _config, exist_ok=True)
+    _config.register_for_auto_class()
+AutoModel.register(CLOCConfig, CLOCModel, exist_ok=True)
+CLOCModel.register_for_auto_class("AutoModel")
+
+__all__ = [
+    "CLOCConfig",
+    "CLOCModel",
+    "CLOCOutput",
+    "CLOCPreTrainedModel",
+    "CLOCPrompter",
+    "CLOCPrompterConfig",
+    "CLOCTextConfig",
+    "CLOCVisionConfig",
+    "box_position_encoding",
+]

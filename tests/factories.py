@@ -144,3 +144,17 @@ def example_graphs() -> list[dict]:
         {"nodes": [[green, sphere]], "relations": []},
         {"nodes": [[red, cone], [green, cube]], "relations": [(1, [above], 0)]},
     ]
+
+
+def tiny_cloc_model(seed: int = 0, **prompter_overrides):
+    """A randomly initialised tiny `CLOCModel` (towers as the OC-CLIP factory) in eval mode."""
+    from modeling_cloc import CLOCConfig, CLOCModel
+
+    torch.manual_seed(seed)
+    config = CLOCConfig(
+        text_config=tiny_text_config(),
+        vision_config=tiny_vision_config(),
+        prompter_config={"initializer_range": 0.2, **prompter_overrides},
+        projection_dim=24,
+    )
+    return CLOCModel(config).eval()

@@ -1,0 +1,394 @@
+"""CLOC: contrastive localized language-image pre-training, as a transformers model (spec `cloc.md`).
+
+CLIP towers under CLIP's parameter names plus a light Prompter that turns the image tokens and a box (or a
+region caption) into a region embedding, and a box head for grounding.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.clip.modeling_clip import CLIPPreTrainedModel, CLIPTextModel, CLIPVisionModel
+from transformers.utils import ModelOutput
+
+from .configuration_cloc import CLOCConfig
+
+
+@dataclass
+class CLOCOutput(ModelOutput):
+    r"""Output of [`CLOCModel.forward`].
+
+    loss: `loss_clip + lambda * (loss_region + loss_grounding)` with lambda scaled by the fraction of images with
+    regions. logits_per_image / logits_per_text: image-caption logits as in CLIP. region_embeds: `[B, R, D]`
+    normalised region embeddings of the input boxes (zero where `box_mask` is False).
+    """
+
+    loss: torch.Tensor | None = None
+    logits_per_image: torch.Tensor | None = None
+    logits_per_text: torch.Tensor | None = None
+    loss_clip: torch.Tensor | None = None
+    loss_region: torch.Tensor | None = None
+    loss_grounding: torch.Tensor | None = None
+    image_embeds: torch.Tensor | None = None
+    text_embeds: torch.Tensor | None = None
+    region_embeds: torch.Tensor | None = None
+
+
+def box_position_encoding(boxes: torch.Tensor, width: int, temperature: float) -> torch.Tensor:
+    """Sinusoidal encoding of the two corners of `[..., 4]` xyxy boxes in [0, 1]: `[..., 2, width]`.
+
+    Per axis `width / 4` frequencies `w_j = temperature^(-4j / width)`; a corner `(x, y)` is
+    `[sin 2 pi x w, cos 2 pi x w, sin 2 pi y w, cos 2 pi y w]`.
+    """
+    quarter = width // 4
+    frequencies = temperature ** (-4 * torch.arange(quarter, device=boxes.device, dtype=torch.float32) / width)
+    corners = boxes.float().view(*boxes.shape[:-1], 2, 2)  # [..., corner, (x, y)]
+    angles = 2 * math.pi * corners[..., None] * frequencies  # [..., 2, 2, quarter]
+    x, y = angles[..., 0, :], angles[..., 1, :]
+    return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=-1)
+
+
+class CLOCPrompterLayer(nn.Module):
+    """Pre-LN transformer layer over `[prompt ; image tokens]`; can compute the prompt rows alone."""
+
+    def __init__(self, config: CLOCConfig):
+        super().__init__()
+        width = config.vision_config.hidden_size
+        prompter = config.prompter_config
+        self.num_heads = prompter.num_attention_heads
+        self.head_dim = width // self.num_heads
+        self.norm1 = nn.LayerNorm(width, eps=prompter.layer_norm_eps)
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
+        self.out_proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width, eps=prompter.layer_norm_eps)
+        hidden = int(round(width * prompter.mlp_ratio))
+        self.fc1 = nn.Linear(width, hidden)
+        self.activation_fn = ACT2FN[prompter.hidden_act]
+        self.fc2 = nn.Linear(hidden, width)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(*x.shape[:-1], self.num_heads, self.head_dim).transpose(-2, -3)
+
+    def image_keys_values(self, image_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values `[B, H, 1+N, d_h]` of the image tokens: computed once, shared by every prompt."""
+        normed = self.norm1(image_tokens)
+        return self._heads(self.k_proj(normed)), self._heads(self.v_proj(normed))
+
+    def forward(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Update `queries` `[S, T, D]` attending to their own pre-norm rows plus cached image keys/values.
+
+        `keys`/`values` are `[S, H, K, d_h]` for the image tokens (one row of sequences per prompt set).
+        """
+        normed = self.norm1(queries)
+        q = self._heads(self.q_proj(normed))
+        k = torch.cat([self._heads(self.k_proj(normed)), keys], dim=-2)
+        v = torch.cat([self._heads(self.v_proj(normed)), values], dim=-2)
+        attended = nn.functional.scaled_dot_product_attention(q, k, v)
+        hidden = queries + self.out_proj(attended.transpose(-2, -3).reshape(queries.shape))
+        return hidden + self.fc2(self.activation_fn(self.fc1(self.norm2(hidden))))
+
+
+class CLOCPrompter(nn.Module):
+    """Box or text prompt + image tokens -> region hidden state `h` (`D_v`) and embedding `z` (`D`)."""
+
+    def __init__(self, config: CLOCConfig):
+        super().__init__()
+        width = config.vision_config.hidden_size
+        prompter = config.prompter_config
+        self.width, self.pooling = width, prompter.pooling
+        self.temperature = prompter.box_pe_temperature
+        self.corner_embeddings = nn.Parameter(torch.zeros(2, width)) if prompter.box_corner_embeddings else None
+        self.text_prompt_proj = nn.Linear(config.projection_dim, width)
+        self.text_type_embedding = nn.Parameter(torch.zeros(width))
+        self.layers = nn.ModuleList([CLOCPrompterLayer(config) for _ in range(prompter.num_hidden_layers)])
+        self.post_layernorm = nn.LayerNorm(width, eps=config.vision_config.layer_norm_eps)
+        self.projection = nn.Linear(width, config.projection_dim, bias=False)
+
+    def box_prompts(self, boxes: torch.Tensor) -> torch.Tensor:
+        """Two prompt tokens per box: `[B, R, 2, D_v]`."""
+        tokens = box_position_encoding(boxes, self.width, self.temperature).to(self.projection.weight.dtype)
+        return tokens + self.corner_embeddings if self.corner_embeddings is not None else tokens
+
+    def text_prompts(self, text_embeds: torch.Tensor) -> torch.Tensor:
+        """One prompt token per region caption: `[B, R, 1, D_v]` from projected caption embeddings `[B, R, D]`."""
+        normalized = nn.functional.normalize(text_embeds, dim=-1)
+        return (self.text_prompt_proj(normalized) + self.text_type_embedding)[..., None, :]
+
+    def forward(self, prompts: torch.Tensor, image_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Region hidden states `h` `[B, R, D_v]` and normalised embeddings `z` `[B, R, D]`.
+
+        `prompts` `[B, R, T_p, D_v]`; `image_tokens` `[B, 1+N, D_v]`. With one layer and prompt pooling only the
+        prompt rows are computed, against image keys/values computed once per image.
+        """
+        batch, regions, num_prompt, width = prompts.shape
+        if self.pooling == "prompt" and len(self.layers) == 1:
+            keys, values = self.layers[0].image_keys_values(image_tokens)  # [B, H, K, d], once per image
+            keys = keys[:, None].expand(-1, regions, -1, -1, -1)
+            values = values[:, None].expand(-1, regions, -1, -1, -1)
+            pooled = self.layers[0](prompts, keys, values).mean(dim=2)
+        else:
+            # Full sequence per region: every layer updates image tokens too, which then depend on the prompt.
+            tokens = torch.cat([prompts, image_tokens[:, None].expand(-1, regions, -1, -1)], dim=2)
+            tokens = tokens.reshape(batch * regions, -1, width)
+            for layer in self.layers:
+                empty = tokens.new_zeros(tokens.shape[0], layer.num_heads, 0, layer.head_dim)
+                tokens = layer(tokens, empty, empty)
+            tokens = tokens.view(batch, regions, -1, width)
+            pooled = tokens[:, :, :num_prompt].mean(2) if self.pooling == "prompt" else tokens.mean(2)
+        embeds = nn.functional.normalize(self.projection(self.post_layernorm(pooled)), dim=-1)
+        return pooled, embeds
+
+
+class CLOCBoxHead(nn.Module):
+    """2-layer GELU MLP from a text-prompted region state to a box (sigmoid, normalised xyxy).
+
+    It reads `LN(h)` through its own layer norm, so its input scale does not drift with the residual stream or
+    the embedding path, and its last layer starts at zero (every box starts at the image centre, sigmoid
+    unsaturated).
+    """
+
+    def __init__(self, config: CLOCConfig):
+        super().__init__()
+        width = config.vision_config.hidden_size
+        hidden = config.prompter_config.box_head_hidden or width
+        self.norm = nn.LayerNorm(width, eps=config.prompter_config.layer_norm_eps)
+        self.fc1 = nn.Linear(width, hidden)
+        self.activation_fn = ACT2FN[config.prompter_config.hidden_act]
+        self.fc2 = nn.Linear(hidden, 4)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation_fn(self.fc1(self.norm(hidden)))).sigmoid()
+
+
+class CLOCPreTrainedModel(CLIPPreTrainedModel):
+    """Weights initialisation and flags shared by the CLOC models."""
+
+    config: CLOCConfig
+    base_model_prefix = "cloc"
+    _no_split_modules = ["CLIPTextEmbeddings", "CLIPEncoderLayer", "CLIPVisionEmbeddings", "CLOCPrompter"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """CLIP towers as CLIP does; Prompter and box head from `prompter_config.initializer_range`."""
+        super()._init_weights(module)
+        if not isinstance(self.config, CLOCConfig):
+            return
+        std = self.config.prompter_config.initializer_range
+        factor = self.config.initializer_factor
+        if isinstance(module, CLOCModel):
+            init.normal_(module.text_projection.weight, std=module.config.text_config.hidden_size**-0.5 * factor)
+            init.normal_(module.visual_projection.weight, std=module.config.vision_config.hidden_size**-0.5 * factor)
+            init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+            init.constant_(module.region_logit_scale, self.config.region_logit_scale_init_value)
+        elif isinstance(module, (CLOCPrompter, CLOCBoxHead)):
+            # Initialised from these parents: transformers skips param-less custom children (the layers).
+            for child in module.modules():
+                if isinstance(child, nn.Linear):
+                    init.normal_(child.weight, std=std)
+                    if child.bias is not None:
+                        init.zeros_(child.bias)
+                elif isinstance(child, nn.LayerNorm):
+                    init.ones_(child.weight)
+                    init.zeros_(child.bias)
+            if isinstance(module, CLOCBoxHead):
+                init.zeros_(module.fc2.weight)
+            if isinstance(module, CLOCPrompter):
+                init.normal_(module.text_type_embedding, std=std)
+                if module.corner_embeddings is not None:
+                    init.normal_(module.corner_embeddings, std=std)
+
+
+def _check_boxes(boxes: torch.Tensor, box_mask: torch.Tensor | None, batch: int) -> torch.Tensor:
+    if not isinstance(boxes, torch.Tensor) or boxes.dim() != 3 or boxes.shape[-1] != 4 or boxes.shape[0] != batch:
+        shape = tuple(boxes.shape) if isinstance(boxes, torch.Tensor) else type(boxes).__name__
+        raise ValueError(f"boxes has shape {shape}, expected [{batch}, regions, 4] (normalised x0, y0, x1, y1)")
+    if box_mask is None:
+        box_mask = torch.ones(boxes.shape[:2], dtype=torch.bool, device=boxes.device)
+    if tuple(box_mask.shape) != tuple(boxes.shape[:2]):
+        raise ValueError(f"box_mask has shape {tuple(box_mask.shape)}, expected {tuple(boxes.shape[:2])}")
+    box_mask = box_mask.bool()
+    bad = box_mask & ~(
+        torch.isfinite(boxes).all(-1)
+        & (boxes[..., 2] > boxes[..., 0])
+        & (boxes[..., 3] > boxes[..., 1])
+        & (boxes >= 0).all(-1)
+        & (boxes <= 1).all(-1)
+    )
+    if bad.any():
+        image, box = bad.nonzero()[0].tolist()
+        raise ValueError(
+            f"image {image}, box {box}: {boxes[image, box].tolist()} is not a normalised box with 0 <= x0 < x1 <= 1 "
+            "and 0 <= y0 < y1 <= 1 (the processor normalises pixel boxes)"
+        )
+    return box_mask
+
+
+class CLOCModel(CLOCPreTrainedModel):
+    """CLOC: a CLIP whose image tokens also give region embeddings through a promptable Prompter.
+
+    `get_image_features` / `get_text_features` behave as in transformers' CLIP; `get_region_features` embeds any
+    number of boxes per image from cached image tokens; `ground` predicts a box per region caption.
+    """
+
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "text")
+
+    def __init__(self, config: CLOCConfig):
+        super().__init__(config)
+        self.text_model = CLIPTextModel._from_config(config.text_config)
+        self.vision_model = CLIPVisionModel._from_config(config.vision_config)
+        self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
+        self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
+        self.region_logit_scale = nn.Parameter(torch.tensor(config.region_logit_scale_init_value))
+        self.prompter = CLOCPrompter(config)
+        self.box_head = CLOCBoxHead(config)
+        self.post_init()
+
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        """As CLIP: `pooler_output` is the projected, unnormalised image embedding; `last_hidden_state` holds the
+        image tokens (CLS first, before the post-LayerNorm) that the Prompter reads."""
+        outputs = self.vision_model(pixel_values=pixel_values, return_dict=True, **kwargs)
+        outputs.pooler_output = self.visual_projection(outputs.pooler_output)
+        return outputs
+
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask=None, **kwargs) -> BaseModelOutputWithPooling:
+        """As CLIP: `pooler_output` is the projected, unnormalised text embedding."""
+        outputs = self.text_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
+        outputs.pooler_output = self.text_projection(outputs.pooler_output)
+        return outputs
+
+    def _image_tokens(self, pixel_values, image_tokens) -> torch.Tensor:
+        if image_tokens is None:
+            if pixel_values is None:
+                raise ValueError("pass pixel_values or cached image_tokens")
+            image_tokens = self.get_image_features(pixel_values).last_hidden_state
+        return image_tokens
+
+    def get_region_features(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        image_tokens: torch.Tensor | None = None,
+        boxes: torch.Tensor | None = None,
+        box_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Normalised region embeddings `[B, R, D]` of boxes `[B, R, 4]` (normalised xyxy); zero where masked.
+
+        `image_tokens` (`get_image_features(...).last_hidden_state`) can be cached and reused for any prompts.
+        """
+        image_tokens = self._image_tokens(pixel_values, image_tokens)
+        box_mask = _check_boxes(boxes, box_mask, image_tokens.shape[0])
+        safe = torch.where(box_mask[..., None], boxes, boxes.new_tensor([0.0, 0.0, 1.0, 1.0]))
+        _, embeds = self.prompter(self.prompter.box_prompts(safe), image_tokens)
+        return embeds * box_mask[..., None]
+
+    def _region_text_embeds(self, region_input_ids, region_attention_mask, mask) -> torch.Tensor:
+        embeds = region_input_ids.new_zeros(
+            *mask.shape, self.config.projection_dim, dtype=self.text_projection.weight.dtype
+        )
+        if mask.any():
+            attention = None if region_attention_mask is None else region_attention_mask[mask]
+            embeds[mask] = self.get_text_features(region_input_ids[mask], attention).pooler_output
+        return embeds
+
+    def ground(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_tokens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predicted boxes `[B, R, 4]` (normalised xyxy) for region captions `input_ids` `[B, R, L]`."""
+        image_tokens = self._image_tokens(pixel_values, image_tokens)
+        if input_ids is None or input_ids.dim() != 3 or input_ids.shape[0] != image_tokens.shape[0]:
+            raise ValueError("ground needs input_ids of shape [images, captions per image, tokens]")
+        mask = torch.ones(input_ids.shape[:2], dtype=torch.bool, device=input_ids.device)
+        text = self._region_text_embeds(input_ids, attention_mask, mask)
+        hidden, _ = self.prompter(self.prompter.text_prompts(text), image_tokens)
+        return self.box_head(hidden)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        input_boxes: torch.Tensor | None = None,
+        box_mask: torch.Tensor | None = None,
+        region_input_ids: torch.Tensor | None = None,
+        region_attention_mask: torch.Tensor | None = None,
+        return_loss: bool | None = None,
+        **kwargs,
+    ) -> CLOCOutput:
+        """CLIP logits, region embeddings of `input_boxes`, and with `return_loss` the CLOC loss."""
+        vision = self.get_image_features(pixel_values)
+        image_tokens = vision.last_hidden_state
+        image_embeds = nn.functional.normalize(vision.pooler_output, dim=-1)
+        text_embeds = nn.functional.normalize(self.get_text_features(input_ids, attention_mask).pooler_output, dim=-1)
+        scale = self.logit_scale.exp().clamp(max=self.config.logit_scale_max)
+        logits_per_text = scale * text_embeds @ image_embeds.t()
+        region_embeds = None
+        if input_boxes is not None:
+            box_mask = _check_boxes(input_boxes, box_mask, image_tokens.shape[0])
+            region_embeds = self.get_region_features(image_tokens=image_tokens, boxes=input_boxes, box_mask=box_mask)
+        loss = loss_clip = loss_region = loss_grounding = None
+        if return_loss:
+            labels = torch.arange(logits_per_text.shape[0], device=logits_per_text.device)
+            ce = nn.functional.cross_entropy
+            loss_clip = 0.5 * (ce(logits_per_text, labels) + ce(logits_per_text.t(), labels))
+            loss = loss_clip
+            if region_embeds is not None and region_input_ids is not None and box_mask.any():
+                loss_region, loss_grounding = self._region_losses(
+                    image_tokens, input_boxes, box_mask, region_embeds, region_input_ids, region_attention_mask
+                )
+                weight = self.config.region_loss_weight * box_mask.any(-1).float().mean()
+                loss = loss + weight * (loss_region + loss_grounding)
+        return CLOCOutput(
+            loss=loss,
+            logits_per_image=logits_per_text.t(),
+            logits_per_text=logits_per_text,
+            loss_clip=loss_clip,
+            loss_region=loss_region,
+            loss_grounding=loss_grounding,
+            image_embeds=image_embeds,
+            text_embeds=text_embeds,
+            region_embeds=region_embeds,
+        )
+
+    def region_negative_mask(self, caption_embeds: torch.Tensor) -> torch.Tensor:
+        """`[V, V]` True where a pair stays in the softmax: the diagonal, and captions with cosine <= threshold."""
+        with torch.no_grad():
+            normalized = nn.functional.normalize(caption_embeds, dim=-1)
+            keep = normalized @ normalized.t() <= self.config.region_text_filter_threshold
+            keep.fill_diagonal_(True)
+        return keep
+
+    def _region_losses(self, image_tokens, boxes, box_mask, region_embeds, region_input_ids, region_attention_mask):
+        caption_embeds = self._region_text_embeds(region_input_ids, region_attention_mask, box_mask)
+        z = region_embeds[box_mask]
+        u = nn.functional.normalize(caption_embeds[box_mask], dim=-1)
+        scale = self.region_logit_scale.exp().clamp(max=self.config.logit_scale_max)
+        logits = (scale * z @ u.t()).masked_fill(~self.region_negative_mask(u), float("-inf"))
+        labels = torch.arange(z.shape[0], device=z.device)
+        ce = nn.functional.cross_entropy
+        loss_region = 0.5 * (ce(logits, labels) + ce(logits.t(), labels))
+        # Grounding: a caption repeated within its image has no single target box.
+        target = box_mask.clone()
+        if self.config.grounding_unique_only:
+            ids = region_input_ids if region_attention_mask is None else region_input_ids * region_attention_mask
+            same = (ids[:, :, None] == ids[:, None, :]).all(-1) & box_mask[:, :, None] & box_mask[:, None, :]
+            target &= same.sum(-1) == 1
+        if not target.any():
+            return loss_region, loss_region.new_zeros(())
+        hidden, _ = self.prompter(self.prompter.text_prompts(caption_embeds), image_tokens)
+        predicted = self.box_head(hidden)
+        loss_grounding = ((predicted - boxes) ** 2)[target].sum() / (4 * target.sum())
+        return loss_region, loss_grounding
+
+
+__all__ = ["CLOCModel", "CLOCOutput", "CLOCPreTrainedModel", "CLOCPrompter", "box_position_encoding"]
