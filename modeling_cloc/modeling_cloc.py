@@ -186,22 +186,26 @@ class CLOCPreTrainedModel(CLIPPreTrainedModel):
             init.normal_(module.visual_projection.weight, std=module.config.vision_config.hidden_size**-0.5 * factor)
             init.constant_(module.logit_scale, self.config.logit_scale_init_value)
             init.constant_(module.region_logit_scale, self.config.region_logit_scale_init_value)
-        elif isinstance(module, (CLOCPrompter, CLOCBoxHead)):
-            # Initialised from these parents: transformers skips param-less custom children (the layers).
-            for child in module.modules():
-                if isinstance(child, nn.Linear):
-                    init.normal_(child.weight, std=std)
-                    if child.bias is not None:
-                        init.zeros_(child.bias)
-                elif isinstance(child, nn.LayerNorm):
-                    init.ones_(child.weight)
+            # The box head owns no parameter directly, so transformers skips it: initialise it from here.
+            self._init_head(module.box_head, std)
+            init.zeros_(module.box_head.fc2.weight)
+        elif isinstance(module, CLOCPrompter):
+            # Initialised from the parent: transformers skips param-less custom children (the layers).
+            self._init_head(module, std)
+            init.normal_(module.text_type_embedding, std=std)
+            if module.corner_embeddings is not None:
+                init.normal_(module.corner_embeddings, std=std)
+
+    @staticmethod
+    def _init_head(module: nn.Module, std: float) -> None:
+        for child in module.modules():
+            if isinstance(child, nn.Linear):
+                init.normal_(child.weight, std=std)
+                if child.bias is not None:
                     init.zeros_(child.bias)
-            if isinstance(module, CLOCBoxHead):
-                init.zeros_(module.fc2.weight)
-            if isinstance(module, CLOCPrompter):
-                init.normal_(module.text_type_embedding, std=std)
-                if module.corner_embeddings is not None:
-                    init.normal_(module.corner_embeddings, std=std)
+            elif isinstance(child, nn.LayerNorm):
+                init.ones_(child.weight)
+                init.zeros_(child.bias)
 
 
 def _check_boxes(boxes: torch.Tensor, box_mask: torch.Tensor | None, batch: int) -> torch.Tensor:

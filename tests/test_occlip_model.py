@@ -46,6 +46,18 @@ def reference_matrix(model, inputs) -> torch.Tensor:
     )
 
 
+def test_binding_initialisation_follows_the_config():
+    """transformers skips custom modules without direct parameters; binding layers must still get their init."""
+    model = tiny_occlip_model(binding={"initializer_range": 0.05})
+    for weight in (
+        model.binding.layers[1].q_proj.weight,
+        model.binding.layers[0].mlp.fc1.weight,
+        model.similarity.subject_mlp.fc1.weight,
+    ):
+        assert 0.03 < weight.std() < 0.07
+    assert model.similarity.log_alpha.item() == 0.0
+
+
 @torch.no_grad()
 def test_batched_scores_match_literal_per_pair_reference(model, inputs):
     logits = model(**inputs).logits_per_image
