@@ -12,7 +12,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.models.clip.modeling_clip import CLIPPreTrainedModel, CLIPTextModel, CLIPVisionModel
+from transformers.models.clip.modeling_clip import CLIPModel, CLIPPreTrainedModel, CLIPTextModel, CLIPVisionModel
 from transformers.utils import ModelOutput
 
 from .configuration_cloc import CLOCConfig
@@ -254,6 +254,38 @@ class CLOCModel(CLOCPreTrainedModel):
         self.prompter = CLOCPrompter(config)
         self.box_head = CLOCBoxHead(config)
         self.post_init()
+
+    @classmethod
+    def from_clip(cls, clip, prompter_config: dict | None = None, **config_kwargs) -> "CLOCModel":
+        """CLOC whose towers, projections and logit scale are those of a transformers `CLIPModel` (or a folder).
+
+        The Prompter's output LayerNorm and projection start from CLIP's post-LayerNorm and visual projection
+        (spec `prompter_init_from_clip`), so a region embedding starts in CLIP's joint space.
+        """
+        if not isinstance(clip, CLIPModel):
+            clip = CLIPModel.from_pretrained(clip)
+        config = CLOCConfig(
+            text_config=clip.config.text_config.to_dict(),
+            vision_config=clip.config.vision_config.to_dict(),
+            prompter_config=prompter_config,
+            projection_dim=clip.config.projection_dim,
+            logit_scale_init_value=float(clip.logit_scale.detach()),
+            **config_kwargs,
+        )
+        model = cls(config)
+        incompatible = model.load_state_dict(clip.state_dict(), strict=False)
+        missing = [
+            k for k in incompatible.missing_keys if not k.startswith(("prompter.", "box_head.", "region_logit"))
+        ]
+        if incompatible.unexpected_keys or missing:
+            raise ValueError(
+                f"CLIP checkpoint does not match CLOC's towers: unexpected {list(incompatible.unexpected_keys)[:5]}, "
+                f"missing {missing[:5]}."
+            )
+        with torch.no_grad():
+            model.prompter.post_layernorm.load_state_dict(clip.vision_model.post_layernorm.state_dict())
+            model.prompter.projection.weight.copy_(clip.visual_projection.weight)
+        return model.to(dtype=next(clip.parameters()).dtype)
 
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
         """As CLIP: `pooler_output` is the projected, unnormalised image embedding; `last_hidden_state` holds the

@@ -1,0 +1,80 @@
+"""CLOC: CLIP parity after from_clip, save/load and remote code without the package, checkpointing parity."""
+
+import torch
+from transformers import AutoModel
+
+from modeling_cloc import CLOCModel
+from tests.factories import random_pixels, tiny_clip_model, tiny_cloc_model
+from tests.isolated_python import run_isolated
+
+BOXES = torch.tensor([[[0.1, 0.1, 0.5, 0.5], [0.0, 0.0, 1.0, 1.0]], [[0.5, 0.2, 0.9, 0.9], [0.3, 0.3, 0.6, 0.7]]])
+IDS = torch.tensor([[98, 5, 6, 99], [98, 7, 99, 0]])
+
+
+@torch.no_grad()
+def test_from_clip_towers_match_clip_exactly(tmp_path):
+    clip = tiny_clip_model(seed=3)
+    clip.save_pretrained(tmp_path / "clip")
+    pixels = random_pixels(2)
+    for source in (clip, tmp_path / "clip"):
+        model = CLOCModel.from_clip(source).eval()
+        torch.testing.assert_close(
+            model.get_image_features(pixels).pooler_output,
+            clip.get_image_features(pixels).pooler_output,
+            atol=0,
+            rtol=0,
+        )
+        torch.testing.assert_close(
+            model.get_text_features(IDS).pooler_output, clip.get_text_features(IDS).pooler_output, atol=0, rtol=0
+        )
+        out, ref = model(input_ids=IDS, pixel_values=pixels), clip(input_ids=IDS, pixel_values=pixels)
+        torch.testing.assert_close(out.logits_per_image, ref.logits_per_image, atol=1e-6, rtol=1e-6)
+        # Warm start: the region embedding's output LN and projection are CLIP's post-LN and visual projection.
+        torch.testing.assert_close(model.prompter.projection.weight, clip.visual_projection.weight)
+        torch.testing.assert_close(model.prompter.post_layernorm.weight, clip.vision_model.post_layernorm.weight)
+
+
+@torch.no_grad()
+def test_round_trip_and_remote_code_in_clean_venv(clean_python, tmp_path):
+    model = tiny_cloc_model(seed=2)
+    folder = tmp_path / "cloc"
+    model.save_pretrained(folder)
+    pixels = random_pixels(2, seed=1)
+    torch.save({"pixel_values": pixels, "boxes": BOXES}, folder / "inputs.pt")
+    expected = model.get_region_features(pixel_values=pixels, boxes=BOXES)
+    loaded = AutoModel.from_pretrained(folder)
+    assert isinstance(loaded, CLOCModel)
+    torch.testing.assert_close(
+        loaded.eval().get_region_features(pixel_values=pixels, boxes=BOXES), expected, atol=0, rtol=0
+    )
+    run_isolated(
+        clean_python,
+        f"""
+        import torch
+        from transformers import AutoModel
+        model = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        inputs = torch.load({str(folder / "inputs.pt")!r})
+        with torch.no_grad():
+            torch.save(model.get_region_features(pixel_values=inputs["pixel_values"], boxes=inputs["boxes"]), "out.pt")
+        """,
+        tmp_path,
+    )
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, atol=0, rtol=0)
+
+
+def test_gradient_checkpointing_gives_identical_gradients():
+    region_ids = torch.tensor([[[98, 7, 99], [98, 8, 99]], [[98, 9, 99], [98, 10, 99]]])
+    inputs = dict(input_ids=IDS, pixel_values=random_pixels(2, seed=2), input_boxes=BOXES, region_input_ids=region_ids)
+
+    def grads(enable: bool):
+        model = tiny_cloc_model(seed=4).train()
+        if enable:
+            model.activation_checkpointing_enable()
+        model(**inputs, return_loss=True).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys() and "prompter.layers.0.q_proj.weight" in plain
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
