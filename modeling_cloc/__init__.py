@@ -4,7 +4,7 @@ Importing this package registers the configs and `CLOCModel` with `AutoConfig`/`
 that `save_pretrained` writes `auto_map` and copies the model code.
 """
 
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoModel, AutoModelForZeroShotImageClassification
 
 from .configuration_cloc import CLOCConfig, CLOCPrompterConfig, CLOCTextConfig, CLOCVisionConfig
 from .modeling_cloc import CLOCModel, CLOCOutput, CLOCPreTrainedModel, CLOCPrompter, box_position_encoding
@@ -13,6 +13,7 @@ for _config in (CLOCConfig, CLOCTextConfig, CLOCVisionConfig, CLOCPrompterConfig
     AutoConfig.register(_config.model_type, _config, exist_ok=True)
     _config.register_for_auto_class()
 AutoModel.register(CLOCConfig, CLOCModel, exist_ok=True)
+AutoModelForZeroShotImageClassification.register(CLOCConfig, CLOCModel, exist_ok=True)  # usable as a plain CLIP
 CLOCModel.register_for_auto_class("AutoModel")
 
 __all__ = [

@@ -78,3 +78,31 @@ def test_gradient_checkpointing_gives_identical_gradients():
     assert plain.keys() == checkpointed.keys() and "prompter.layers.0.q_proj.weight" in plain
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@torch.no_grad()
+def test_zero_shot_pipeline_uses_clip_logits():
+    import numpy as np
+    from PIL import Image
+    from transformers import CLIPImageProcessorPil, pipeline
+
+    from modeling_cloc import CLOCConfig
+    from processing import bundled_clip_tokenizer
+    from tests.factories import tiny_text_config, tiny_vision_config
+
+    torch.manual_seed(0)
+    text = tiny_text_config(vocab_size=49408, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    text["max_position_embeddings"] = 77
+    model = CLOCModel(CLOCConfig(text_config=text, vision_config=tiny_vision_config(), projection_dim=24)).eval()
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    tokenizer = bundled_clip_tokenizer()
+    classifier = pipeline(
+        "zero-shot-image-classification", model=model, image_processor=image_processor, tokenizer=tokenizer
+    )
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8))
+    labels = ["cat", "dog", "red car"]
+    result = {r["label"]: r["score"] for r in classifier(image, candidate_labels=labels)}
+    texts = tokenizer([f"This is a photo of {label}." for label in labels], padding=True, return_tensors="pt")
+    pixels = image_processor(image, return_tensors="pt")["pixel_values"]
+    probs = model(pixel_values=pixels, **texts).logits_per_image.softmax(-1)[0]
+    torch.testing.assert_close(torch.tensor([result[label] for label in labels]), probs, atol=1e-5, rtol=1e-5)
