@@ -77,6 +77,10 @@ class CLOCConfig(PreTrainedConfig):
         region_text_filter_threshold (`float`, defaults to 0.9): region-text negatives whose caption embeddings
             have cosine above this are removed from the softmax (no gradient).
         grounding_unique_only (`bool`, defaults to `True`): box regression only for captions unique in their image.
+        region_head (`str`, defaults to `"prompter"`): how boxes become region embeddings: the Prompter, or
+            `"roi_align"` (the paper's ablation: `roi_align_samples`² bilinear samples on the patch grid, mean, LN,
+            projection). Grounding always uses the Prompter's text path.
+        roi_align_samples (`int`, defaults to 7): samples per box side for `"roi_align"`.
     """
 
     model_type = "cloc"
@@ -96,6 +100,8 @@ class CLOCConfig(PreTrainedConfig):
     region_loss_weight: float = 1.0
     region_text_filter_threshold: float = 0.9
     grounding_unique_only: bool = True
+    region_head: str = "prompter"
+    roi_align_samples: int = 7
     initializer_factor: float = 1.0
 
     def __post_init__(self, **kwargs):
@@ -115,6 +121,10 @@ class CLOCConfig(PreTrainedConfig):
                     f"{name}.projection_dim ({sub.projection_dim}) does not match projection_dim "
                     f"({self.projection_dim})."
                 )
+        if self.region_head not in ("prompter", "roi_align"):
+            raise ValueError(f"region_head must be 'prompter' or 'roi_align', got {self.region_head!r}")
+        if self.roi_align_samples < 1:
+            raise ValueError(f"roi_align_samples must be >= 1, got {self.roi_align_samples}")
         vision, prompter = self.vision_config, self.prompter_config
         if vision is not None and prompter is not None:
             if vision.hidden_size % 4 != 0:

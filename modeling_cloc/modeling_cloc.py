@@ -145,6 +145,42 @@ class CLOCPrompter(nn.Module):
         return pooled, embeds
 
 
+def roi_align_mean(patch_tokens: torch.Tensor, boxes: torch.Tensor, samples: int) -> torch.Tensor:
+    """Mean of `samples x samples` bilinear samples of the patch grid inside each box: `[B, R, D]`.
+
+    `patch_tokens` `[B, N, D]` (N a square grid, CLS excluded); `boxes` `[B, R, 4]` normalised xyxy of the image.
+    Sample points are bin centres; the grid is read with `grid_sample` (`align_corners=False`: patch centres sit
+    at `(i + 0.5) / side`).
+    """
+    batch, num_patches, width = patch_tokens.shape
+    side = int(round(num_patches**0.5))
+    if side * side != num_patches:
+        raise ValueError(f"roi_align needs a square patch grid, got {num_patches} patches")
+    grid = patch_tokens.transpose(1, 2).reshape(batch, width, side, side)
+    steps = (torch.arange(samples, device=boxes.device, dtype=boxes.dtype) + 0.5) / samples
+    x = boxes[..., 0:1] + steps * (boxes[..., 2:3] - boxes[..., 0:1])  # [B, R, S]
+    y = boxes[..., 1:2] + steps * (boxes[..., 3:4] - boxes[..., 1:2])
+    points = torch.stack(torch.broadcast_tensors(x[..., None, :], y[..., :, None]), dim=-1)  # [B, R, S, S, 2]
+    points = (points * 2 - 1).flatten(1, 2).to(grid.dtype)  # [B, R*S, S, 2] in grid_sample's [-1, 1]
+    sampled = nn.functional.grid_sample(grid, points, mode="bilinear", align_corners=False)  # [B, D, R*S, S]
+    return sampled.view(batch, width, boxes.shape[1], samples * samples).mean(-1).transpose(1, 2)
+
+
+class CLOCRoIHead(nn.Module):
+    """RoI-align baseline region head (paper ablation): pooled patch features -> LN -> projection."""
+
+    def __init__(self, config: CLOCConfig):
+        super().__init__()
+        width = config.vision_config.hidden_size
+        self.samples = config.roi_align_samples
+        self.norm = nn.LayerNorm(width, eps=config.vision_config.layer_norm_eps)
+        self.projection = nn.Linear(width, config.projection_dim, bias=False)
+
+    def forward(self, image_tokens: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        pooled = roi_align_mean(image_tokens[:, 1:], boxes, self.samples)
+        return nn.functional.normalize(self.projection(self.norm(pooled)), dim=-1)
+
+
 class CLOCBoxHead(nn.Module):
     """2-layer GELU MLP from a text-prompted region state to a box (sigmoid, normalised xyxy).
 
@@ -189,6 +225,8 @@ class CLOCPreTrainedModel(CLIPPreTrainedModel):
             # The box head owns no parameter directly, so transformers skips it: initialise it from here.
             self._init_head(module.box_head, std)
             init.zeros_(module.box_head.fc2.weight)
+            if module.roi_head is not None:
+                self._init_head(module.roi_head, std)
         elif isinstance(module, CLOCPrompter):
             # Initialised from the parent: transformers skips param-less custom children (the layers).
             self._init_head(module, std)
@@ -253,6 +291,7 @@ class CLOCModel(CLOCPreTrainedModel):
         self.region_logit_scale = nn.Parameter(torch.tensor(config.region_logit_scale_init_value))
         self.prompter = CLOCPrompter(config)
         self.box_head = CLOCBoxHead(config)
+        self.roi_head = CLOCRoIHead(config) if config.region_head == "roi_align" else None
         self.post_init()
 
     @classmethod
@@ -321,7 +360,10 @@ class CLOCModel(CLOCPreTrainedModel):
         image_tokens = self._image_tokens(pixel_values, image_tokens)
         box_mask = _check_boxes(boxes, box_mask, image_tokens.shape[0])
         safe = torch.where(box_mask[..., None], boxes, boxes.new_tensor([0.0, 0.0, 1.0, 1.0]))
-        _, embeds = self.prompter(self.prompter.box_prompts(safe), image_tokens)
+        if self.roi_head is not None:
+            embeds = self.roi_head(image_tokens, safe)
+        else:
+            _, embeds = self.prompter(self.prompter.box_prompts(safe), image_tokens)
         return embeds * box_mask[..., None]
 
     def _region_text_embeds(self, region_input_ids, region_attention_mask, mask) -> torch.Tensor:
@@ -427,4 +469,4 @@ class CLOCModel(CLOCPreTrainedModel):
         return loss_region, loss_grounding
 
 
-__all__ = ["CLOCModel", "CLOCOutput", "CLOCPreTrainedModel", "CLOCPrompter", "box_position_encoding"]
+__all__ = ["CLOCModel", "CLOCOutput", "CLOCPreTrainedModel", "CLOCPrompter", "box_position_encoding", "roi_align_mean"]

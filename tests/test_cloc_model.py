@@ -158,3 +158,37 @@ def test_save_load_round_trip(model, tmp_path):
             atol=0,
             rtol=0,
         )
+
+
+def test_roi_align_mean_is_exact_on_a_linear_field():
+    from modeling_cloc.modeling_cloc import roi_align_mean
+
+    side = 4
+    centres = (torch.arange(side) + 0.5) / side  # patch centres in image coordinates
+    grid_x, grid_y = centres.expand(side, side), centres[:, None].expand(side, side)
+    tokens = torch.stack([grid_x.flatten(), grid_y.flatten(), torch.ones(side * side)], dim=-1)[None]  # [1, 16, 3]
+    boxes = torch.tensor([[[0.2, 0.3, 0.7, 0.8], [0.4, 0.2, 0.6, 0.5]]])
+    pooled = roi_align_mean(tokens, boxes, samples=7)
+    # Bilinear sampling reproduces a linear field inside the patch-centre hull: the mean is the box centre.
+    expected = torch.tensor([[[0.45, 0.55, 1.0], [0.5, 0.35, 1.0]]])
+    torch.testing.assert_close(pooled, expected, atol=1e-6, rtol=0)
+
+
+@torch.no_grad()
+def test_roi_align_head_is_a_configurable_alternative():
+    roi = tiny_cloc_model(seed=2, initializer_range=0.2)
+    assert roi.roi_head is None
+    from modeling_cloc import CLOCConfig, CLOCModel
+
+    config = CLOCConfig(**{**roi.config.to_dict(), "region_head": "roi_align"})
+    model = CLOCModel(config).eval()
+    pixels = random_pixels(2)
+    tokens = model.get_image_features(pixels).last_hidden_state
+    out = model.get_region_features(image_tokens=tokens, boxes=BOXES)
+    from modeling_cloc.modeling_cloc import roi_align_mean
+
+    pooled = roi_align_mean(tokens[:, 1:], BOXES, 7)
+    expected = torch.nn.functional.normalize(model.roi_head.projection(model.roi_head.norm(pooled)), dim=-1)
+    torch.testing.assert_close(out, expected)
+    with pytest.raises(ValueError, match="region_head must be"):
+        CLOCConfig(region_head="mask")
