@@ -7,12 +7,21 @@ that `save_pretrained` writes `auto_map` and copies the model code.
 from transformers import AutoConfig, AutoModel, AutoModelForZeroShotImageClassification
 
 from .configuration_cloc import CLOCConfig, CLOCPrompterConfig, CLOCTextConfig, CLOCVisionConfig
-from .modeling_cloc import CLOCModel, CLOCOutput, CLOCPreTrainedModel, CLOCPrompter, box_position_encoding
+from .modeling_cloc import (
+    CLOCModel,
+    CLOCOutput,
+    CLOCPreTrainedModel,
+    CLOCPrompter,
+    CLOCVisionModel,
+    box_position_encoding,
+)
 
 for _config in (CLOCConfig, CLOCTextConfig, CLOCVisionConfig, CLOCPrompterConfig):
     AutoConfig.register(_config.model_type, _config, exist_ok=True)
     _config.register_for_auto_class()
 AutoModel.register(CLOCConfig, CLOCModel, exist_ok=True)
+AutoModel.register(CLOCVisionConfig, CLOCVisionModel, exist_ok=True)  # LLaVA: AutoModel.from_config(vision_config)
+CLOCVisionModel.register_for_auto_class("AutoModel")
 AutoModelForZeroShotImageClassification.register(CLOCConfig, CLOCModel, exist_ok=True)  # usable as a plain CLIP
 CLOCModel.register_for_auto_class("AutoModel")
 
@@ -25,5 +34,6 @@ __all__ = [
     "CLOCPrompterConfig",
     "CLOCTextConfig",
     "CLOCVisionConfig",
+    "CLOCVisionModel",
     "box_position_encoding",
 ]

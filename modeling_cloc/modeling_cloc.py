@@ -9,13 +9,16 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import CLIPVisionConfig
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import PrefixChange
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.clip.modeling_clip import CLIPModel, CLIPPreTrainedModel, CLIPTextModel, CLIPVisionModel
 from transformers.utils import ModelOutput
 
-from .configuration_cloc import CLOCConfig
+from .configuration_cloc import CLOCConfig, CLOCVisionConfig
 
 
 @dataclass
@@ -469,4 +472,41 @@ class CLOCModel(CLOCPreTrainedModel):
         return loss_region, loss_grounding
 
 
-__all__ = ["CLOCModel", "CLOCOutput", "CLOCPreTrainedModel", "CLOCPrompter", "box_position_encoding", "roi_align_mean"]
+class CLOCVisionModel(CLIPVisionModel):
+    """CLOC's image tower alone: a CLIP ViT usable as a vision backbone (LLaVA builds it from `CLOCVisionConfig`).
+
+    `CLOCVisionModel.from_pretrained(cloc_folder)` takes the tower out of a full CLOC checkpoint; the forward is
+    CLIP's (`output_hidden_states` gives `num_hidden_layers + 1` states, CLS at position 0).
+    """
+
+    config: CLOCVisionConfig
+
+    def export_clip_vision(self, folder, image_processor=None) -> None:
+        """Write a plain `clip_vision_model` checkpoint (`vision_model.*` keys) that `CLIPVisionModel.from_pretrained`
+        loads in code that hard-codes it (original LLaVA); `image_processor` adds its preprocessor_config.json."""
+        fields = {
+            k: v for k, v in self.config.to_dict().items() if k not in ("model_type", "architectures", "auto_map")
+        }
+        clip = CLIPVisionModel(CLIPVisionConfig(**fields))
+        clip.load_state_dict(self.state_dict())
+        clip.save_pretrained(folder)
+        if image_processor is not None:
+            image_processor.save_pretrained(folder)
+
+
+# Saved and loaded under CLIP's `vision_model.` prefix, as transformers does for CLIPVisionModel: the tower reads
+# full CLOC checkpoints and writes files CLIP-era readers understand.
+register_checkpoint_conversion_mapping(
+    "CLOCVisionModel", [PrefixChange(prefix_to_remove="vision_model")], overwrite=True
+)
+
+
+__all__ = [
+    "CLOCVisionModel",
+    "CLOCModel",
+    "CLOCOutput",
+    "CLOCPreTrainedModel",
+    "CLOCPrompter",
+    "box_position_encoding",
+    "roi_align_mean",
+]

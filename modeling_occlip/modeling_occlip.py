@@ -10,6 +10,7 @@ from os import PathLike
 
 import torch
 from torch import nn
+from transformers import CLIPVisionConfig
 from transformers import initialization as init
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import PrefixChange
@@ -724,6 +725,21 @@ class OCCLIPVisionModel(CLIPVisionModel):
     """
 
     config: OCCLIPVisionConfig
+
+    def export_clip_vision(self, folder, image_processor=None) -> None:
+        """Write a plain `clip_vision_model` checkpoint (`vision_model.*` keys) that `CLIPVisionModel.from_pretrained`
+        loads in code that hard-codes it (original LLaVA); `image_processor` adds its preprocessor_config.json.
+
+        (The same method lives on `CLOCVisionModel`: each model folder stays self-contained for remote code.)
+        """
+        fields = {
+            k: v for k, v in self.config.to_dict().items() if k not in ("model_type", "architectures", "auto_map")
+        }
+        clip = CLIPVisionModel(CLIPVisionConfig(**fields))
+        clip.load_state_dict(self.state_dict())
+        clip.save_pretrained(folder)
+        if image_processor is not None:
+            image_processor.save_pretrained(folder)
 
 
 class OCCLIPTextModel(CLIPTextModel):
