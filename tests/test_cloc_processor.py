@@ -85,3 +85,31 @@ def test_outputs_feed_cloc_model_and_round_trip(tmp_path):
     assert isinstance(reloaded, CLOCProcessor)
     again = reloaded(images=images, input_boxes=[[[10, 5, 30, 25]], [[5, 10, 25, 30]]])
     torch.testing.assert_close(again["input_boxes"][:, 0], inputs["input_boxes"][:, 0])
+
+
+def test_remote_code_processor_in_clean_venv(clean_python, tmp_path):
+    from tests.isolated_python import run_isolated
+
+    folder = tmp_path / "processor"
+    proc = processor()
+    proc.save_pretrained(folder)
+    scene().save(tmp_path / "scene.png")
+    expected = proc(images=[scene()], input_boxes=[[[10, 5, 30, 25], [0, 0, 5, 40]]], region_captions=[["a", "b"]])
+    run_isolated(
+        clean_python,
+        f"""
+        import torch
+        from PIL import Image
+        from transformers import AutoProcessor
+        proc = AutoProcessor.from_pretrained({str(folder)!r}, trust_remote_code=True)
+        assert type(proc).__module__.startswith("transformers_modules"), type(proc).__module__
+        out = proc(images=[Image.open({str(tmp_path / "scene.png")!r})], input_boxes=[[[10, 5, 30, 25], [0, 0, 5, 40]]],
+                   region_captions=[["a", "b"]])
+        torch.save(dict(out), "out.pt")
+        """,
+        tmp_path,
+    )
+    got = torch.load(tmp_path / "out.pt")
+    assert got.keys() == dict(expected).keys()
+    for key in got:
+        torch.testing.assert_close(got[key], expected[key], atol=0, rtol=0)
