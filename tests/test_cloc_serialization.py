@@ -106,3 +106,19 @@ def test_zero_shot_pipeline_uses_clip_logits():
     pixels = image_processor(image, return_tensors="pt")["pixel_values"]
     probs = model(pixel_values=pixels, **texts).logits_per_image.softmax(-1)[0]
     torch.testing.assert_close(torch.tensor([result[label] for label in labels]), probs, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_full_image_box_and_image_embedding_share_the_output_head_but_are_not_tied():
+    """Spec: the two are not tied (CLS vs Prompter pooling), but from CLIP the Prompter's output LN + projection
+    are CLIP's, so the CLS state through the Prompter head gives exactly the image embedding."""
+    clip = tiny_clip_model(seed=5)
+    model = CLOCModel.from_clip(clip).eval()
+    pixels = random_pixels(2, seed=6)
+    tokens = model.get_image_features(pixels).last_hidden_state
+    image = torch.nn.functional.normalize(model.get_image_features(pixels).pooler_output, dim=-1)
+    through_head = model.prompter.projection(model.prompter.post_layernorm(tokens[:, 0]))
+    torch.testing.assert_close(torch.nn.functional.normalize(through_head, dim=-1), image, atol=1e-6, rtol=1e-6)
+    full_box = model.get_region_features(image_tokens=tokens, boxes=torch.tensor([[[0.0, 0.0, 1.0, 1.0]]] * 2))[:, 0]
+    assert not torch.allclose(full_box, image, atol=1e-3)
+    assert torch.allclose(full_box.norm(dim=-1), torch.ones(2))  # same joint space: unit vectors of width D
