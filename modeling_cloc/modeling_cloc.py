@@ -249,6 +249,12 @@ class CLOCPreTrainedModel(CLIPPreTrainedModel):
                 init.zeros_(child.bias)
 
 
+def _symmetric_cross_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """InfoNCE in both directions for a square logit matrix whose matches lie on the diagonal."""
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return 0.5 * (nn.functional.cross_entropy(logits, labels) + nn.functional.cross_entropy(logits.t(), labels))
+
+
 def _check_boxes(boxes: torch.Tensor, box_mask: torch.Tensor | None, batch: int) -> torch.Tensor:
     if not isinstance(boxes, torch.Tensor) or boxes.dim() != 3 or boxes.shape[-1] != 4 or boxes.shape[0] != batch:
         shape = tuple(boxes.shape) if isinstance(boxes, torch.Tensor) else type(boxes).__name__
@@ -361,7 +367,10 @@ class CLOCModel(CLOCPreTrainedModel):
         `image_tokens` (`get_image_features(...).last_hidden_state`) can be cached and reused for any prompts.
         """
         image_tokens = self._image_tokens(pixel_values, image_tokens)
-        box_mask = _check_boxes(boxes, box_mask, image_tokens.shape[0])
+        return self._box_embeddings(image_tokens, boxes, _check_boxes(boxes, box_mask, image_tokens.shape[0]))
+
+    def _box_embeddings(self, image_tokens: torch.Tensor, boxes: torch.Tensor, box_mask: torch.Tensor) -> torch.Tensor:
+        """Region embeddings of already validated boxes (masked boxes are replaced, then zeroed)."""
         safe = torch.where(box_mask[..., None], boxes, boxes.new_tensor([0.0, 0.0, 1.0, 1.0]))
         if self.roi_head is not None:
             embeds = self.roi_head(image_tokens, safe)
@@ -416,12 +425,10 @@ class CLOCModel(CLOCPreTrainedModel):
         region_embeds = None
         if input_boxes is not None:
             box_mask = _check_boxes(input_boxes, box_mask, image_tokens.shape[0])
-            region_embeds = self.get_region_features(image_tokens=image_tokens, boxes=input_boxes, box_mask=box_mask)
+            region_embeds = self._box_embeddings(image_tokens, input_boxes, box_mask)
         loss = loss_clip = loss_region = loss_grounding = None
         if return_loss:
-            labels = torch.arange(logits_per_text.shape[0], device=logits_per_text.device)
-            ce = nn.functional.cross_entropy
-            loss_clip = 0.5 * (ce(logits_per_text, labels) + ce(logits_per_text.t(), labels))
+            loss_clip = _symmetric_cross_entropy(logits_per_text)
             loss = loss_clip
             if region_embeds is not None and region_input_ids is not None and box_mask.any():
                 loss_region, loss_grounding = self._region_losses(
@@ -455,9 +462,7 @@ class CLOCModel(CLOCPreTrainedModel):
         u = nn.functional.normalize(caption_embeds[box_mask], dim=-1)
         scale = self.region_logit_scale.exp().clamp(max=self.config.logit_scale_max)
         logits = (scale * z @ u.t()).masked_fill(~self.region_negative_mask(u), float("-inf"))
-        labels = torch.arange(z.shape[0], device=z.device)
-        ce = nn.functional.cross_entropy
-        loss_region = 0.5 * (ce(logits, labels) + ce(logits.t(), labels))
+        loss_region = _symmetric_cross_entropy(logits)
         # Grounding: a caption repeated within its image has no single target box.
         target = box_mask.clone()
         if self.config.grounding_unique_only:
