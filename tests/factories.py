@@ -25,6 +25,11 @@ def tiny_text_config(**overrides) -> dict:
     return config
 
 
+def clip_vocab_text_config(**overrides) -> dict:
+    """The tiny text tower over the real CLIP vocabulary, for tests that tokenize with the bundled tokenizer."""
+    return tiny_text_config(vocab_size=49408, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, **overrides)
+
+
 def tiny_vision_config(**overrides) -> dict:
     """Vision tower: width 32, 2 layers, 4 heads, 32 px images, patch 8 (16 patches)."""
     config = dict(

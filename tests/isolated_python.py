@@ -8,7 +8,6 @@ child runs with `-I` (no script dir, no PYTHONPATH) from a temporary folder and 
 
 import os
 import subprocess
-import sys
 import sysconfig
 import textwrap
 import venv
@@ -53,8 +52,3 @@ def run_isolated(python: Path, code: str, workdir: Path, timeout: int = 300) -> 
     if result.returncode != 0:
         raise AssertionError(f"isolated run failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
-
-
-def current_python() -> str:
-    """The interpreter running the tests."""
-    return sys.executable

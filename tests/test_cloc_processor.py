@@ -10,7 +10,7 @@ from transformers import AutoProcessor, CLIPImageProcessorPil
 
 from modeling_cloc import CLOCConfig, CLOCModel
 from processing import CLOCProcessor
-from tests.factories import tiny_text_config, tiny_vision_config
+from tests.factories import clip_vocab_text_config, tiny_vision_config
 
 
 def processor() -> CLOCProcessor:
@@ -76,7 +76,7 @@ def test_outputs_feed_cloc_model_and_round_trip(tmp_path):
     assert inputs["box_mask"].tolist() == [[True, True], [True, False]]
     assert inputs["region_input_ids"].shape[:2] == (2, 2)
     torch.manual_seed(0)
-    text = tiny_text_config(vocab_size=49408, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    text = clip_vocab_text_config()
     model = CLOCModel(CLOCConfig(text_config=text, vision_config=tiny_vision_config(), projection_dim=24)).eval()
     out = model(**{k: v for k, v in inputs.items() if k != "original_sizes"}, return_loss=True)
     assert torch.isfinite(out.loss) and out.loss_region is not None

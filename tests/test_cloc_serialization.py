@@ -88,11 +88,10 @@ def test_zero_shot_pipeline_uses_clip_logits():
 
     from modeling_cloc import CLOCConfig
     from processing import bundled_clip_tokenizer
-    from tests.factories import tiny_text_config, tiny_vision_config
+    from tests.factories import clip_vocab_text_config, tiny_vision_config
 
     torch.manual_seed(0)
-    text = tiny_text_config(vocab_size=49408, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
-    text["max_position_embeddings"] = 77
+    text = clip_vocab_text_config(max_position_embeddings=77)
     model = CLOCModel(CLOCConfig(text_config=text, vision_config=tiny_vision_config(), projection_dim=24)).eval()
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     tokenizer = bundled_clip_tokenizer()

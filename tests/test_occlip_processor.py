@@ -10,7 +10,7 @@ from transformers import AutoProcessor, CLIPImageProcessorPil
 
 from modeling_occlip import OCCLIPModel
 from processing import OCCLIPProcessor, RuleSceneGraphParser, bundled_clip_tokenizer
-from tests.factories import tiny_occlip_config
+from tests.factories import clip_vocab_text_config, tiny_occlip_config
 from tests.isolated_python import run_isolated
 
 GRAPHS = [
@@ -33,10 +33,7 @@ def tiny_processor(**kwargs) -> OCCLIPProcessor:
 
 def tiny_clip_vocab_model() -> OCCLIPModel:
     torch.manual_seed(0)
-    text = dict(
-        vocab_size=49408, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, max_position_embeddings=20
-    )
-    return OCCLIPModel(tiny_occlip_config(text=text)).eval()
+    return OCCLIPModel(tiny_occlip_config(text=clip_vocab_text_config(max_position_embeddings=20))).eval()
 
 
 def images(count: int = 3) -> list[Image.Image]:
