@@ -15,12 +15,49 @@ class CLOCTextConfig(CLIPTextConfig):
 
 @strict
 class CLOCVisionConfig(CLIPVisionConfig):
-    """Vision tower of CLOC; the same fields (and weights) as `CLIPVisionConfig`, ViT-B/16 at 224 px by default."""
+    r"""Vision tower of CLOC; the same fields (and weights) as `CLIPVisionConfig`, ViT-B/16 at 224 px by default.
+
+    Args:
+        prompter_config (`dict`, *optional*): when set, `CLOCVisionModel` also holds the Prompter and its
+            `forward(..., boxes=...)` returns region hidden states and embeddings (Ferret-style region inputs).
+            Loading the config from a full CLOC folder fills it in (and `projection_dim`) from the CLOC config.
+    """
 
     model_type = "cloc_vision_model"
     base_config_key = "vision_config"
 
     patch_size: int | list[int] | tuple[int, int] | None = 16
+    prompter_config: dict | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.prompter_config is not None:
+            self.prompter_config = self.build_prompter_config().to_diff_dict()
+            self.prompter_config.pop("transformers_version", None)
+            heads = self.prompter_config.get("num_attention_heads", 1)
+            if self.hidden_size % 4 != 0 or self.hidden_size % heads != 0:
+                raise ValueError(
+                    f"hidden_size ({self.hidden_size}) must be a multiple of 4 (box PE) and of "
+                    f"prompter_config.num_attention_heads ({heads})."
+                )
+
+    def build_prompter_config(self) -> "CLOCPrompterConfig | None":
+        """`prompter_config` as a validated `CLOCPrompterConfig` (None when this tower has no Prompter)."""
+        if self.prompter_config is None:
+            return None
+        fields = {k: v for k, v in self.prompter_config.items() if k not in ("model_type", "transformers_version")}
+        return CLOCPrompterConfig(**fields)
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """As `PreTrainedConfig`, but reading a full CLOC config also hands the Prompter to the vision tower."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        vision = config_dict.get(cls.base_config_key)
+        if config_dict.get("model_type") == "cloc" and isinstance(vision, dict):
+            prompter = config_dict.get("prompter_config") or {}
+            vision = {**vision, "prompter_config": prompter, "projection_dim": config_dict.get("projection_dim", 512)}
+            config_dict = {**config_dict, cls.base_config_key: vision}
+        return config_dict, kwargs
 
 
 @strict

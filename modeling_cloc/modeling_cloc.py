@@ -14,11 +14,12 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import PrefixChange
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.clip.modeling_clip import CLIPModel, CLIPPreTrainedModel, CLIPTextModel, CLIPVisionModel
 from transformers.utils import ModelOutput
 
-from .configuration_cloc import CLOCConfig, CLOCVisionConfig
+from .configuration_cloc import CLOCConfig, CLOCPrompterConfig, CLOCVisionConfig
 
 
 @dataclass
@@ -41,6 +42,11 @@ class CLOCOutput(ModelOutput):
     region_embeds: torch.Tensor | None = None
 
 
+def _fill_masked_boxes(boxes: torch.Tensor, box_mask: torch.Tensor) -> torch.Tensor:
+    """Masked (padding) boxes, which may hold anything, replaced by the full image so every row stays finite."""
+    return torch.where(box_mask[..., None], boxes, boxes.new_tensor([0.0, 0.0, 1.0, 1.0]))
+
+
 def box_position_encoding(boxes: torch.Tensor, width: int, temperature: float) -> torch.Tensor:
     """Sinusoidal encoding of the two corners of `[..., 4]` xyxy boxes in [0, 1]: `[..., 2, width]`.
 
@@ -55,24 +61,22 @@ def box_position_encoding(boxes: torch.Tensor, width: int, temperature: float) -
     return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=-1)
 
 
-class CLOCPrompterLayer(nn.Module):
-    """Pre-LN transformer layer over `[prompt ; image tokens]`; can compute the prompt rows alone."""
+class CLOCPrompterLayer(GradientCheckpointingLayer):
+    """Pre-LN transformer layer whose queries attend to themselves plus (optionally) cached image keys/values."""
 
-    def __init__(self, config: CLOCConfig):
+    def __init__(self, prompter_config: CLOCPrompterConfig, width: int):
         super().__init__()
-        width = config.vision_config.hidden_size
-        prompter = config.prompter_config
-        self.num_heads = prompter.num_attention_heads
+        self.num_heads = prompter_config.num_attention_heads
         self.head_dim = width // self.num_heads
-        self.norm1 = nn.LayerNorm(width, eps=prompter.layer_norm_eps)
+        self.norm1 = nn.LayerNorm(width, eps=prompter_config.layer_norm_eps)
         self.q_proj = nn.Linear(width, width)
         self.k_proj = nn.Linear(width, width)
         self.v_proj = nn.Linear(width, width)
         self.out_proj = nn.Linear(width, width)
-        self.norm2 = nn.LayerNorm(width, eps=prompter.layer_norm_eps)
-        hidden = int(round(width * prompter.mlp_ratio))
+        self.norm2 = nn.LayerNorm(width, eps=prompter_config.layer_norm_eps)
+        hidden = int(round(width * prompter_config.mlp_ratio))
         self.fc1 = nn.Linear(width, hidden)
-        self.activation_fn = ACT2FN[prompter.hidden_act]
+        self.activation_fn = ACT2FN[prompter_config.hidden_act]
         self.fc2 = nn.Linear(hidden, width)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,16 +87,22 @@ class CLOCPrompterLayer(nn.Module):
         normed = self.norm1(image_tokens)
         return self._heads(self.k_proj(normed)), self._heads(self.v_proj(normed))
 
-    def forward(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """Update `queries` `[S, T, D]` attending to their own pre-norm rows plus cached image keys/values.
+    def forward(
+        self,
+        queries: torch.Tensor,
+        keys: torch.Tensor | None = None,
+        values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Update `queries` `[S, Q, D]`; they attend to their own rows, then to `keys`/`values` `[S, H, K, d_h]`.
 
-        `keys`/`values` are `[S, H, K, d_h]` for the image tokens (one row of sequences per prompt set).
+        `attention_mask` (bool, `[Q, Q + K]`, True = attend) restricts which query rows see each other.
         """
         normed = self.norm1(queries)
-        q = self._heads(self.q_proj(normed))
-        k = torch.cat([self._heads(self.k_proj(normed)), keys], dim=-2)
-        v = torch.cat([self._heads(self.v_proj(normed)), values], dim=-2)
-        attended = nn.functional.scaled_dot_product_attention(q, k, v)
+        q, k, v = self._heads(self.q_proj(normed)), self._heads(self.k_proj(normed)), self._heads(self.v_proj(normed))
+        if keys is not None:
+            k, v = torch.cat([k, keys], dim=-2), torch.cat([v, values], dim=-2)
+        attended = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
         hidden = queries + self.out_proj(attended.transpose(-2, -3).reshape(queries.shape))
         return hidden + self.fc2(self.activation_fn(self.fc1(self.norm2(hidden))))
 
@@ -100,18 +110,18 @@ class CLOCPrompterLayer(nn.Module):
 class CLOCPrompter(nn.Module):
     """Box or text prompt + image tokens -> region hidden state `h` (`D_v`) and embedding `z` (`D`)."""
 
-    def __init__(self, config: CLOCConfig):
+    def __init__(self, prompter_config: CLOCPrompterConfig, width: int, projection_dim: int, layer_norm_eps: float):
         super().__init__()
-        width = config.vision_config.hidden_size
-        prompter = config.prompter_config
-        self.width, self.pooling = width, prompter.pooling
-        self.temperature = prompter.box_pe_temperature
-        self.corner_embeddings = nn.Parameter(torch.zeros(2, width)) if prompter.box_corner_embeddings else None
-        self.text_prompt_proj = nn.Linear(config.projection_dim, width)
+        self.width, self.pooling = width, prompter_config.pooling
+        self.temperature = prompter_config.box_pe_temperature
+        self.corner_embeddings = nn.Parameter(torch.zeros(2, width)) if prompter_config.box_corner_embeddings else None
+        self.text_prompt_proj = nn.Linear(projection_dim, width)
         self.text_type_embedding = nn.Parameter(torch.zeros(width))
-        self.layers = nn.ModuleList([CLOCPrompterLayer(config) for _ in range(prompter.num_hidden_layers)])
-        self.post_layernorm = nn.LayerNorm(width, eps=config.vision_config.layer_norm_eps)
-        self.projection = nn.Linear(width, config.projection_dim, bias=False)
+        self.layers = nn.ModuleList(
+            [CLOCPrompterLayer(prompter_config, width) for _ in range(prompter_config.num_hidden_layers)]
+        )
+        self.post_layernorm = nn.LayerNorm(width, eps=layer_norm_eps)
+        self.projection = nn.Linear(width, projection_dim, bias=False)
 
     def box_prompts(self, boxes: torch.Tensor) -> torch.Tensor:
         """Two prompt tokens per box: `[B, R, 2, D_v]`."""
@@ -127,25 +137,35 @@ class CLOCPrompter(nn.Module):
         """Region hidden states `h` `[B, R, D_v]` and normalised embeddings `z` `[B, R, D]`.
 
         `prompts` `[B, R, T_p, D_v]`; `image_tokens` `[B, 1+N, D_v]`. With one layer and prompt pooling only the
-        prompt rows are computed, against image keys/values computed once per image.
+        prompt rows are computed: all regions of an image form one query block against image keys/values computed
+        once, and a block-diagonal mask keeps each region's prompt tokens to themselves (no per-region copy).
         """
         batch, regions, num_prompt, width = prompts.shape
         if self.pooling == "prompt" and len(self.layers) == 1:
-            keys, values = self.layers[0].image_keys_values(image_tokens)  # [B, H, K, d], once per image
-            keys = keys[:, None].expand(-1, regions, -1, -1, -1)
-            values = values[:, None].expand(-1, regions, -1, -1, -1)
-            pooled = self.layers[0](prompts, keys, values).mean(dim=2)
+            layer = self.layers[0]
+            keys, values = layer.image_keys_values(image_tokens)  # [B, H, K, d], once per image
+            region_of = torch.arange(regions, device=prompts.device).repeat_interleave(num_prompt)
+            own = region_of[:, None] == region_of[None, :]
+            mask = torch.cat([own, own.new_ones(own.shape[0], keys.shape[-2])], dim=1)
+            queries = prompts.reshape(batch, regions * num_prompt, width)
+            pooled = layer(queries, keys, values, mask).view(batch, regions, num_prompt, width).mean(dim=2)
         else:
             # Full sequence per region: every layer updates image tokens too, which then depend on the prompt.
             tokens = torch.cat([prompts, image_tokens[:, None].expand(-1, regions, -1, -1)], dim=2)
             tokens = tokens.reshape(batch * regions, -1, width)
             for layer in self.layers:
-                empty = tokens.new_zeros(tokens.shape[0], layer.num_heads, 0, layer.head_dim)
-                tokens = layer(tokens, empty, empty)
+                tokens = layer(tokens)
             tokens = tokens.view(batch, regions, -1, width)
             pooled = tokens[:, :, :num_prompt].mean(2) if self.pooling == "prompt" else tokens.mean(2)
         embeds = nn.functional.normalize(self.projection(self.post_layernorm(pooled)), dim=-1)
         return pooled, embeds
+
+    def embed_boxes(
+        self, image_tokens: torch.Tensor, boxes: torch.Tensor, box_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(h, z)` for validated boxes; masked boxes are replaced by the full image, then zeroed."""
+        hidden, embeds = self(self.box_prompts(_fill_masked_boxes(boxes, box_mask)), image_tokens)
+        return hidden * box_mask[..., None], embeds * box_mask[..., None]
 
 
 def roi_align_mean(patch_tokens: torch.Tensor, boxes: torch.Tensor, samples: int) -> torch.Tensor:
@@ -231,14 +251,11 @@ class CLOCPreTrainedModel(CLIPPreTrainedModel):
             if module.roi_head is not None:
                 self._init_head(module.roi_head, std)
         elif isinstance(module, CLOCPrompter):
-            # Initialised from the parent: transformers skips param-less custom children (the layers).
-            self._init_head(module, std)
-            init.normal_(module.text_type_embedding, std=std)
-            if module.corner_embeddings is not None:
-                init.normal_(module.corner_embeddings, std=std)
+            _init_prompter(module, std)
 
     @staticmethod
     def _init_head(module: nn.Module, std: float) -> None:
+        """Normal(0, std) linear weights, zero biases, unit LayerNorms for every submodule."""
         for child in module.modules():
             if isinstance(child, nn.Linear):
                 init.normal_(child.weight, std=std)
@@ -247,6 +264,14 @@ class CLOCPreTrainedModel(CLIPPreTrainedModel):
             elif isinstance(child, nn.LayerNorm):
                 init.ones_(child.weight)
                 init.zeros_(child.bias)
+
+
+def _init_prompter(prompter: CLOCPrompter, std: float) -> None:
+    # Initialised from the Prompter itself: transformers skips custom children without direct params (the layers).
+    CLOCPreTrainedModel._init_head(prompter, std)
+    init.normal_(prompter.text_type_embedding, std=std)
+    if prompter.corner_embeddings is not None:
+        init.normal_(prompter.corner_embeddings, std=std)
 
 
 def _symmetric_cross_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -298,7 +323,12 @@ class CLOCModel(CLOCPreTrainedModel):
         self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
         self.region_logit_scale = nn.Parameter(torch.tensor(config.region_logit_scale_init_value))
-        self.prompter = CLOCPrompter(config)
+        self.prompter = CLOCPrompter(
+            config.prompter_config,
+            config.vision_config.hidden_size,
+            config.projection_dim,
+            config.vision_config.layer_norm_eps,
+        )
         self.box_head = CLOCBoxHead(config)
         self.roi_head = CLOCRoIHead(config) if config.region_head == "roi_align" else None
         self.post_init()
@@ -370,13 +400,10 @@ class CLOCModel(CLOCPreTrainedModel):
         return self._box_embeddings(image_tokens, boxes, _check_boxes(boxes, box_mask, image_tokens.shape[0]))
 
     def _box_embeddings(self, image_tokens: torch.Tensor, boxes: torch.Tensor, box_mask: torch.Tensor) -> torch.Tensor:
-        """Region embeddings of already validated boxes (masked boxes are replaced, then zeroed)."""
-        safe = torch.where(box_mask[..., None], boxes, boxes.new_tensor([0.0, 0.0, 1.0, 1.0]))
+        """Region embeddings of already validated boxes (zero where masked)."""
         if self.roi_head is not None:
-            embeds = self.roi_head(image_tokens, safe)
-        else:
-            _, embeds = self.prompter(self.prompter.box_prompts(safe), image_tokens)
-        return embeds * box_mask[..., None]
+            return self.roi_head(image_tokens, _fill_masked_boxes(boxes, box_mask)) * box_mask[..., None]
+        return self.prompter.embed_boxes(image_tokens, boxes, box_mask)[1]
 
     def _region_text_embeds(self, region_input_ids, region_attention_mask, mask) -> torch.Tensor:
         embeds = region_input_ids.new_zeros(
@@ -477,14 +504,71 @@ class CLOCModel(CLOCPreTrainedModel):
         return loss_region, loss_grounding
 
 
+@dataclass
+class CLOCVisionOutput(BaseModelOutputWithPooling):
+    r"""Output of [`CLOCVisionModel`]: CLIP's vision output plus, when `boxes` are given, the Prompter's
+
+    region_hidden_states (`[B, R, D_v]`): pooled prompt states at ViT width (what a Ferret-style MLLM projects into
+    region tokens), and region_embeds (`[B, R, D]`): normalised region embeddings in CLOC's joint space. Both are
+    zero where `box_mask` is False.
+    """
+
+    region_hidden_states: torch.Tensor | None = None
+    region_embeds: torch.Tensor | None = None
+
+
 class CLOCVisionModel(CLIPVisionModel):
     """CLOC's image tower alone: a CLIP ViT usable as a vision backbone (LLaVA builds it from `CLOCVisionConfig`).
 
-    `CLOCVisionModel.from_pretrained(cloc_folder)` takes the tower out of a full CLOC checkpoint; the forward is
-    CLIP's (`output_hidden_states` gives `num_hidden_layers + 1` states, CLS at position 0).
+    `CLOCVisionModel.from_pretrained(cloc_folder)` takes the tower and the Prompter out of a full CLOC checkpoint;
+    the forward is CLIP's (`output_hidden_states` gives `num_hidden_layers + 1` states, CLS at position 0), and
+    `boxes=` (normalised xyxy `[B, R, 4]`) adds region outputs when the config has a `prompter_config`.
     """
 
     config: CLOCVisionConfig
+
+    def __init__(self, config: CLOCVisionConfig):
+        prompter_config = config.build_prompter_config()
+        super().__init__(config)
+        self.prompter = None
+        if prompter_config is not None:
+            self.prompter = CLOCPrompter(
+                prompter_config, config.hidden_size, config.projection_dim, config.layer_norm_eps
+            )
+            _init_prompter(self.prompter, prompter_config.initializer_range)
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """CLIP's initialisation for the tower; the Prompter's from `prompter_config.initializer_range`."""
+        super()._init_weights(module)
+        if isinstance(module, CLOCPrompter):
+            _init_prompter(module, self.config.build_prompter_config().initializer_range)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        boxes: torch.Tensor | None = None,
+        box_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> CLOCVisionOutput:
+        """CLIP's vision forward; with `boxes` also `region_hidden_states` `[B, R, D_v]` and `region_embeds`."""
+        return_dict = kwargs.pop("return_dict", None)
+        outputs = super().forward(pixel_values=pixel_values, return_dict=True, **kwargs)
+        result = CLOCVisionOutput(**outputs)
+        if boxes is not None:
+            if self.prompter is None:
+                raise ValueError(
+                    "boxes were given but this CLOCVisionModel has no Prompter: load it from a full CLOC checkpoint "
+                    "(CLOCVisionModel.from_pretrained(cloc_folder)) or set CLOCVisionConfig.prompter_config."
+                )
+            image_tokens = outputs.last_hidden_state
+            box_mask = _check_boxes(boxes, box_mask, image_tokens.shape[0])
+            result.region_hidden_states, result.region_embeds = self.prompter.embed_boxes(
+                image_tokens, boxes, box_mask
+            )
+        if return_dict is False:
+            return result.to_tuple()
+        return result
 
     def export_clip_vision(self, folder, image_processor=None) -> None:
         """Write a plain `clip_vision_model` checkpoint (`vision_model.*` keys) that `CLIPVisionModel.from_pretrained`
@@ -492,8 +576,10 @@ class CLOCVisionModel(CLIPVisionModel):
         fields = {
             k: v for k, v in self.config.to_dict().items() if k not in ("model_type", "architectures", "auto_map")
         }
+        fields.pop("prompter_config", None)
         clip = CLIPVisionModel(CLIPVisionConfig(**fields))
-        clip.load_state_dict(self.state_dict())
+        tower = {k: v for k, v in self.state_dict().items() if not k.startswith("prompter.")}
+        clip.load_state_dict(tower)
         clip.save_pretrained(folder)
         if image_processor is not None:
             image_processor.save_pretrained(folder)
@@ -508,6 +594,7 @@ register_checkpoint_conversion_mapping(
 
 __all__ = [
     "CLOCVisionModel",
+    "CLOCVisionOutput",
     "CLOCModel",
     "CLOCOutput",
     "CLOCPreTrainedModel",

@@ -58,13 +58,12 @@ def test_prompt_only_path_equals_full_sequence_layer(model):
     hidden, _ = model.prompter(prompts, tokens)
     layer = model.prompter.layers[0]
     full = torch.cat([prompts, tokens[:, None].expand(-1, 3, -1, -1)], dim=2).flatten(0, 1)
-    empty = full.new_zeros(full.shape[0], layer.num_heads, 0, layer.head_dim)
-    expected = layer(full, empty, empty)[:, :2].mean(1).view(2, 3, -1)
+    expected = layer(full)[:, :2].mean(1).view(2, 3, -1)
     torch.testing.assert_close(hidden, expected, atol=1e-5, rtol=1e-5)
     all_pooling = tiny_cloc_model(pooling="all")
     all_pooling.load_state_dict(model.state_dict())
     h_all, _ = all_pooling.prompter(prompts, tokens)
-    torch.testing.assert_close(h_all, layer(full, empty, empty).mean(1).view(2, 3, -1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h_all, layer(full).mean(1).view(2, 3, -1), atol=1e-5, rtol=1e-5)
 
 
 def test_text_similarity_mask_removes_exactly_duplicate_captions(model):
@@ -192,3 +191,22 @@ def test_roi_align_head_is_a_configurable_alternative():
     torch.testing.assert_close(out, expected)
     with pytest.raises(ValueError, match="region_head must be"):
         CLOCConfig(region_head="mask")
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_gradient_checkpointing_gives_identical_gradients(layers):
+    """Towers and Prompter layers (prompt-only path with 1 layer, full sequence with 2) recompute exactly."""
+
+    def grads(enable: bool):
+        model = tiny_cloc_model(seed=6, num_hidden_layers=layers).train()
+        if enable:
+            model.activation_checkpointing_enable()
+            assert all(layer.gradient_checkpointing for layer in model.prompter.layers)
+        model(**batch(), return_loss=True).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys() and len(plain) > 60
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
+    assert plain[f"prompter.layers.{layers - 1}.q_proj.weight"].abs().sum() > 0
