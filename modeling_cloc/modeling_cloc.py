@@ -27,8 +27,11 @@ class CLOCOutput(ModelOutput):
     r"""Output of [`CLOCModel.forward`].
 
     loss: `loss_clip + lambda * (loss_region + loss_grounding)` with lambda scaled by the fraction of images with
-    regions. logits_per_image / logits_per_text: image-caption logits as in CLIP. region_embeds: `[B, R, D]`
-    normalised region embeddings of the input boxes (zero where `box_mask` is False).
+    regions. logits_per_image / logits_per_text: image-caption logits as in CLIP. image_embeds / text_embeds:
+    normalised. region_embeds: `[B, R, D]` normalised region embeddings of the input boxes (zero where `box_mask`
+    is False). With region captions: region_text_embeds (`[B, R, D]`, normalised caption embeddings),
+    predicted_boxes (`[B, R, 4]`, grounding of each caption) and grounding_mask (`[B, R]`, the captions the box
+    loss uses). These are the features `loss_from_features` takes.
     """
 
     loss: torch.Tensor | None = None
@@ -40,6 +43,10 @@ class CLOCOutput(ModelOutput):
     image_embeds: torch.Tensor | None = None
     text_embeds: torch.Tensor | None = None
     region_embeds: torch.Tensor | None = None
+    box_mask: torch.Tensor | None = None
+    region_text_embeds: torch.Tensor | None = None
+    predicted_boxes: torch.Tensor | None = None
+    grounding_mask: torch.Tensor | None = None
 
 
 def _fill_masked_boxes(boxes: torch.Tensor, box_mask: torch.Tensor) -> torch.Tensor:
@@ -274,10 +281,50 @@ def _init_prompter(prompter: CLOCPrompter, std: float) -> None:
         init.normal_(prompter.corner_embeddings, std=std)
 
 
-def _symmetric_cross_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """InfoNCE in both directions for a square logit matrix whose matches lie on the diagonal."""
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    return 0.5 * (nn.functional.cross_entropy(logits, labels) + nn.functional.cross_entropy(logits.t(), labels))
+def contrastive_loss(
+    first: torch.Tensor,
+    second: torch.Tensor,
+    scale: torch.Tensor,
+    gatherer=None,
+    local_loss: bool = False,
+    valid: torch.Tensor | None = None,
+    keep_pairs=None,
+) -> torch.Tensor:
+    """Symmetric InfoNCE between normalised rows `first[i]` and `second[i]` `[n, D]`, over all processes' rows.
+
+    `gatherer` (`rank`, `world_size`, differentiable `gather_all`, `all_reduce_sum`; see `training.distributed`) joins
+    the processes' rows; with `local_loss` this process scores only its own rows against every column. `valid`
+    `[n]` marks the rows that take part (others are padding). `keep_pairs(rows_second, all_second)` returns a
+    `[r, N]` bool mask of pairs allowed in the softmax (the matching pair always is). The returned value is such
+    that its mean over processes, and the mean of the processes' gradients (as DDP takes), are the loss over the
+    global batch and its gradient.
+    """
+    world, rank = (1, 0) if gatherer is None else (gatherer.world_size, gatherer.rank)
+    valid = torch.ones(first.shape[0], dtype=torch.bool, device=first.device) if valid is None else valid
+    all_first, all_second = first, second
+    all_valid = valid
+    if world > 1:
+        all_first, all_second, all_valid = gatherer.gather_all([first, second, valid], [0, 0, False])
+    padded = all_first.shape[0] // world  # rows per process after padding to the largest
+    if local_loss and world > 1:
+        targets = torch.arange(first.shape[0], device=first.device) + rank * padded
+        rows_first, rows_second, rows_valid = first, second, valid
+    else:
+        targets = torch.arange(all_first.shape[0], device=first.device)
+        rows_first, rows_second, rows_valid = all_first, all_second, all_valid
+    keep = all_valid[None, :].expand(targets.shape[0], -1).clone()
+    if keep_pairs is not None:
+        keep &= keep_pairs(rows_second, all_second)
+    keep[torch.arange(targets.shape[0], device=first.device), targets] = True
+    total = rows_first.new_tensor(float(valid.sum()))
+    total = total if gatherer is None else gatherer.all_reduce_sum(total)
+    loss = rows_first.new_zeros(())
+    for rows, columns in ((rows_first, all_second), (rows_second, all_first)):
+        logits = (scale * rows @ columns.t()).masked_fill(~keep, float("-inf"))
+        per_row = nn.functional.cross_entropy(logits, targets, reduction="none")
+        loss = loss + 0.5 * per_row[rows_valid].sum()
+    # Every process holds the full sum unless local: then x world, because DDP averages the gradients.
+    return loss * (world if local_loss and world > 1 else 1) / total.clamp(min=1)
 
 
 def _check_boxes(boxes: torch.Tensor, box_mask: torch.Tensor | None, batch: int) -> torch.Tensor:
@@ -442,66 +489,126 @@ class CLOCModel(CLOCPreTrainedModel):
         return_loss: bool | None = None,
         **kwargs,
     ) -> CLOCOutput:
-        """CLIP logits, region embeddings of `input_boxes`, and with `return_loss` the CLOC loss."""
+        """CLIP logits, region embeddings of `input_boxes`, and with `return_loss` the CLOC loss.
+
+        With `region_input_ids` (one caption per box) the region-caption embeddings and grounded boxes are computed
+        too; `return_loss` then adds the region and grounding terms (see `loss_from_features`).
+        """
         vision = self.get_image_features(pixel_values)
         image_tokens = vision.last_hidden_state
         image_embeds = nn.functional.normalize(vision.pooler_output, dim=-1)
         text_embeds = nn.functional.normalize(self.get_text_features(input_ids, attention_mask).pooler_output, dim=-1)
-        scale = self.logit_scale.exp().clamp(max=self.config.logit_scale_max)
-        logits_per_text = scale * text_embeds @ image_embeds.t()
-        region_embeds = None
+        logits_per_text = self._logit_scale() * text_embeds @ image_embeds.t()
+        region_embeds = region_text_embeds = predicted_boxes = grounding_mask = None
         if input_boxes is not None:
             box_mask = _check_boxes(input_boxes, box_mask, image_tokens.shape[0])
             region_embeds = self._box_embeddings(image_tokens, input_boxes, box_mask)
-        loss = loss_clip = loss_region = loss_grounding = None
-        if return_loss:
-            loss_clip = _symmetric_cross_entropy(logits_per_text)
-            loss = loss_clip
-            if region_embeds is not None and region_input_ids is not None and box_mask.any():
-                loss_region, loss_grounding = self._region_losses(
-                    image_tokens, input_boxes, box_mask, region_embeds, region_input_ids, region_attention_mask
+            if region_input_ids is not None:
+                region_text_embeds, predicted_boxes, grounding_mask = self._region_caption_outputs(
+                    image_tokens, box_mask, region_input_ids, region_attention_mask
                 )
-                weight = self.config.region_loss_weight * box_mask.any(-1).float().mean()
-                loss = loss + weight * (loss_region + loss_grounding)
-        return CLOCOutput(
-            loss=loss,
+        output = CLOCOutput(
             logits_per_image=logits_per_text.t(),
             logits_per_text=logits_per_text,
-            loss_clip=loss_clip,
-            loss_region=loss_region,
-            loss_grounding=loss_grounding,
             image_embeds=image_embeds,
             text_embeds=text_embeds,
             region_embeds=region_embeds,
+            box_mask=box_mask if input_boxes is not None else None,
+            region_text_embeds=region_text_embeds,
+            predicted_boxes=predicted_boxes,
+            grounding_mask=grounding_mask,
         )
+        if return_loss:
+            output.loss, output.loss_clip, output.loss_region, output.loss_grounding = self.loss_from_features(
+                image_embeds,
+                text_embeds,
+                region_embeds,
+                region_text_embeds,
+                input_boxes,
+                output.box_mask,
+                predicted_boxes,
+                grounding_mask,
+            )
+        return output
 
-    def region_negative_mask(self, caption_embeds: torch.Tensor) -> torch.Tensor:
-        """`[V, V]` True where a pair stays in the softmax: the diagonal, and captions with cosine <= threshold."""
+    def _logit_scale(self) -> torch.Tensor:
+        return self.logit_scale.exp().clamp(max=self.config.logit_scale_max)
+
+    def region_negative_mask(self, caption_embeds: torch.Tensor, other_embeds: torch.Tensor | None = None):
+        """`[V, V']` True where a region-caption pair may stay in the softmax: captions whose cosine with the
+        row's own caption is <= `region_text_filter_threshold` (the matching pair is always kept by the loss).
+        Without `other_embeds`, the captions are compared with themselves and the diagonal is True."""
         with torch.no_grad():
-            normalized = nn.functional.normalize(caption_embeds, dim=-1)
-            keep = normalized @ normalized.t() <= self.config.region_text_filter_threshold
-            keep.fill_diagonal_(True)
+            rows = nn.functional.normalize(caption_embeds, dim=-1)
+            columns = rows if other_embeds is None else nn.functional.normalize(other_embeds, dim=-1)
+            keep = rows @ columns.t() <= self.config.region_text_filter_threshold
+            if other_embeds is None:
+                keep.fill_diagonal_(True)
         return keep
 
-    def _region_losses(self, image_tokens, boxes, box_mask, region_embeds, region_input_ids, region_attention_mask):
+    def _region_caption_outputs(self, image_tokens, box_mask, region_input_ids, region_attention_mask):
+        """Normalised caption embeddings `[B, R, D]`, grounded boxes `[B, R, 4]` and the grounding target mask."""
+        if tuple(region_input_ids.shape[:2]) != tuple(box_mask.shape):
+            raise ValueError(
+                f"region_input_ids has shape {tuple(region_input_ids.shape)}, expected one caption per box: "
+                f"{tuple(box_mask.shape)} + (tokens,)"
+            )
         caption_embeds = self._region_text_embeds(region_input_ids, region_attention_mask, box_mask)
-        z = region_embeds[box_mask]
-        u = nn.functional.normalize(caption_embeds[box_mask], dim=-1)
-        scale = self.region_logit_scale.exp().clamp(max=self.config.logit_scale_max)
-        logits = (scale * z @ u.t()).masked_fill(~self.region_negative_mask(u), float("-inf"))
-        loss_region = _symmetric_cross_entropy(logits)
+        hidden, _ = self.prompter(self.prompter.text_prompts(caption_embeds), image_tokens)
+        predicted = self.box_head(hidden)
         # Grounding: a caption repeated within its image has no single target box.
         target = box_mask.clone()
         if self.config.grounding_unique_only:
             ids = region_input_ids if region_attention_mask is None else region_input_ids * region_attention_mask
             same = (ids[:, :, None] == ids[:, None, :]).all(-1) & box_mask[:, :, None] & box_mask[:, None, :]
             target &= same.sum(-1) == 1
-        if not target.any():
-            return loss_region, loss_region.new_zeros(())
-        hidden, _ = self.prompter(self.prompter.text_prompts(caption_embeds), image_tokens)
-        predicted = self.box_head(hidden)
-        loss_grounding = ((predicted - boxes) ** 2)[target].sum() / (4 * target.sum())
-        return loss_region, loss_grounding
+        return nn.functional.normalize(caption_embeds, dim=-1) * box_mask[..., None], predicted, target
+
+    def loss_from_features(
+        self,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        region_embeds: torch.Tensor | None = None,
+        region_text_embeds: torch.Tensor | None = None,
+        input_boxes: torch.Tensor | None = None,
+        box_mask: torch.Tensor | None = None,
+        predicted_boxes: torch.Tensor | None = None,
+        grounding_mask: torch.Tensor | None = None,
+        gatherer=None,
+        local_loss: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """`(loss, loss_clip, loss_region, loss_grounding)` from `forward`'s outputs, over the global batch.
+
+        `L = L_CLIP + lambda (L_region + L_grounding)`: image-caption InfoNCE; region-caption InfoNCE over every
+        valid region of the global batch with near-duplicate captions (cosine > threshold) removed from the
+        softmax; mean squared box error over grounding targets; lambda = `region_loss_weight` x the fraction of the
+        global batch's images that have regions. `gatherer` / `local_loss` as in `contrastive_loss`; all
+        processes must pass regions (possibly none valid) or none.
+        """
+        loss_clip = contrastive_loss(image_embeds, text_embeds, self._logit_scale(), gatherer, local_loss)
+        if region_embeds is None or region_text_embeds is None:
+            return loss_clip, loss_clip, None, None
+        world = 1 if gatherer is None else gatherer.world_size
+        counts = torch.stack(
+            [box_mask.sum(), box_mask.any(-1).sum(), grounding_mask.sum(), torch.tensor(box_mask.shape[0])]
+        ).to(image_embeds.dtype)
+        counts = counts if gatherer is None else gatherer.all_reduce_sum(counts)
+        if counts[0] == 0:
+            return loss_clip, loss_clip, None, None
+        region_scale = self.region_logit_scale.exp().clamp(max=self.config.logit_scale_max)
+        loss_region = contrastive_loss(
+            region_embeds[box_mask],
+            region_text_embeds[box_mask],
+            region_scale,
+            gatherer,
+            local_loss,
+            keep_pairs=self.region_negative_mask,
+        )
+        squared = ((predicted_boxes - input_boxes) ** 2)[grounding_mask].sum()
+        # Local sum over the global count; x world because DDP averages the processes' gradients.
+        loss_grounding = squared * world / (4 * counts[2].clamp(min=1))
+        weight = self.config.region_loss_weight * counts[1] / counts[3]
+        return loss_clip + weight * (loss_region + loss_grounding), loss_clip, loss_region, loss_grounding
 
 
 @dataclass

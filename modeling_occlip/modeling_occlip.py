@@ -624,12 +624,15 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
         same_as_positive = (match | ~relation_mask[:, None, :]).all(-1)
         return subjects, objects, valid & ~same_as_positive
 
-    def _relation_loss(self, image_features: OCCLIPImageFeatures, text_features: OCCLIPTextFeatures) -> torch.Tensor:
-        """Local graph contrastive loss: each matched (image, graph) against its own relation-perturbed graphs."""
+    def _relation_loss_terms(
+        self, image_features: OCCLIPImageFeatures, text_features: OCCLIPTextFeatures
+    ) -> torch.Tensor:
+        """Local graph contrastive loss per usable (image, graph) pair, `[n]`: the pair against its own
+        relation-perturbed graphs (pairs whose graph has no valid negative are left out)."""
         subjects, objects, valid = self._relation_negatives(text_features)
         usable = valid.any(-1)
         if not bool(usable.any()):
-            return image_features.binding_keys.new_zeros(()) * self.logit_scale
+            return image_features.binding_keys.new_zeros(0) * self.logit_scale
         index = usable.nonzero().flatten()
         text = self._prepare_text(text_features).select(index[:, None])  # [n, 1, ...]
         slots, _ = self._bind(image_features.binding_keys[index], image_features.binding_values[index], text)
@@ -654,7 +657,72 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
         logits = logits.masked_fill(
             ~torch.cat([torch.ones_like(valid[index, :1]), valid[index]], dim=1), float("-inf")
         )
-        return -logits.log_softmax(dim=-1)[:, 0].mean()
+        return -logits.log_softmax(dim=-1)[:, 0]
+
+    def loss_from_features(
+        self,
+        image_features: OCCLIPImageFeatures,
+        text_features: OCCLIPTextFeatures,
+        gatherer=None,
+        local_loss: bool = False,
+        logits_per_image: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """`(loss, loss_itc, loss_rel)` for image k paired with caption k, over the global batch.
+
+        `gatherer` (e.g. `training.distributed.FeatureGatherer`: `rank`, `world_size`, differentiable
+        `gather_all`, `all_reduce_sum`) joins the processes' features, so every (image, caption) pair of the global batch is
+        bound. With `local_loss`, this process scores only its own rows and columns against the global batch.
+        The value returned on each process is such that the mean over processes, and the mean of their
+        gradients (DDP), are the global loss and its gradient; equal batch sizes per process are assumed.
+        `logits_per_image` (single process) reuses an already computed `score(image_features, text_features)`.
+        """
+        world, rank = (1, 0) if gatherer is None else (gatherer.world_size, gatherer.rank)
+        num_local = image_features.binding_keys.shape[0]
+        if text_features.num_captions != num_local:
+            raise ValueError(
+                f"the loss pairs image k with caption k, but got {num_local} images and "
+                f"{text_features.num_captions} captions."
+            )
+        if world == 1:
+            logits = self.score(image_features, text_features) if logits_per_image is None else logits_per_image
+            labels = torch.arange(num_local, device=logits.device)
+            loss_itc = 0.5 * (
+                nn.functional.cross_entropy(logits, labels) + nn.functional.cross_entropy(logits.t(), labels)
+            )
+        else:
+            names = ("node_embeds", "node_mask", "relation_embeds", "relation_mask")
+            names += ("relation_subject_index", "relation_object_index")
+            keys, values, *text = gatherer.gather_all(
+                [image_features.binding_keys, image_features.binding_values]
+                + [getattr(text_features, name) for name in names],
+                [0, 0, 0, False, 0, False, 0, 0],
+            )
+            all_images = OCCLIPImageFeatures(binding_keys=keys, binding_values=values)
+            all_texts = OCCLIPTextFeatures(**dict(zip(names, text)))
+            if all_images.binding_keys.shape[0] != world * num_local:
+                raise ValueError("every process needs the same batch size for the gathered OC-CLIP loss")
+            if local_loss:
+                labels = torch.arange(num_local, device=all_images.binding_keys.device) + rank * num_local
+                per_image = self.score(image_features, all_texts)  # [n, N]
+                per_text = self.score(all_images, text_features).t()  # [n, N]
+                loss_itc = 0.5 * (
+                    nn.functional.cross_entropy(per_image, labels) + nn.functional.cross_entropy(per_text, labels)
+                )
+            else:
+                logits = self.score(all_images, all_texts)
+                labels = torch.arange(logits.shape[0], device=logits.device)
+                loss_itc = 0.5 * (
+                    nn.functional.cross_entropy(logits, labels) + nn.functional.cross_entropy(logits.t(), labels)
+                )
+        loss, loss_rel = loss_itc, None
+        if self.config.rel_loss_weight:
+            terms = self._relation_loss_terms(image_features, text_features)
+            count = terms.new_tensor(float(terms.numel()))
+            total = count if gatherer is None else gatherer.all_reduce_sum(count)
+            # Mean over the global batch's usable pairs; x world because DDP averages the processes' gradients.
+            loss_rel = terms.sum() * world / total.clamp(min=1)
+            loss = loss + self.config.rel_loss_weight * loss_rel
+        return loss, loss_itc, loss_rel
 
     def forward(
         self,
@@ -669,10 +737,12 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
         relation_object_index: torch.Tensor | None = None,
         return_loss: bool | None = None,
         return_dict: bool | None = None,
+        return_logits: bool = True,
         **kwargs,
     ) -> OCCLIPOutput | tuple:
         """Structured logits for every (image, caption) pair and, with `return_loss=True`, the OC-CLIP loss
-        `L_itc + rel_loss_weight * L_rel` (image k is paired with caption k)."""
+        `L_itc + rel_loss_weight * L_rel` (image k is paired with caption k). `return_logits=False` skips the
+        logit grid (trainers that compute the loss over gathered features only need the features)."""
         if pixel_values is None or node_input_ids is None:
             raise ValueError("OCCLIPModel.forward needs pixel_values and node_input_ids.")
         image_features = self.get_image_features(pixel_values)
@@ -686,27 +756,16 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
             relation_subject_index,
             relation_object_index,
         )
-        logits_per_image = self.score(image_features, text_features)
+        logits_per_image = self.score(image_features, text_features) if return_logits else None
         loss = loss_itc = loss_rel = None
         if return_loss:
-            if logits_per_image.shape[0] != logits_per_image.shape[1]:
-                raise ValueError(
-                    f"return_loss pairs image k with caption k, but got {logits_per_image.shape[0]} images and "
-                    f"{logits_per_image.shape[1]} captions."
-                )
-            labels = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
-            loss_itc = 0.5 * (
-                nn.functional.cross_entropy(logits_per_image, labels)
-                + nn.functional.cross_entropy(logits_per_image.t(), labels)
+            loss, loss_itc, loss_rel = self.loss_from_features(
+                image_features, text_features, logits_per_image=logits_per_image
             )
-            loss = loss_itc
-            if self.config.rel_loss_weight:
-                loss_rel = self._relation_loss(image_features, text_features)
-                loss = loss + self.config.rel_loss_weight * loss_rel
         output = OCCLIPOutput(
             loss=loss,
             logits_per_image=logits_per_image,
-            logits_per_text=logits_per_image.t(),
+            logits_per_text=None if logits_per_image is None else logits_per_image.t(),
             loss_itc=loss_itc,
             loss_rel=loss_rel,
             image_embeds=nn.functional.normalize(image_features.pooler_output, dim=-1),

@@ -111,7 +111,7 @@ def test_pixel_values_of_wrong_size(model, shape):
 
 
 def test_loss_needs_paired_batch(model):
-    with pytest.raises(ValueError, match="return_loss pairs image k with caption k"):
+    with pytest.raises(ValueError, match="the loss pairs image k with caption k"):
         with torch.no_grad():
             model(pixel_values=random_pixels(3), **graph_inputs(), return_loss=True)
 
