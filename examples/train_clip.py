@@ -1,0 +1,22 @@
+"""Train CLIP with Accelerate: from scratch (`--model_config cfg.json`) or from a transformers CLIP folder
+(`--init_from DIR`, `--finetune_mode full|frozen|lora`).
+
+    accelerate launch examples/train_clip.py --train_data DIR --init_from CLIP_DIR --output_dir OUT --max_steps 1000
+    python examples/train_clip.py --config examples/configs/clip_finetune.yaml --train_data DIR --output_dir OUT
+
+Every option is a flag (see `--help`) or a key of the `--config` YAML/JSON file; `OUT` ends up holding the model,
+processor and model card, and resumable state under `OUT/checkpoints/` (`--resume_from_checkpoint latest`).
+"""
+
+from training.cli import parse_args
+from training.trainer import TrainingArguments, train
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Parse the options and train; returns the final metrics."""
+    (args,) = parse_args(TrainingArguments, args=argv)
+    return train(args, "clip")
+
+
+if __name__ == "__main__":
+    main()

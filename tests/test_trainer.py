@@ -1,0 +1,239 @@
+"""The Accelerate trainer end to end on a tiny generated dataset: outputs load, exact resume, LoRA, frozen towers,
+Hub upload folder, and clear errors for bad data and mismatched checkpoints."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from accelerate.utils import set_seed
+from safetensors.torch import load_file
+from transformers import AutoModel, AutoProcessor, CLIPModel, CLIPProcessor
+
+import modeling_cloc  # noqa: F401  (registers the models for AutoModel)
+import modeling_occlip  # noqa: F401
+from examples import train_clip, train_cloc, train_occlip
+from modeling_occlip import OCCLIPModel
+from processing.clip_tokenizer import bundled_clip_tokenizer
+from tests.factories import clip_vocab_text_config, random_pixels, tiny_vision_config
+from tests.isolated_python import run_isolated
+from tests.training_fixtures import write_dataset, write_model_config
+from training import trainer as trainer_module
+
+MAINS = {"clip": train_clip.main, "occlip": train_occlip.main, "cloc": train_cloc.main}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("data"), rows=8)
+
+
+def run(family, data, out, *extra, config=None):
+    argv = ["--train_data", str(data), "--output_dir", str(out), "--per_device_train_batch_size", "4"]
+    argv += ["--logging_steps", "1", "--disable_tqdm", "true", "--learning_rate", "1e-3"]
+    if config is not None:
+        argv += ["--model_config", str(config)]
+    return MAINS[family]([*argv, *extra])
+
+
+@pytest.mark.parametrize("family", ["clip", "occlip", "cloc"])
+def test_from_scratch_output_folder_loads_and_learns(family, data, tmp_path):
+    config = write_model_config(tmp_path / "config.json", family)
+    metrics = run(family, data, tmp_path / "out", "--max_steps", "6", config=config)
+    assert metrics["skipped_rows"] == 0 and torch.isfinite(torch.tensor(metrics["loss"]))
+    model = AutoModel.from_pretrained(tmp_path / "out")
+    processor = AutoProcessor.from_pretrained(tmp_path / "out")
+    assert type(model).__name__ == {"clip": "CLIPModel", "occlip": "OCCLIPModel", "cloc": "CLOCModel"}[family]
+    assert type(processor).__name__.startswith({"clip": "CLIP", "occlip": "OCCLIP", "cloc": "CLOC"}[family])
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "## How to load" in card and "AutoModel.from_pretrained" in card and f"- {family}" in card
+    assert f"| loss | {metrics['loss']:.4g} |" in card
+
+
+def test_resume_continues_bit_for_bit(data, tmp_path):
+    """Stop after step 2 (keep only that checkpoint), resume: the final weights equal an uninterrupted run."""
+    config = write_model_config(tmp_path / "config.json", "occlip")
+    common = ["--max_steps", "4", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2"]
+    run("occlip", data, tmp_path / "straight", *common, config=config)
+    run("occlip", data, tmp_path / "interrupted", *common, "--checkpointing_steps", "2", config=config)
+    checkpoints = tmp_path / "interrupted" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint_0", "checkpoint_1"]
+    shutil.rmtree(checkpoints / "checkpoint_1")  # as if killed between steps 2 and 4
+    (tmp_path / "interrupted" / "model.safetensors").unlink()
+    resume = ["--checkpointing_steps", "2", "--resume_from_checkpoint", "latest"]
+    run("occlip", data, tmp_path / "interrupted", *common, *resume, config=config)
+    straight = load_file(tmp_path / "straight" / "model.safetensors")
+    resumed = load_file(tmp_path / "interrupted" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+    assert (checkpoints / "checkpoint_1").is_dir()  # the resumed run saved its next checkpoint under a new name
+
+
+def test_resume_with_a_different_model_config_is_a_clear_error(data, tmp_path):
+    config = write_model_config(tmp_path / "config.json", "clip")
+    run("clip", data, tmp_path / "out", "--max_steps", "1", "--checkpointing_steps", "1", config=config)
+    other = json.loads(config.read_text())
+    other["projection_dim"] = 16
+    other["text_config"]["projection_dim"] = other["vision_config"]["projection_dim"] = 16
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match=r"different model config \(differs in \['projection_dim'"):
+        run(
+            "clip",
+            data,
+            tmp_path / "out",
+            "--max_steps",
+            "2",
+            "--resume_from_checkpoint",
+            "latest",
+            config=tmp_path / "other.json",
+        )
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("clip")
+    torch.manual_seed(0)
+    from transformers import CLIPConfig, CLIPImageProcessorPil
+
+    config = CLIPConfig(text_config=clip_vocab_text_config(), vision_config=tiny_vision_config(), projection_dim=24)
+    CLIPModel(config).save_pretrained(folder)
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=bundled_clip_tokenizer()).save_pretrained(folder)
+    return folder
+
+
+def initial_occlip(clip_folder) -> OCCLIPModel:
+    """The model the trainer starts from (same seed, same construction)."""
+    set_seed(0)
+    return OCCLIPModel.from_clip(CLIPModel.from_pretrained(clip_folder))
+
+
+def test_lora_trains_only_adapters_and_saved_modules(data, clip_folder, tmp_path):
+    from peft import PeftModel
+
+    run(
+        "occlip",
+        data,
+        tmp_path / "out",
+        "--init_from",
+        str(clip_folder),
+        "--finetune_mode",
+        "lora",
+        "--max_steps",
+        "3",
+    )
+    start = initial_occlip(clip_folder).state_dict()
+    merged = AutoModel.from_pretrained(tmp_path / "out").eval()
+    end = merged.state_dict()
+    lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+    saved = ("binding.", "similarity.", "visual_projection.", "text_projection.", "logit_scale")
+    changed = {k for k in start if not torch.equal(start[k], end[k])}
+    assert any(k.startswith("binding.") for k in changed) and any(k.startswith("text_model.") for k in changed)
+    for name in changed:  # towers change only where LoRA merged into a target linear layer
+        assert name.startswith(saved) or name.rsplit(".", 2)[-2] in lora_targets, name
+    assert not any("layer_norm" in k or "embeddings" in k for k in changed)
+    # The adapter folder reloads onto the starting model and reproduces the merged model's outputs.
+    adapted = PeftModel.from_pretrained(initial_occlip(clip_folder), tmp_path / "out" / "adapter").eval()
+    pixels = random_pixels(2, seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            adapted.get_image_features(pixels).binding_keys,
+            merged.get_image_features(pixels).binding_keys,
+            atol=1e-5,
+            rtol=1e-5,
+        )
+
+
+def test_frozen_towers_stay_unchanged(data, clip_folder, tmp_path):
+    run(
+        "occlip",
+        data,
+        tmp_path / "out",
+        "--init_from",
+        str(clip_folder),
+        "--finetune_mode",
+        "frozen",
+        "--max_steps",
+        "2",
+    )
+    start = initial_occlip(clip_folder).state_dict()
+    end = AutoModel.from_pretrained(tmp_path / "out").state_dict()
+    towers = [
+        k for k in start if k.startswith(("text_model.", "vision_model.", "visual_projection", "text_projection"))
+    ]
+    assert len(towers) > 30 and all(torch.equal(start[k], end[k]) for k in towers)
+    assert any(not torch.equal(start[k], end[k]) for k in start if k.startswith("binding."))
+
+
+def test_push_to_hub_uploads_the_final_folder(data, tmp_path, monkeypatch, clean_python):
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, exist_ok=False):
+            calls.append(("create_repo", repo_id))
+
+        def upload_folder(self, repo_id, folder_path, ignore_patterns=None):
+            calls.append(("upload_folder", repo_id, folder_path, ignore_patterns))
+            return "https://hub.example/commit/1"
+
+    monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
+    config = write_model_config(tmp_path / "config.json", "cloc")
+    out = tmp_path / "out"
+    run(
+        "cloc",
+        data,
+        out,
+        "--max_steps",
+        "1",
+        "--checkpointing_steps",
+        "1",
+        "--push_to_hub",
+        "true",
+        "--hub_model_id",
+        "someone/cloc-tiny",
+        config=config,
+    )
+    assert calls == [
+        ("create_repo", "someone/cloc-tiny"),
+        ("upload_folder", "someone/cloc-tiny", str(out), ["checkpoints/*"]),
+    ]
+    files = {p.name for p in out.iterdir()}
+    assert {"README.md", "config.json", "model.safetensors", "modeling_cloc.py", "processor_config.json"} <= files
+    assert "AutoModel" in json.loads((out / "config.json").read_text())["auto_map"]
+    run_isolated(
+        clean_python,
+        f"""
+        from transformers import AutoModel, AutoProcessor
+        model = AutoModel.from_pretrained({str(out)!r}, trust_remote_code=True)
+        processor = AutoProcessor.from_pretrained({str(out)!r}, trust_remote_code=True)
+        assert type(model).__name__ == "CLOCModel" and type(processor).__name__ == "CLOCProcessor"
+        """,
+        tmp_path,
+    )
+
+
+def test_bad_rows_are_skipped_and_counted_or_named(tmp_path):
+    data = write_dataset(tmp_path / "data", rows=8, bad_rows=2)
+    config = write_model_config(tmp_path / "config.json", "clip")
+    skip = ["--max_steps", "2", "--per_device_train_batch_size", "5", "--on_bad_sample", "skip"]
+    metrics = run("clip", data, tmp_path / "out", *skip, config=config)
+    assert metrics["skipped_rows"] == 2  # two batches of 5 see all 10 rows once
+    with pytest.raises(ValueError, match=r"row \d+ \(bad\d\.png\): unreadable image"):
+        run("clip", data, tmp_path / "out2", "--max_steps", "2", config=config)
+
+
+def test_empty_dataset_and_missing_caption_are_clear_errors(tmp_path):
+    config = write_model_config(tmp_path / "config.json", "clip")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "metadata.jsonl").write_text("")
+    with pytest.raises(ValueError, match="metadata.jsonl is empty"):
+        run("clip", tmp_path / "empty", tmp_path / "out", "--max_steps", "1", config=config)
+    data = write_dataset(tmp_path / "nocaption", rows=2)
+    rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
+    (data / "metadata.jsonl").write_text("".join(json.dumps({"file_name": r["file_name"]}) + "\n" for r in rows))
+    with pytest.raises(ValueError, match="no 'caption' column"):
+        run("clip", data, tmp_path / "out", "--max_steps", "1", config=config)
+    with pytest.raises(ValueError, match="exactly one of --model_config"):
+        run("clip", write_dataset(tmp_path / "ok", rows=4), tmp_path / "out", "--max_steps", "1")
+    assert trainer_module.TrainingArguments.__dataclass_fields__["output_dir"].metadata["help"]

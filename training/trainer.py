@@ -1,0 +1,379 @@
+"""The Accelerate training loop shared by CLIP, OC-CLIP and CLOC (open_clip's feature set, `engineering.md` §5).
+
+`train(args, family)` builds or loads the model (`--model_config` from scratch, `--init_from` a transformers
+CLIP folder), applies the fine-tuning mode (full / frozen towers / LoRA), and runs a loop with the loss over the
+global batch (differentiable gathering), cached-feature accumulation, AdamW with no decay on 1-D parameters and
+logit scales, a cosine schedule with warmup, logit-scale clamping, gradient clipping, resumable checkpoints under
+`OUT/checkpoints/`, and a final `save_pretrained` of model + processor + model card at `OUT/`.
+"""
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate.utils import ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+from transformers import CLIPImageProcessorPil, CLIPModel, CLIPProcessor, get_cosine_schedule_with_warmup
+
+from modeling_cloc import CLOCConfig, CLOCModel
+from modeling_occlip import OCCLIPConfig, OCCLIPModel
+from processing import CLOCProcessor, OCCLIPProcessor
+from processing.clip_tokenizer import bundled_clip_tokenizer
+
+from .data import IndexedRows, TrainingCollator, load_image_text_dataset
+from .distributed import FeatureGatherer
+from .model_card import write_model_card
+from .objectives import OBJECTIVES
+from .step import ContrastiveTrainingModule, forward_backward
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+TOWER_PREFIXES = ("text_model.", "vision_model.", "visual_projection.", "text_projection.")
+CONFIG_FILE = "model_config.json"  # written into each checkpoint, checked on resume
+
+
+@dataclass
+class TrainingArguments:
+    """Every option of the training scripts (names as in `data.md`)."""
+
+    train_data: str = field(metadata={"help": "dataset folder, Parquet glob or WebDataset shards"})
+    output_dir: str = field(metadata={"help": "final model + processor + card; resumable state in checkpoints/"})
+    model_config: str | None = field(default=None, metadata={"help": "JSON config of the model (from scratch)"})
+    init_from: str | None = field(default=None, metadata={"help": "folder of a transformers CLIPModel"})
+    finetune_mode: str = field(default="full", metadata={"help": "full, frozen (towers frozen) or lora"})
+    eval_data: str | None = None
+    max_steps: int | None = None
+    num_train_epochs: int = 1
+    per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "micro-batches per step, with cached features (all are negatives)"}
+    )
+    learning_rate: float = field(default=1e-4, metadata={"help": "peak LR (new modules; everything from scratch)"})
+    backbone_learning_rate: float | None = field(
+        default=None, metadata={"help": "peak LR of the CLIP towers when fine-tuning (default: 0.1 x learning_rate)"}
+    )
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    local_loss: bool = field(default=False, metadata={"help": "score local rows against the global batch only"})
+    checkpointing_steps: int | None = None
+    checkpoints_total_limit: int | None = None
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder"})
+    seed: int = 0
+    mixed_precision: str = field(default="no", metadata={"help": "no, bf16 or fp16 (as in accelerate)"})
+    report_to: str | None = field(default=None, metadata={"help": "tensorboard, wandb, all (accelerate trackers)"})
+    logging_steps: int = 10
+    on_bad_sample: str = field(default="error", metadata={"help": "error or skip (skipped rows are counted)"})
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    max_regions: int | None = field(default=None, metadata={"help": "CLOC: regions kept per image"})
+    dataloader_num_workers: int = 0
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    gradient_checkpointing: bool = False
+    disable_tqdm: bool = False
+
+
+class TrainingProgress:
+    """Steps and epochs done and rows skipped, saved with every checkpoint (`register_for_checkpointing`)."""
+
+    def __init__(self):
+        self.step, self.epoch, self.batches_in_epoch, self.skipped = 0, 0, 0, 0
+
+    def state_dict(self) -> dict:
+        """Counters as a dict."""
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict) -> None:
+        """Counters from `state_dict`."""
+        vars(self).update(state)
+
+
+MODEL_CLASSES = {"clip": CLIPModel, "occlip": OCCLIPModel, "cloc": CLOCModel}
+CONFIG_CLASSES = {"clip": None, "occlip": OCCLIPConfig, "cloc": CLOCConfig}
+
+
+def default_processor(family: str, image_size: int):
+    """The family's processor with the bundled CLIP tokenizer and a CLIP image processor at `image_size`."""
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    tokenizer = bundled_clip_tokenizer()
+    cls = {"clip": CLIPProcessor, "occlip": OCCLIPProcessor, "cloc": CLOCProcessor}[family]
+    return cls(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def build_model_and_processor(args: TrainingArguments, family: str):
+    """The model (from `--model_config` or `--init_from`) and its processor."""
+    if (args.model_config is None) == (args.init_from is None):
+        raise ValueError("pass exactly one of --model_config (train from scratch) and --init_from (a CLIP folder)")
+    if args.model_config is not None:
+        with open(args.model_config) as handle:
+            values = json.load(handle)
+        if family == "clip":
+            from transformers import CLIPConfig
+
+            config = CLIPConfig(**values)
+        else:
+            config = CONFIG_CLASSES[family](**values)
+        model = MODEL_CLASSES[family](config)
+        processor = default_processor(family, config.vision_config.image_size)
+        return model, processor
+    clip = CLIPModel.from_pretrained(args.init_from)
+    model = clip if family == "clip" else MODEL_CLASSES[family].from_clip(clip)
+    try:
+        loaded = CLIPProcessor.from_pretrained(args.init_from)
+        cls = {"clip": CLIPProcessor, "occlip": OCCLIPProcessor, "cloc": CLOCProcessor}[family]
+        processor = cls(image_processor=loaded.image_processor, tokenizer=loaded.tokenizer)
+    except (OSError, ValueError, TypeError):
+        processor = default_processor(family, clip.config.vision_config.image_size)
+    return model, processor
+
+
+def _is_new_module(name: str, objective) -> bool:
+    return not name.startswith(TOWER_PREFIXES) and name not in objective.logit_scale_names
+
+
+def apply_finetune_mode(model, args: TrainingArguments, objective):
+    """Full (unchanged), frozen towers (only new modules and logit scales train), or LoRA via PEFT."""
+    if args.finetune_mode == "full":
+        return model
+    if args.finetune_mode == "frozen":
+        if not any(_is_new_module(n, objective) for n, _ in model.named_parameters()):
+            raise ValueError(f"--finetune_mode frozen leaves nothing to train in a {objective.name} model")
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(_is_new_module(name, objective))
+        return model
+    if args.finetune_mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        new_modules = sorted({p.rstrip(".") for p in objective.new_module_prefixes if hasattr(model, p.rstrip("."))})
+        new_modules = [m for m in new_modules if getattr(model, m) is not None]
+        config = LoraConfig(
+            r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            target_modules=args.lora_target_modules,
+            exclude_modules=[rf"{m}\..*" for m in new_modules] or None,
+            modules_to_save=["visual_projection", "text_projection", *new_modules],
+        )
+        peft_model = get_peft_model(model, config)
+        for name in objective.logit_scale_names:  # logit scales are parameters, not modules: train them directly
+            getattr(peft_model.base_model.model, name).requires_grad_(True)
+        return peft_model
+    raise ValueError(f"--finetune_mode must be full, frozen or lora, got {args.finetune_mode!r}")
+
+
+def base_model(model):
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    return model.base_model.model if hasattr(model, "peft_config") else model
+
+
+def build_optimizer(model, args: TrainingArguments, objective, fine_tuning: bool) -> torch.optim.AdamW:
+    """AdamW: no weight decay on 1-D parameters (biases, norms, embeddings' vectors) and logit scales; towers
+    at `backbone_learning_rate` when fine-tuning from CLIP."""
+    backbone_lr = args.backbone_learning_rate if args.backbone_learning_rate is not None else args.learning_rate / 10
+    groups = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        plain = name.replace("base_model.model.", "")
+        no_decay = parameter.ndim < 2 or plain.split(".")[-1] in objective.logit_scale_names or "norm" in plain
+        is_tower = plain.startswith(TOWER_PREFIXES) and "lora_" not in plain and "modules_to_save" not in plain
+        lr = backbone_lr if (fine_tuning and is_tower) else args.learning_rate
+        key = (lr, 0.0 if no_decay else args.weight_decay)
+        groups.setdefault(key, []).append(parameter)
+    if not groups:
+        raise ValueError("no trainable parameters")
+    return torch.optim.AdamW(
+        [{"params": params, "lr": lr, "weight_decay": wd} for (lr, wd), params in groups.items()],
+        betas=(args.adam_beta1, args.adam_beta2),
+    )
+
+
+def clamp_logit_scales(model, objective) -> None:
+    """Keep every logit scale in [0, ln 100] (open_clip)."""
+    with torch.no_grad():
+        for name in objective.logit_scale_names:
+            getattr(base_model(model), name).clamp_(0, math.log(100))
+
+
+def _latest_checkpoint(output_dir: Path) -> Path | None:
+    folders = sorted(
+        (p for p in (output_dir / "checkpoints").glob("checkpoint_*") if p.name.split("_")[-1].isdigit()),
+        key=lambda p: int(p.name.split("_")[-1]),
+    )
+    return folders[-1] if folders else None
+
+
+def _check_resume_config(checkpoint: Path, config: dict) -> None:
+    saved_file = checkpoint / CONFIG_FILE
+    if not saved_file.is_file():
+        raise ValueError(f"{checkpoint} is not a checkpoint of this trainer (no {CONFIG_FILE})")
+    saved = json.loads(saved_file.read_text())
+    ignored = {"transformers_version", "_name_or_path", "architectures", "auto_map", "dtype", "torch_dtype"}
+    differences = sorted(k for k in set(saved) | set(config) if k not in ignored and saved.get(k) != config.get(k))
+    if differences:
+        raise ValueError(
+            f"cannot resume from {checkpoint}: it was saved for a different model config (differs in {differences})"
+        )
+
+
+def train(args: TrainingArguments, family: str) -> dict:
+    """Train a `family` model (`clip`, `occlip`, `cloc`) as `args` says; returns the final metrics."""
+    objective = OBJECTIVES[family]
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir),
+            automatic_checkpoint_naming=True,
+            total_limit=args.checkpoints_total_limit,
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    set_seed(args.seed)
+    model, processor = build_model_and_processor(args, family)
+    if args.gradient_checkpointing:
+        model.activation_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = apply_finetune_mode(model, args, objective)
+    model_config = json.loads(base_model(model).config.to_json_string(use_diff=False))
+
+    dataset = load_image_text_dataset(args.train_data)
+    collator = TrainingCollator(processor, family, args.on_bad_sample, args.max_regions)
+    generator = torch.Generator().manual_seed(args.seed)
+    loader = torch.utils.data.DataLoader(
+        IndexedRows(dataset),
+        batch_size=args.per_device_train_batch_size,
+        shuffle=True,
+        drop_last=True,  # the gathered losses assume equal batches on every process
+        collate_fn=collator,
+        num_workers=args.dataloader_num_workers,
+        generator=generator,
+    )
+    batches_per_epoch = len(loader) // accelerator.num_processes
+    steps_per_epoch = batches_per_epoch // args.gradient_accumulation_steps
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{len(dataset)} rows give no full step of {args.per_device_train_batch_size} x "
+            f"{args.gradient_accumulation_steps} x {accelerator.num_processes} rows"
+        )
+    max_steps = args.max_steps or steps_per_epoch * args.num_train_epochs
+    optimizer = build_optimizer(model, args, objective, fine_tuning=args.init_from is not None)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, max_steps)
+    module = ContrastiveTrainingModule(model, objective)
+    module, optimizer, loader = accelerator.prepare(module, optimizer, loader)
+    progress = TrainingProgress()
+    # The scheduler stays out of `prepare` (which would step it once per process) but is saved with the state.
+    accelerator.register_for_checkpointing(scheduler, progress)
+    gatherer = FeatureGatherer()
+
+    if args.resume_from_checkpoint:
+        checkpoint = (
+            _latest_checkpoint(output_dir)
+            if args.resume_from_checkpoint == "latest"
+            else Path(args.resume_from_checkpoint)
+        )
+        if checkpoint is None or not checkpoint.is_dir():
+            raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no checkpoint found")
+        _check_resume_config(checkpoint, model_config)
+        accelerator.load_state(str(checkpoint))
+        # load_state does not restore the automatic naming counter: without this the next save would collide.
+        accelerator.project_configuration.iteration = int(checkpoint.name.split("_")[-1]) + 1
+        collator.skipped = progress.skipped
+    if accelerator.is_main_process:
+        accelerator.init_trackers("training", config={k: v for k, v in asdict(args).items() if v is not None})
+
+    bar = tqdm(
+        total=max_steps,
+        initial=progress.step,
+        disable=args.disable_tqdm or not accelerator.is_local_main_process,
+        desc=f"train {family}",
+    )
+    metrics, started, samples = {}, time.perf_counter(), 0
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    while progress.step < max_steps:
+        loader.set_epoch(progress.epoch)
+        epoch_loader = accelerator.skip_first_batches(loader, progress.batches_in_epoch)
+        iterator = iter(epoch_loader)
+        while progress.step < max_steps and progress.batches_in_epoch + args.gradient_accumulation_steps <= (
+            batches_per_epoch
+        ):
+            micro = [next(iterator) for _ in range(args.gradient_accumulation_steps)]
+            progress.batches_in_epoch += len(micro)
+            module.train()
+            loss, parts = forward_backward(
+                module, micro, gatherer, args.local_loss, accelerator.backward, accelerator.no_sync
+            )
+            if args.max_grad_norm:
+                accelerator.clip_grad_norm_(module.parameters(), args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            clamp_logit_scales(accelerator.unwrap_model(module).model, objective)
+            progress.step += 1
+            progress.skipped = collator.skipped
+            samples += per_step
+            if progress.step % args.logging_steps == 0 or progress.step == max_steps:
+                reduced = accelerator.reduce(torch.stack([loss, *parts.values()]), reduction="mean").tolist()
+                metrics = dict(zip(["loss", *parts], reduced))
+                metrics["lr"] = scheduler.get_last_lr()[0]
+                metrics["samples_per_second"] = samples / (time.perf_counter() - started)
+                accelerator.log(metrics, step=progress.step)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+            bar.update(1)
+            if args.checkpointing_steps and progress.step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, model_config)
+        if progress.batches_in_epoch + args.gradient_accumulation_steps > batches_per_epoch:
+            progress.epoch += 1
+            progress.batches_in_epoch = 0
+    bar.close()
+    metrics["skipped_rows"] = collator.skipped
+    if collator.skipped and accelerator.is_main_process:
+        print(f"skipped {collator.skipped} bad rows (--on_bad_sample skip)")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_final(accelerator.unwrap_model(module).model, processor, output_dir, args, family, metrics)
+        if args.push_to_hub:
+            push_to_hub(output_dir, args.hub_model_id or output_dir.name)
+    accelerator.end_training()
+    return metrics
+
+
+def save_checkpoint(accelerator: Accelerator, model_config: dict) -> Path:
+    """`accelerator.save_state()` under `OUT/checkpoints/checkpoint_N` plus the model config (checked on resume)."""
+    folder = Path(accelerator.save_state())
+    if accelerator.is_main_process:
+        (folder / CONFIG_FILE).write_text(json.dumps(model_config, indent=2, sort_keys=True, default=str))
+    accelerator.wait_for_everyone()
+    return folder
+
+
+def save_final(model, processor, output_dir: Path, args: TrainingArguments, family: str, metrics: dict) -> None:
+    """Model (LoRA merged; the adapter also under `adapter/`), processor and model card at `output_dir`."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(output_dir / "adapter")
+        model = model.merge_and_unload()
+    model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+    write_model_card(output_dir, model, family, args, metrics)
+
+
+def push_to_hub(folder: Path, repo_id: str) -> str:
+    """Upload the final folder (not the resumable checkpoints) with `huggingface_hub`; returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, exist_ok=True)
+    commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), ignore_patterns=["checkpoints/*"])
+    return str(commit)
