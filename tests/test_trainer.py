@@ -57,8 +57,8 @@ def test_resume_continues_bit_for_bit(data, tmp_path):
     run("occlip", data, tmp_path / "straight", *common, config=config)
     run("occlip", data, tmp_path / "interrupted", *common, "--checkpointing_steps", "2", config=config)
     checkpoints = tmp_path / "interrupted" / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint_0", "checkpoint_1"]
-    shutil.rmtree(checkpoints / "checkpoint_1")  # as if killed between steps 2 and 4
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint_2", "checkpoint_4"]
+    shutil.rmtree(checkpoints / "checkpoint_4")  # as if killed between steps 2 and 4
     (tmp_path / "interrupted" / "model.safetensors").unlink()
     resume = ["--checkpointing_steps", "2", "--resume_from_checkpoint", "latest"]
     run("occlip", data, tmp_path / "interrupted", *common, *resume, config=config)
@@ -67,7 +67,7 @@ def test_resume_continues_bit_for_bit(data, tmp_path):
     assert straight.keys() == resumed.keys()
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name
-    assert (checkpoints / "checkpoint_1").is_dir()  # the resumed run saved its next checkpoint under a new name
+    assert (checkpoints / "checkpoint_4").is_dir()  # the resumed run saved its next checkpoint
 
 
 def test_resume_with_a_different_model_config_is_a_clear_error(data, tmp_path):
@@ -237,3 +237,28 @@ def test_empty_dataset_and_missing_caption_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="exactly one of --model_config"):
         run("clip", write_dataset(tmp_path / "ok", rows=4), tmp_path / "out", "--max_steps", "1")
     assert trainer_module.TrainingArguments.__dataclass_fields__["output_dir"].metadata["help"]
+
+
+def test_two_process_run_with_accumulation_resumes_and_loads(tmp_path):
+    """`torchrun --nproc_per_node 2` (gloo, CPU): CLOC with local loss and cached-feature accumulation trains,
+    checkpoints, resumes in the same output folder, and the result loads."""
+    import os
+    import subprocess
+    import sys
+
+    data = write_dataset(tmp_path / "data", rows=16)
+    config = write_model_config(tmp_path / "config.json", "cloc")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "examples/train_cloc.py"]
+    command += ["--train_data", str(data), "--model_config", str(config), "--output_dir", str(out)]
+    command += ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", "--local_loss", "true"]
+    command += ["--checkpointing_steps", "2", "--disable_tqdm", "true"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for steps, extra in (("2", []), ("4", ["--resume_from_checkpoint", "latest"])):
+        result = subprocess.run(
+            [*command, "--max_steps", steps, *extra], cwd=root, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint_2", "checkpoint_4"]
+    assert type(AutoModel.from_pretrained(out)).__name__ == "CLOCModel"

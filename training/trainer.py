@@ -9,6 +9,7 @@ logit scales, a cosine schedule with warmup, logit-scale clamping, gradient clip
 
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -205,12 +206,15 @@ def clamp_logit_scales(model, objective) -> None:
             getattr(base_model(model), name).clamp_(0, math.log(100))
 
 
+def _checkpoints(output_dir: Path) -> list[Path]:
+    """Checkpoint folders under `OUT/checkpoints`, oldest first."""
+    found = [p for p in (output_dir / "checkpoints").glob("checkpoint_*") if p.name.split("_")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("_")[-1]))
+
+
 def _latest_checkpoint(output_dir: Path) -> Path | None:
-    folders = sorted(
-        (p for p in (output_dir / "checkpoints").glob("checkpoint_*") if p.name.split("_")[-1].isdigit()),
-        key=lambda p: int(p.name.split("_")[-1]),
-    )
-    return folders[-1] if folders else None
+    found = _checkpoints(output_dir)
+    return found[-1] if found else None
 
 
 def _check_resume_config(checkpoint: Path, config: dict) -> None:
@@ -233,11 +237,7 @@ def train(args: TrainingArguments, family: str) -> dict:
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         log_with=args.report_to,
-        project_config=ProjectConfiguration(
-            project_dir=str(output_dir),
-            automatic_checkpoint_naming=True,
-            total_limit=args.checkpoints_total_limit,
-        ),
+        project_config=ProjectConfiguration(project_dir=str(output_dir)),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
@@ -287,8 +287,6 @@ def train(args: TrainingArguments, family: str) -> dict:
             raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no checkpoint found")
         _check_resume_config(checkpoint, model_config)
         accelerator.load_state(str(checkpoint))
-        # load_state does not restore the automatic naming counter: without this the next save would collide.
-        accelerator.project_configuration.iteration = int(checkpoint.name.split("_")[-1]) + 1
         collator.skipped = progress.skipped
     if accelerator.is_main_process:
         accelerator.init_trackers("training", config={k: v for k, v in asdict(args).items() if v is not None})
@@ -332,7 +330,7 @@ def train(args: TrainingArguments, family: str) -> dict:
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
             bar.update(1)
             if args.checkpointing_steps and progress.step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, model_config)
+                save_checkpoint(accelerator, output_dir, progress.step, model_config, args.checkpoints_total_limit)
         if progress.batches_in_epoch + args.gradient_accumulation_steps > batches_per_epoch:
             progress.epoch += 1
             progress.batches_in_epoch = 0
@@ -349,11 +347,22 @@ def train(args: TrainingArguments, family: str) -> dict:
     return metrics
 
 
-def save_checkpoint(accelerator: Accelerator, model_config: dict) -> Path:
-    """`accelerator.save_state()` under `OUT/checkpoints/checkpoint_N` plus the model config (checked on resume)."""
-    folder = Path(accelerator.save_state())
+def save_checkpoint(
+    accelerator: Accelerator, output_dir: Path, step: int, model_config: dict, total_limit: int | None = None
+) -> Path:
+    """`accelerator.save_state` into `OUT/checkpoints/checkpoint_<step>` with the model config (checked on
+    resume); keeps the newest `total_limit` checkpoints.
+
+    Named by step rather than by accelerate's automatic counter, whose existence check before its barrier races
+    between processes.
+    """
+    folder = output_dir / "checkpoints" / f"checkpoint_{step}"
+    accelerator.save_state(str(folder))
     if accelerator.is_main_process:
-        (folder / CONFIG_FILE).write_text(json.dumps(model_config, indent=2, sort_keys=True, default=str))
+        (folder / CONFIG_FILE).write_text(json.dumps(model_config, indent=2, sort_keys=True))
+        if total_limit:
+            for old in _checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return folder
 
