@@ -234,6 +234,8 @@ def test_empty_dataset_and_missing_caption_are_clear_errors(tmp_path):
     (data / "metadata.jsonl").write_text("".join(json.dumps({"file_name": r["file_name"]}) + "\n" for r in rows))
     with pytest.raises(ValueError, match="no 'caption' column"):
         run("clip", data, tmp_path / "out", "--max_steps", "1", config=config)
+    with pytest.raises(ValueError, match="fp16 does not combine with --gradient_accumulation_steps"):
+        run("clip", data, tmp_path / "out", "--mixed_precision", "fp16", "--gradient_accumulation_steps", "2")
     with pytest.raises(ValueError, match="exactly one of --model_config"):
         run("clip", write_dataset(tmp_path / "ok", rows=4), tmp_path / "out", "--max_steps", "1")
     assert trainer_module.TrainingArguments.__dataclass_fields__["output_dir"].metadata["help"]
@@ -243,13 +245,18 @@ def test_two_process_run_with_accumulation_resumes_and_loads(tmp_path):
     """`torchrun --nproc_per_node 2` (gloo, CPU): CLOC with local loss and cached-feature accumulation trains,
     checkpoints, resumes in the same output folder, and the result loads."""
     import os
+    import socket
     import subprocess
     import sys
 
     data = write_dataset(tmp_path / "data", rows=16)
     config = write_model_config(tmp_path / "config.json", "cloc")
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "examples/train_cloc.py"]
+    with socket.socket() as probe:  # a free port: the default one may be held by another run
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+    command += ["examples/train_cloc.py"]
     command += ["--train_data", str(data), "--model_config", str(config), "--output_dir", str(out)]
     command += ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", "--local_loss", "true"]
     command += ["--checkpointing_steps", "2", "--disable_tqdm", "true"]
@@ -262,3 +269,18 @@ def test_two_process_run_with_accumulation_resumes_and_loads(tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint_2", "checkpoint_4"]
     assert type(AutoModel.from_pretrained(out)).__name__ == "CLOCModel"
+
+
+def test_streaming_run_trains_and_resumes_exactly(data, tmp_path):
+    config = write_model_config(tmp_path / "config.json", "clip")
+    common = ["--streaming", "true", "--shuffle_buffer_size", "4", "--max_steps", "4"]
+    common += ["--per_device_train_batch_size", "2", "--checkpointing_steps", "2"]
+    run("clip", data, tmp_path / "straight", *common, config=config)
+    run("clip", data, tmp_path / "resumed", *common, config=config)
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "checkpoint_4")
+    run("clip", data, tmp_path / "resumed", *common, "--resume_from_checkpoint", "latest", config=config)
+    straight = load_file(tmp_path / "straight" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    with pytest.raises(ValueError, match="--streaming needs --max_steps"):
+        run("clip", data, tmp_path / "x", "--streaming", "true", config=config)

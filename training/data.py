@@ -68,11 +68,11 @@ def load_image_text_dataset(path: str, split: str = "train", streaming: bool = F
         raise ValueError(
             f"--train_data {path}: expected a folder with metadata.jsonl, Parquet files or WebDataset .tar shards"
         )
-    if not streaming:
-        if len(dataset) == 0:
-            raise ValueError(f"--train_data {path}: the dataset has no rows")
-        if "caption" not in dataset.column_names:
-            raise ValueError(f"--train_data {path}: no 'caption' column (columns: {dataset.column_names})")
+    if not streaming and len(dataset) == 0:
+        raise ValueError(f"--train_data {path}: the dataset has no rows")
+    columns = dataset.column_names or (list(dataset.features) if dataset.features else None)
+    if columns is not None and "caption" not in columns:
+        raise ValueError(f"--train_data {path}: no 'caption' column (columns: {columns})")
     return dataset
 
 
@@ -99,6 +99,17 @@ class IndexedRows(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return {**self.dataset[index], "__index__": index}
+
+
+class IndexedStream(torch.utils.data.IterableDataset):
+    """A streamed dataset whose rows carry their position in this process's stream (`__index__`)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __iter__(self):
+        for index, row in enumerate(self.dataset):
+            yield {**row, "__index__": index}
 
 
 class BadSample(ValueError):

@@ -7,6 +7,7 @@ logit scales, a cosine schedule with warmup, logit-scale clamping, gradient clip
 `OUT/checkpoints/`, and a final `save_pretrained` of model + processor + model card at `OUT/`.
 """
 
+import itertools
 import json
 import math
 import shutil
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.utils import ProjectConfiguration, set_seed
+from datasets.distributed import split_dataset_by_node
 from tqdm.auto import tqdm
 from transformers import CLIPImageProcessorPil, CLIPModel, CLIPProcessor, get_cosine_schedule_with_warmup
 
@@ -25,7 +27,7 @@ from modeling_occlip import OCCLIPConfig, OCCLIPModel
 from processing import CLOCProcessor, OCCLIPProcessor
 from processing.clip_tokenizer import bundled_clip_tokenizer
 
-from .data import IndexedRows, TrainingCollator, load_image_text_dataset
+from .data import IndexedRows, IndexedStream, TrainingCollator, load_image_text_dataset
 from .distributed import FeatureGatherer
 from .model_card import write_model_card
 from .objectives import OBJECTIVES
@@ -76,6 +78,8 @@ class TrainingArguments:
     lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     max_regions: int | None = field(default=None, metadata={"help": "CLOC: regions kept per image"})
     dataloader_num_workers: int = 0
+    streaming: bool = field(default=False, metadata={"help": "stream the dataset (large sets); needs --max_steps"})
+    shuffle_buffer_size: int = 1000
     push_to_hub: bool = False
     hub_model_id: str | None = None
     gradient_checkpointing: bool = False
@@ -234,6 +238,9 @@ def train(args: TrainingArguments, family: str) -> dict:
     """Train a `family` model (`clip`, `occlip`, `cloc`) as `args` says; returns the final metrics."""
     objective = OBJECTIVES[family]
     output_dir = Path(args.output_dir)
+    if args.mixed_precision == "fp16" and args.gradient_accumulation_steps > 1:
+        # Cached-feature accumulation backpropagates feature gradients outside the fp16 loss scaler.
+        raise ValueError("--mixed_precision fp16 does not combine with --gradient_accumulation_steps > 1; use bf16")
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         log_with=args.report_to,
@@ -248,30 +255,43 @@ def train(args: TrainingArguments, family: str) -> dict:
     model = apply_finetune_mode(model, args, objective)
     model_config = json.loads(base_model(model).config.to_json_string(use_diff=False))
 
-    dataset = load_image_text_dataset(args.train_data)
+    dataset = load_image_text_dataset(args.train_data, streaming=args.streaming)
     collator = TrainingCollator(processor, family, args.on_bad_sample, args.max_regions)
-    generator = torch.Generator().manual_seed(args.seed)
+    if args.streaming:
+        if not args.max_steps:
+            raise ValueError("--streaming needs --max_steps (a streamed dataset has no length)")
+        if accelerator.num_processes > 1:
+            dataset = split_dataset_by_node(dataset, accelerator.process_index, accelerator.num_processes)
+        dataset = dataset.shuffle(seed=args.seed, buffer_size=args.shuffle_buffer_size)
+        rows = IndexedStream(dataset)
+    else:
+        rows = IndexedRows(dataset)
     loader = torch.utils.data.DataLoader(
-        IndexedRows(dataset),
+        rows,
         batch_size=args.per_device_train_batch_size,
-        shuffle=True,
+        shuffle=not args.streaming,
         drop_last=True,  # the gathered losses assume equal batches on every process
         collate_fn=collator,
         num_workers=args.dataloader_num_workers,
-        generator=generator,
+        generator=None if args.streaming else torch.Generator().manual_seed(args.seed),
     )
-    batches_per_epoch = len(loader) // accelerator.num_processes
-    steps_per_epoch = batches_per_epoch // args.gradient_accumulation_steps
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"{len(dataset)} rows give no full step of {args.per_device_train_batch_size} x "
-            f"{args.gradient_accumulation_steps} x {accelerator.num_processes} rows"
-        )
-    max_steps = args.max_steps or steps_per_epoch * args.num_train_epochs
+    if args.streaming:
+        max_steps = args.max_steps
+    else:
+        steps_per_epoch = len(loader) // accelerator.num_processes // args.gradient_accumulation_steps
+        if steps_per_epoch == 0:
+            raise ValueError(
+                f"{len(dataset)} rows give no full step of {args.per_device_train_batch_size} x "
+                f"{args.gradient_accumulation_steps} x {accelerator.num_processes} rows"
+            )
+        max_steps = args.max_steps or steps_per_epoch * args.num_train_epochs
     optimizer = build_optimizer(model, args, objective, fine_tuning=args.init_from is not None)
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, max_steps)
     module = ContrastiveTrainingModule(model, objective)
-    module, optimizer, loader = accelerator.prepare(module, optimizer, loader)
+    if args.streaming:  # each process reads its own split of the stream; batches are moved to the device here
+        module, optimizer = accelerator.prepare(module, optimizer)
+    else:
+        module, optimizer, loader = accelerator.prepare(module, optimizer, loader)
     progress = TrainingProgress()
     # The scheduler stays out of `prepare` (which would step it once per process) but is saved with the state.
     accelerator.register_for_checkpointing(scheduler, progress)
@@ -300,13 +320,15 @@ def train(args: TrainingArguments, family: str) -> dict:
     metrics, started, samples = {}, time.perf_counter(), 0
     per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     while progress.step < max_steps:
-        loader.set_epoch(progress.epoch)
-        epoch_loader = accelerator.skip_first_batches(loader, progress.batches_in_epoch)
-        iterator = iter(epoch_loader)
-        while progress.step < max_steps and progress.batches_in_epoch + args.gradient_accumulation_steps <= (
-            batches_per_epoch
-        ):
-            micro = [next(iterator) for _ in range(args.gradient_accumulation_steps)]
+        batches = _epoch_batches(accelerator, loader, dataset, args.streaming, progress)
+        steps_this_epoch = 0
+        while progress.step < max_steps:
+            micro = _next_micro_batches(accelerator, batches, args.gradient_accumulation_steps)
+            if micro is None:  # this epoch has no full step left on some process
+                if steps_this_epoch == 0 and progress.batches_in_epoch == 0:
+                    raise ValueError("the dataset gives no full step on every process: lower the batch size")
+                break
+            steps_this_epoch += 1
             progress.batches_in_epoch += len(micro)
             module.train()
             loss, parts = forward_backward(
@@ -327,13 +349,18 @@ def train(args: TrainingArguments, family: str) -> dict:
                 metrics["lr"] = scheduler.get_last_lr()[0]
                 metrics["samples_per_second"] = samples / (time.perf_counter() - started)
                 accelerator.log(metrics, step=progress.step)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+                bar.set_postfix(
+                    loss=f"{metrics['loss']:.4f}",
+                    lr=f"{metrics['lr']:.2e}",
+                    sps=f"{metrics['samples_per_second']:.1f}",
+                )
             bar.update(1)
             if args.checkpointing_steps and progress.step % args.checkpointing_steps == 0:
                 save_checkpoint(accelerator, output_dir, progress.step, model_config, args.checkpoints_total_limit)
-        if progress.batches_in_epoch + args.gradient_accumulation_steps > batches_per_epoch:
-            progress.epoch += 1
-            progress.batches_in_epoch = 0
+        else:
+            break
+        progress.epoch += 1
+        progress.batches_in_epoch = 0
     bar.close()
     metrics["skipped_rows"] = collator.skipped
     if collator.skipped and accelerator.is_main_process:
@@ -345,6 +372,25 @@ def train(args: TrainingArguments, family: str) -> dict:
             push_to_hub(output_dir, args.hub_model_id or output_dir.name)
     accelerator.end_training()
     return metrics
+
+
+def _epoch_batches(accelerator: Accelerator, loader, dataset, streaming: bool, progress: TrainingProgress):
+    """Batches of the current epoch after the ones already trained on (resume)."""
+    if streaming:
+        dataset.set_epoch(progress.epoch)
+        batches = itertools.islice(iter(loader), progress.batches_in_epoch, None)
+        return ({k: v.to(accelerator.device) for k, v in batch.items()} for batch in batches)
+    loader.set_epoch(progress.epoch)
+    return iter(accelerator.skip_first_batches(loader, progress.batches_in_epoch))
+
+
+def _next_micro_batches(accelerator: Accelerator, batches, count: int) -> list | None:
+    """The next `count` batches, or None when any process has run out (all processes agree)."""
+    micro = list(itertools.islice(batches, count))
+    complete = torch.tensor(float(len(micro) == count), device=accelerator.device)
+    if accelerator.num_processes > 1:
+        torch.distributed.all_reduce(complete, op=torch.distributed.ReduceOp.MIN)
+    return micro if complete.item() == 1 else None
 
 
 def save_checkpoint(
