@@ -590,7 +590,12 @@ class CLOCModel(CLOCPreTrainedModel):
             return loss_clip, loss_clip, None, None
         world = 1 if gatherer is None else gatherer.world_size
         counts = torch.stack(
-            [box_mask.sum(), box_mask.any(-1).sum(), grounding_mask.sum(), torch.tensor(box_mask.shape[0])]
+            [
+                box_mask.sum(),
+                box_mask.any(-1).sum(),
+                grounding_mask.sum(),
+                torch.tensor(box_mask.shape[0], device=box_mask.device),
+            ]
         ).to(image_embeds.dtype)
         counts = counts if gatherer is None else gatherer.all_reduce_sum(counts)
         if counts[0] == 0:

@@ -19,6 +19,7 @@ from tests.factories import clip_vocab_text_config, random_pixels, tiny_vision_c
 from tests.isolated_python import run_isolated
 from tests.training_fixtures import write_dataset, write_model_config
 from training import trainer as trainer_module
+from training.data import TrainingCollator, load_image_text_dataset
 
 MAINS = {"clip": train_clip.main, "occlip": train_occlip.main, "cloc": train_cloc.main}
 
@@ -163,6 +164,7 @@ def test_frozen_towers_stay_unchanged(data, clip_folder, tmp_path):
         k for k in start if k.startswith(("text_model.", "vision_model.", "visual_projection", "text_projection"))
     ]
     assert len(towers) > 30 and all(torch.equal(start[k], end[k]) for k in towers)
+    assert not torch.equal(start["logit_scale"], end["logit_scale"])  # the temperature trains with the new modules
     assert any(not torch.equal(start[k], end[k]) for k in start if k.startswith("binding."))
 
 
@@ -219,6 +221,15 @@ def test_bad_rows_are_skipped_and_counted_or_named(tmp_path):
     skip = ["--max_steps", "2", "--per_device_train_batch_size", "5", "--on_bad_sample", "skip"]
     metrics = run("clip", data, tmp_path / "out", *skip, config=config)
     assert metrics["skipped_rows"] == 2  # two batches of 5 see all 10 rows once
+    rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
+    rows[0]["scene_graph"] = {"objects": [{"name": "square", "attributes": []}], "relations": [{"subject": 0}]}
+    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    occlip_config = write_model_config(tmp_path / "occlip.json", "occlip")
+    metrics = run("occlip", data, tmp_path / "out3", *skip, config=occlip_config)
+    assert metrics["skipped_rows"] == 3  # the two unreadable images and the malformed cached scene graph
+    collator = TrainingCollator(AutoProcessor.from_pretrained(tmp_path / "out3"), "occlip")
+    with pytest.raises(ValueError, match=r"row 0 \(000\.png\): malformed scene_graph \(.*relation"):
+        collator([{**load_image_text_dataset(str(data))[0], "__index__": 0}])
     with pytest.raises(ValueError, match=r"row \d+ \(bad\d\.png\): unreadable image"):
         run("clip", data, tmp_path / "out2", "--max_steps", "2", config=config)
 

@@ -17,6 +17,9 @@ from datasets import Features, Image, List, Value
 from PIL import Image as PILImage
 
 from processing.dataset_parsing import SCENE_GRAPH_FEATURE
+from processing.scene_graph import SceneGraph
+
+SKIPPED_KEY = "skipped_rows"  # per-batch count of rows dropped by on_bad_sample="skip"
 
 REGION_FEATURE = List({"bbox": List(Value("float32"), length=4), "text": Value("string"), "score": Value("float32")})
 NEGATIVES_FEATURE = {
@@ -156,7 +159,8 @@ def check_regions(regions, where: str) -> tuple[list[list[float]], list[str]]:
 class TrainingCollator:
     """Rows -> model inputs through the family's processor (`clip`, `occlip` or `cloc`).
 
-    `on_bad_sample="skip"` drops bad rows (counted in `skipped`); `"error"` raises `BadSample` naming the row.
+    `on_bad_sample="skip"` drops bad rows and counts them in the batch (`SKIPPED_KEY`, which the trainer pops);
+    `"error"` raises `BadSample` naming the row.
     OC-CLIP uses a row's cached `scene_graph` when present and parses the caption otherwise.
     """
 
@@ -165,7 +169,6 @@ class TrainingCollator:
             raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
         self.processor, self.family, self.on_bad_sample = processor, family, on_bad_sample
         self.max_regions = max_regions
-        self.skipped = 0
 
     def _prepare(self, row: dict, where: str) -> dict:
         caption = row.get("caption")
@@ -174,6 +177,11 @@ class TrainingCollator:
         prepared = {"image": open_image(row, where), "caption": caption}
         if self.family == "occlip":
             graph = row.get("scene_graph")
+            if graph and graph.get("objects"):
+                try:
+                    SceneGraph.from_dict(graph)
+                except ValueError as error:
+                    raise BadSample(f"{where}: malformed scene_graph ({error})") from None
             prepared["scene_graph"] = graph if graph and graph.get("objects") else None
         if self.family == "cloc":
             boxes, texts = check_regions(row.get("regions"), where)
@@ -183,8 +191,8 @@ class TrainingCollator:
         return prepared
 
     def __call__(self, rows: list[dict]) -> dict:
-        """A batch dict of tensors for the model's forward."""
-        prepared = []
+        """A batch dict of tensors for the model's forward (plus the count of skipped rows)."""
+        prepared, skipped = [], 0
         for index, row in enumerate(rows):
             where = f"row {row.get('__index__', index)}"
             image = row.get("image")
@@ -195,7 +203,7 @@ class TrainingCollator:
             except BadSample:
                 if self.on_bad_sample == "error":
                     raise
-                self.skipped += 1
+                skipped += 1
         if not prepared:
             raise BadSample("every row of a batch was bad; nothing to train on")
         images = [p["image"] for p in prepared]
@@ -217,4 +225,4 @@ class TrainingCollator:
                 region_captions=[p["texts"] for p in prepared],
             )
             out.pop("original_sizes", None)
-        return dict(out)
+        return {**out, SKIPPED_KEY: torch.tensor(skipped)}

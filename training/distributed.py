@@ -66,13 +66,13 @@ class FeatureGatherer:
         self.rank = dist.get_rank() if self.world_size > 1 else 0
         self.group = _feature_group() if self.world_size > 1 else None
 
-    def _all_max(self, sizes: list[int]) -> list[int]:
-        sizes = torch.tensor(sizes, dtype=torch.long)
+    def _all_max(self, sizes: list[int], device) -> list[int]:
+        sizes = torch.tensor(sizes, dtype=torch.long, device=device)  # NCCL reduces device tensors only
         dist.all_reduce(sizes, op=dist.ReduceOp.MAX, group=self.group)
         return sizes.tolist()
 
     def _pad_to_global(self, tensor: torch.Tensor, pad_value) -> torch.Tensor:
-        target = self._all_max(list(tensor.shape))
+        target = self._all_max(list(tensor.shape), tensor.device)
         if target == list(tensor.shape):
             return tensor
         padding = []

@@ -58,12 +58,14 @@ def forward_backward(
     local_loss: bool = False,
     backward=None,
     no_sync=None,
+    autocast=None,
 ) -> tuple[torch.Tensor, dict]:
     """Run forward and backward for one optimisation step; returns the (detached) loss and its parts.
 
     `module` is a `ContrastiveTrainingModule`, possibly wrapped (DDP). `backward(loss)` defaults to
     `loss.backward()` (pass `accelerator.backward` for mixed precision); `no_sync(module)` is a context manager
-    that skips gradient synchronisation (`accelerator.no_sync`) for all but the last backward.
+    that skips gradient synchronisation (`accelerator.no_sync`) for all but the last backward; `autocast()`
+    (`accelerator.autocast`) puts the no-grad caching pass under the same mixed precision as the module's forward.
     """
     backward = backward or (lambda loss: loss.backward())
     no_sync = no_sync or (lambda _: contextlib.nullcontext())
@@ -74,7 +76,7 @@ def forward_backward(
 
     inner = getattr(module, "module", module)
     cache, states = [], []
-    with torch.no_grad():
+    with torch.no_grad(), (autocast or contextlib.nullcontext)():
         for batch in micro_batches:
             states.append(_rng_state())
             outputs = inner.model(**batch, **inner.objective.forward_kwargs())

@@ -27,7 +27,7 @@ from modeling_occlip import OCCLIPConfig, OCCLIPModel
 from processing import CLOCProcessor, OCCLIPProcessor
 from processing.clip_tokenizer import bundled_clip_tokenizer
 
-from .data import IndexedRows, IndexedStream, TrainingCollator, load_image_text_dataset
+from .data import SKIPPED_KEY, IndexedRows, IndexedStream, TrainingCollator, load_image_text_dataset
 from .distributed import FeatureGatherer
 from .model_card import write_model_card
 from .objectives import OBJECTIVES
@@ -154,7 +154,7 @@ def apply_finetune_mode(model, args: TrainingArguments, objective):
         if not any(_is_new_module(n, objective) for n, _ in model.named_parameters()):
             raise ValueError(f"--finetune_mode frozen leaves nothing to train in a {objective.name} model")
         for name, parameter in model.named_parameters():
-            parameter.requires_grad_(_is_new_module(name, objective))
+            parameter.requires_grad_(_is_new_module(name, objective) or name in objective.logit_scale_names)
         return model
     if args.finetune_mode == "lora":
         from peft import LoraConfig, get_peft_model
@@ -166,7 +166,6 @@ def apply_finetune_mode(model, args: TrainingArguments, objective):
             lora_alpha=args.lora_alpha,
             lora_dropout=args.lora_dropout,
             target_modules=args.lora_target_modules,
-            exclude_modules=[rf"{m}\..*" for m in new_modules] or None,
             modules_to_save=["visual_projection", "text_projection", *new_modules],
         )
         peft_model = get_peft_model(model, config)
@@ -204,10 +203,12 @@ def build_optimizer(model, args: TrainingArguments, objective, fine_tuning: bool
 
 
 def clamp_logit_scales(model, objective) -> None:
-    """Keep every logit scale in [0, ln 100] (open_clip)."""
+    """Keep every logit scale in [0, ln max] (open_clip; max = the config's `logit_scale_max`, else 100)."""
+    model = base_model(model)
+    limit = math.log(getattr(model.config, "logit_scale_max", 100.0))
     with torch.no_grad():
         for name in objective.logit_scale_names:
-            getattr(base_model(model), name).clamp_(0, math.log(100))
+            getattr(model, name).clamp_(0, limit)
 
 
 def _checkpoints(output_dir: Path) -> list[Path]:
@@ -234,10 +235,20 @@ def _check_resume_config(checkpoint: Path, config: dict) -> None:
         )
 
 
+def accelerator_processes() -> int:
+    """Number of processes of this launch (from the launcher's environment, before an Accelerator exists)."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def train(args: TrainingArguments, family: str) -> dict:
     """Train a `family` model (`clip`, `occlip`, `cloc`) as `args` says; returns the final metrics."""
     objective = OBJECTIVES[family]
     output_dir = Path(args.output_dir)
+    if family == "occlip" and args.on_bad_sample == "skip" and accelerator_processes() > 1:
+        # OC-CLIP's gathered loss needs equal batches on every process; a skipped row breaks that.
+        raise ValueError("--on_bad_sample skip is not supported for OC-CLIP with several processes; clean the data")
     if args.mixed_precision == "fp16" and args.gradient_accumulation_steps > 1:
         # Cached-feature accumulation backpropagates feature gradients outside the fp16 loss scaler.
         raise ValueError("--mixed_precision fp16 does not combine with --gradient_accumulation_steps > 1; use bf16")
@@ -307,7 +318,6 @@ def train(args: TrainingArguments, family: str) -> dict:
             raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no checkpoint found")
         _check_resume_config(checkpoint, model_config)
         accelerator.load_state(str(checkpoint))
-        collator.skipped = progress.skipped
     if accelerator.is_main_process:
         accelerator.init_trackers("training", config={k: v for k, v in asdict(args).items() if v is not None})
 
@@ -330,9 +340,17 @@ def train(args: TrainingArguments, family: str) -> dict:
                 break
             steps_this_epoch += 1
             progress.batches_in_epoch += len(micro)
+            # Counted per trained batch (not in the collator): workers and read-ahead would miscount.
+            progress.skipped += int(sum(batch.pop(SKIPPED_KEY).sum() for batch in micro))
             module.train()
             loss, parts = forward_backward(
-                module, micro, gatherer, args.local_loss, accelerator.backward, accelerator.no_sync
+                module,
+                micro,
+                gatherer,
+                args.local_loss,
+                accelerator.backward,
+                accelerator.no_sync,
+                accelerator.autocast,
             )
             if args.max_grad_norm:
                 accelerator.clip_grad_norm_(module.parameters(), args.max_grad_norm)
@@ -341,7 +359,6 @@ def train(args: TrainingArguments, family: str) -> dict:
             optimizer.zero_grad(set_to_none=True)
             clamp_logit_scales(accelerator.unwrap_model(module).model, objective)
             progress.step += 1
-            progress.skipped = collator.skipped
             samples += per_step
             if progress.step % args.logging_steps == 0 or progress.step == max_steps:
                 reduced = accelerator.reduce(torch.stack([loss, *parts.values()]), reduction="mean").tolist()
@@ -362,9 +379,10 @@ def train(args: TrainingArguments, family: str) -> dict:
         progress.epoch += 1
         progress.batches_in_epoch = 0
     bar.close()
-    metrics["skipped_rows"] = collator.skipped
-    if collator.skipped and accelerator.is_main_process:
-        print(f"skipped {collator.skipped} bad rows (--on_bad_sample skip)")
+    skipped = torch.tensor(float(progress.skipped), device=accelerator.device)
+    metrics["skipped_rows"] = int(accelerator.reduce(skipped, reduction="sum").item())
+    if metrics["skipped_rows"] and accelerator.is_main_process:
+        print(f"skipped {metrics['skipped_rows']} bad rows (--on_bad_sample skip)")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_final(accelerator.unwrap_model(module).model, processor, output_dir, args, family, metrics)
