@@ -1,0 +1,234 @@
+"""Evaluation for CLIP, OC-CLIP and CLOC through one interface: metrics in torch (no `evaluate.load`, which needs
+the Hub) and an `ImageTextScorer` that turns any of the three models plus its processor into similarity scores.
+"""
+
+import torch
+from torch import nn
+
+# ----------------------------------------------------------------------------------------------- metrics
+
+
+def retrieval_recall(similarity: torch.Tensor, image_of_text: torch.Tensor, ks=(1, 5, 10)) -> dict:
+    """Image<->text retrieval R@k from `similarity` `[I, T]`; caption t belongs to image `image_of_text[t]`.
+
+    Image->text: an image is a hit when any of its captions ranks in the top k; text->image: the caption's image.
+    """
+    num_images, num_texts = similarity.shape
+    metrics = {}
+    text_ranks = similarity.argsort(dim=1, descending=True)  # [I, T]
+    owns = image_of_text[text_ranks] == torch.arange(num_images, device=similarity.device)[:, None]
+    image_ranks = similarity.t().argsort(dim=1, descending=True)  # [T, I]
+    hits = image_ranks == image_of_text[:, None]
+    for k in ks:
+        metrics[f"image_to_text_R@{k}"] = owns[:, : min(k, num_texts)].any(1).float().mean().item()
+        metrics[f"text_to_image_R@{k}"] = hits[:, : min(k, num_images)].any(1).float().mean().item()
+    return metrics
+
+
+def pairwise_accuracy(positive: torch.Tensor, negative: torch.Tensor) -> float:
+    """Fraction of (image, positive, negative) triples where the positive caption scores strictly higher."""
+    return (positive > negative).float().mean().item()
+
+
+def winoground_scores(scores: torch.Tensor) -> dict:
+    """Text / image / group scores from `scores[k, i, j]` = score(image i, caption j) of example k (2 x 2)."""
+    s = scores
+    text = (s[:, 0, 0] > s[:, 0, 1]) & (s[:, 1, 1] > s[:, 1, 0])
+    image = (s[:, 0, 0] > s[:, 1, 0]) & (s[:, 1, 1] > s[:, 0, 1])
+    return {
+        "text_score": text.float().mean().item(),
+        "image_score": image.float().mean().item(),
+        "group_score": (text & image).float().mean().item(),
+    }
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict:
+    """Top-k accuracy of `logits` `[N, C]` against `labels` `[N]`."""
+    ranked = logits.argsort(dim=1, descending=True)
+    return {f"top{k}": (ranked[:, :k] == labels[:, None]).any(1).float().mean().item() for k in ks}
+
+
+def box_iou(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Elementwise IoU of xyxy boxes `[..., 4]`."""
+    lo = torch.maximum(first[..., :2], second[..., :2])
+    hi = torch.minimum(first[..., 2:], second[..., 2:])
+    inter = (hi - lo).clamp(min=0).prod(-1)
+    area = lambda b: (b[..., 2:] - b[..., :2]).clamp(min=0).prod(-1)  # noqa: E731
+    return inter / (area(first) + area(second) - inter).clamp(min=1e-12)
+
+
+def grounding_accuracy(predicted: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> float:
+    """Fraction of predicted boxes with IoU >= `threshold` against their targets."""
+    return (box_iou(predicted, target) >= threshold).float().mean().item()
+
+
+# ----------------------------------------------------------------------------------------------- scoring
+
+
+class ImageTextScorer:
+    """Similarities of images and captions for a CLIP, OC-CLIP or CLOC model with its processor.
+
+    `family` is `"clip"`, `"occlip"` or `"cloc"`. Scores are unscaled similarities (cosine, or OC-CLIP's structured
+    `s(x, G)`), comparable within one model. Region scoring and grounding need CLOC (or `crop=True`, which crops
+    each box and encodes it as an image: the crop-and-encode CLIP baseline).
+    """
+
+    def __init__(self, model, processor, family: str, batch_size: int = 64):
+        if family not in ("clip", "occlip", "cloc"):
+            raise ValueError(f"family must be clip, occlip or cloc, got {family!r}")
+        self.model, self.processor, self.family, self.batch_size = model.eval(), processor, family, batch_size
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's parameters are."""
+        return next(self.model.parameters()).device
+
+    def _pixels(self, images) -> torch.Tensor:
+        return self.processor.image_processor(images, return_tensors="pt")["pixel_values"].to(self.device)
+
+    @torch.no_grad()
+    def encode_images(self, images):
+        """Image features for `score` (normalised embeddings, or OC-CLIP's cached binding features)."""
+        parts = []
+        for start in range(0, len(images), self.batch_size):
+            pixels = self._pixels(images[start : start + self.batch_size])
+            if self.family == "occlip":
+                parts.append(self.model.get_image_features(pixels))
+            else:
+                parts.append(
+                    nn.functional.normalize(self.model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+                )
+        if self.family == "occlip":
+            from modeling_occlip.modeling_occlip import OCCLIPImageFeatures
+
+            return OCCLIPImageFeatures(
+                binding_keys=torch.cat([p.binding_keys for p in parts]),
+                binding_values=torch.cat([p.binding_values for p in parts]),
+                pooler_output=torch.cat([p.pooler_output for p in parts]),
+            )
+        return torch.cat(parts)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: list[str], scene_graphs: list | None = None):
+        """Text features for `score`; OC-CLIP parses captions (or takes `scene_graphs`)."""
+        if self.family == "occlip":
+            if scene_graphs is not None:
+                inputs = self.processor(scene_graphs=scene_graphs)
+            else:
+                inputs = self.processor(text=texts)
+            inputs = {k: v.to(self.device) for k, v in inputs.items()}
+            return self.model.get_text_features(**inputs)
+        tokens = self.processor.tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(self.device)
+        embeds = self.model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+        return nn.functional.normalize(embeds.pooler_output, dim=-1)
+
+    @torch.no_grad()
+    def score(self, image_features, text_features) -> torch.Tensor:
+        """Similarities `[I, T]`."""
+        if self.family == "occlip":
+            return self.model.score(image_features, text_features, scale=False)
+        return image_features @ text_features.t()
+
+    @torch.no_grad()
+    def similarity(self, images, texts: list[str]) -> torch.Tensor:
+        """`score(encode_images(images), encode_texts(texts))`."""
+        return self.score(self.encode_images(images), self.encode_texts(texts))
+
+    @torch.no_grad()
+    def pair_scores(self, images, texts: list[str]) -> torch.Tensor:
+        """Score of image k with caption k, `[N]`."""
+        if self.family == "occlip":
+            index = torch.arange(len(images), device=self.device)
+            return self.model.score_pairs(self.encode_images(images), self.encode_texts(texts), index, index, False)
+        return (self.encode_images(images) * self.encode_texts(texts)).sum(-1)
+
+    @torch.no_grad()
+    def region_scores(self, images, boxes: list[list[list[float]]], texts: list[str], crop: bool = False):
+        """Similarity `[R, C]` of every box (pixel xyxy, listed per image, in order) with class texts `texts`.
+
+        CLOC embeds boxes with its region head; `crop=True` crops each box and encodes it as an image.
+        """
+        text = self.encode_texts(texts)
+        if crop:
+            crops = [image.crop(tuple(int(round(v)) for v in box)) for image, bs in zip(images, boxes) for box in bs]
+            return self.score(self.encode_images(crops), text)
+        if self.family != "cloc":
+            raise ValueError("region_scores needs a CLOC model (or crop=True for the crop-and-encode baseline)")
+        rows = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = list(images[start : start + self.batch_size])
+            inputs = self.processor(
+                images=chunk, input_boxes=[list(b) for b in boxes[start : start + self.batch_size]]
+            )
+            region = self.model.get_region_features(
+                pixel_values=inputs["pixel_values"].to(self.device),
+                boxes=inputs["input_boxes"].to(self.device),
+                box_mask=inputs["box_mask"].to(self.device),
+            )
+            for i, bs in enumerate(boxes[start : start + self.batch_size]):
+                rows.append(region[i, : len(bs)])
+        return torch.cat(rows) @ text.t()
+
+    @torch.no_grad()
+    def ground(self, images, captions: list[list[str]]) -> list[torch.Tensor]:
+        """Predicted pixel boxes per image for its region captions (CLOC)."""
+        if self.family != "cloc":
+            raise ValueError("grounding needs a CLOC model")
+        results = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = list(images[start : start + self.batch_size])
+            texts = captions[start : start + self.batch_size]
+            dummy = [[[0.0, 0.0, float(im.width), float(im.height)]] * len(t) for im, t in zip(chunk, texts)]
+            inputs = self.processor(images=chunk, input_boxes=dummy, region_captions=texts)
+            predicted = self.model.ground(
+                pixel_values=inputs["pixel_values"].to(self.device),
+                input_ids=inputs["region_input_ids"].to(self.device),
+                attention_mask=inputs["region_attention_mask"].to(self.device),
+            )
+            pixels = self.processor.post_process_boxes(predicted.cpu(), inputs["original_sizes"])
+            results.extend(pixels[i, : len(t)] for i, t in enumerate(texts))
+        return results
+
+
+# ----------------------------------------------------------------------------------------------- synthetic benchmark
+
+
+def evaluate_synthetic(scorer: ImageTextScorer, folder, region_mode: str | None = None) -> dict:
+    """Metrics of one synthetic split (`training.synthetic`): pairwise accuracy per hard-negative kind, and with
+    `region_mode` (`"model"` or `"crop"`) region classification among every (colour, shape) phrase of the
+    vocabulary with ground-truth boxes; CLOC also gets grounding accuracy at IoU 0.5."""
+    from .data import load_image_text_dataset, open_image
+    from .synthetic import NEGATIVE_KINDS
+
+    rows = list(load_image_text_dataset(str(folder)))
+    images = [open_image(row, f"row {i}") for i, row in enumerate(rows)]
+    metrics = {}
+    for kind in NEGATIVE_KINDS:
+        chosen = [i for i, row in enumerate(rows) if (row.get("negatives") or {}).get(kind)]
+        if not chosen:
+            continue
+        subset = [images[i] for i in chosen]
+        positive = scorer.pair_scores(subset, [rows[i]["caption"] for i in chosen])
+        negative = scorer.pair_scores(subset, [rows[i]["negatives"][kind] for i in chosen])
+        metrics[kind] = pairwise_accuracy(positive, negative)
+    if region_mode is not None:
+        boxes = [[region["bbox"] for region in row["regions"]] for row in rows]
+        labels_text = [region["text"] for row in rows for region in row["regions"]]
+        classes = sorted(set(labels_text) | _vocabulary_phrases(labels_text))
+        scores = scorer.region_scores(images, boxes, classes, crop=region_mode == "crop")
+        labels = torch.tensor([classes.index(t) for t in labels_text], device=scores.device)
+        metrics["region_classification"] = topk_accuracy(scores, labels, ks=(1,))["top1"]
+        if region_mode == "model" and scorer.family == "cloc":
+            predicted = scorer.ground(images, [[region["text"] for region in row["regions"]] for row in rows])
+            target = torch.tensor([b for bs in boxes for b in bs])
+            metrics["grounding_acc50"] = grounding_accuracy(torch.cat(predicted), target)
+    return metrics
+
+
+def _vocabulary_phrases(seen: list[str]) -> set:
+    """Every colour-shape phrase of the generator's vocabulary (with the size words the data uses)."""
+    from .synthetic import COLOURS, SHAPES
+
+    sizes = {t.split()[0] for t in seen if len(t.split()) == 3}
+    base = {f"{c} {s}" for c in COLOURS for s in SHAPES}
+    return {f"{z} {p}" for z in sizes for p in base} if sizes else base
