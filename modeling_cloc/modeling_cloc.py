@@ -473,8 +473,11 @@ class CLOCModel(CLOCPreTrainedModel):
         if input_ids is None or input_ids.dim() != 3 or input_ids.shape[0] != image_tokens.shape[0]:
             raise ValueError("ground needs input_ids of shape [images, captions per image, tokens]")
         mask = torch.ones(input_ids.shape[:2], dtype=torch.bool, device=input_ids.device)
-        text = self._region_text_embeds(input_ids, attention_mask, mask)
-        hidden, _ = self.prompter(self.prompter.text_prompts(text), image_tokens)
+        return self._ground_captions(image_tokens, self._region_text_embeds(input_ids, attention_mask, mask))
+
+    def _ground_captions(self, image_tokens: torch.Tensor, caption_embeds: torch.Tensor) -> torch.Tensor:
+        """Boxes `[B, R, 4]` from the Prompter's text path and the box head."""
+        hidden, _ = self.prompter(self.prompter.text_prompts(caption_embeds), image_tokens)
         return self.box_head(hidden)
 
     def forward(
@@ -554,8 +557,7 @@ class CLOCModel(CLOCPreTrainedModel):
                 f"{tuple(box_mask.shape)} + (tokens,)"
             )
         caption_embeds = self._region_text_embeds(region_input_ids, region_attention_mask, box_mask)
-        hidden, _ = self.prompter(self.prompter.text_prompts(caption_embeds), image_tokens)
-        predicted = self.box_head(hidden)
+        predicted = self._ground_captions(image_tokens, caption_embeds)
         # Grounding: a caption repeated within its image has no single target box.
         target = box_mask.clone()
         if self.config.grounding_unique_only:

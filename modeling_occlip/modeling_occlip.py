@@ -683,12 +683,10 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
                 f"the loss pairs image k with caption k, but got {num_local} images and "
                 f"{text_features.num_captions} captions."
             )
+        labels = torch.arange(num_local, device=image_features.binding_keys.device)
         if world == 1:
-            logits = self.score(image_features, text_features) if logits_per_image is None else logits_per_image
-            labels = torch.arange(num_local, device=logits.device)
-            loss_itc = 0.5 * (
-                nn.functional.cross_entropy(logits, labels) + nn.functional.cross_entropy(logits.t(), labels)
-            )
+            per_image = self.score(image_features, text_features) if logits_per_image is None else logits_per_image
+            per_text = per_image.t()
         else:
             names = ("node_embeds", "node_mask", "relation_embeds", "relation_mask")
             names += ("relation_subject_index", "relation_object_index")
@@ -701,19 +699,17 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
             all_texts = OCCLIPTextFeatures(**dict(zip(names, text)))
             if all_images.binding_keys.shape[0] != world * num_local:
                 raise ValueError("every process needs the same batch size for the gathered OC-CLIP loss")
-            if local_loss:
-                labels = torch.arange(num_local, device=all_images.binding_keys.device) + rank * num_local
+            if local_loss:  # this process's rows and columns against the global batch
+                labels = labels + rank * num_local
                 per_image = self.score(image_features, all_texts)  # [n, N]
                 per_text = self.score(all_images, text_features).t()  # [n, N]
-                loss_itc = 0.5 * (
-                    nn.functional.cross_entropy(per_image, labels) + nn.functional.cross_entropy(per_text, labels)
-                )
             else:
-                logits = self.score(all_images, all_texts)
-                labels = torch.arange(logits.shape[0], device=logits.device)
-                loss_itc = 0.5 * (
-                    nn.functional.cross_entropy(logits, labels) + nn.functional.cross_entropy(logits.t(), labels)
-                )
+                per_image = self.score(all_images, all_texts)
+                per_text = per_image.t()
+                labels = torch.arange(per_image.shape[0], device=per_image.device)
+        loss_itc = 0.5 * (
+            nn.functional.cross_entropy(per_image, labels) + nn.functional.cross_entropy(per_text, labels)
+        )
         loss, loss_rel = loss_itc, None
         if self.config.rel_loss_weight:
             terms = self._relation_loss_terms(image_features, text_features)

@@ -104,6 +104,11 @@ def clip_folder(tmp_path_factory):
     return folder
 
 
+def from_clip(clip_folder, mode: str, steps: int) -> list[str]:
+    """Flags for fine-tuning from the tiny CLIP folder."""
+    return ["--init_from", str(clip_folder), "--finetune_mode", mode, "--max_steps", str(steps)]
+
+
 def initial_occlip(clip_folder) -> OCCLIPModel:
     """The model the trainer starts from (same seed, same construction)."""
     set_seed(0)
@@ -113,17 +118,7 @@ def initial_occlip(clip_folder) -> OCCLIPModel:
 def test_lora_trains_only_adapters_and_saved_modules(data, clip_folder, tmp_path):
     from peft import PeftModel
 
-    run(
-        "occlip",
-        data,
-        tmp_path / "out",
-        "--init_from",
-        str(clip_folder),
-        "--finetune_mode",
-        "lora",
-        "--max_steps",
-        "3",
-    )
+    run("occlip", data, tmp_path / "out", *from_clip(clip_folder, "lora", steps=3))
     start = initial_occlip(clip_folder).state_dict()
     merged = AutoModel.from_pretrained(tmp_path / "out").eval()
     end = merged.state_dict()
@@ -147,17 +142,7 @@ def test_lora_trains_only_adapters_and_saved_modules(data, clip_folder, tmp_path
 
 
 def test_frozen_towers_stay_unchanged(data, clip_folder, tmp_path):
-    run(
-        "occlip",
-        data,
-        tmp_path / "out",
-        "--init_from",
-        str(clip_folder),
-        "--finetune_mode",
-        "frozen",
-        "--max_steps",
-        "2",
-    )
+    run("occlip", data, tmp_path / "out", *from_clip(clip_folder, "frozen", steps=2))
     start = initial_occlip(clip_folder).state_dict()
     end = AutoModel.from_pretrained(tmp_path / "out").state_dict()
     towers = [

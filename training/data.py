@@ -57,12 +57,10 @@ def load_image_text_dataset(path: str, split: str = "train", streaming: bool = F
         dataset = datasets.load_dataset(
             "imagefolder", data_dir=str(folder), split=split, features=_features_for(columns), streaming=streaming
         )
-    elif (folder.is_dir() and list(folder.glob("*.parquet"))) or str(path).endswith(".parquet"):
-        files = sorted(glob.glob(str(folder / "*.parquet"))) if folder.is_dir() else sorted(glob.glob(str(path)))
+    elif files := _data_files(path, ".parquet"):
         dataset = datasets.load_dataset("parquet", data_files=files, split="train", streaming=streaming)
         dataset = dataset.cast_column("image", Image(decode=False))
-    elif (folder.is_dir() and list(folder.glob("*.tar"))) or str(path).endswith(".tar"):
-        files = sorted(glob.glob(str(folder / "*.tar"))) if folder.is_dir() else sorted(glob.glob(str(path)))
+    elif files := _data_files(path, ".tar"):
         dataset = datasets.load_dataset("webdataset", data_files=files, split="train", streaming=streaming)
         dataset = dataset.map(_from_webdataset, remove_columns=list(dataset.column_names or []))
         if not streaming:
@@ -77,6 +75,14 @@ def load_image_text_dataset(path: str, split: str = "train", streaming: bool = F
     if columns is not None and "caption" not in columns:
         raise ValueError(f"--train_data {path}: no 'caption' column (columns: {columns})")
     return dataset
+
+
+def _data_files(path: str, suffix: str) -> list[str]:
+    """The `suffix` files of a folder, or of a glob / file path ending in `suffix` (empty when neither)."""
+    folder = Path(path)
+    if folder.is_dir():
+        return sorted(glob.glob(str(folder / f"*{suffix}")))
+    return sorted(glob.glob(str(path))) if str(path).endswith(suffix) else []
 
 
 def _from_webdataset(sample: dict) -> dict:

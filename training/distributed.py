@@ -10,6 +10,18 @@ import torch
 import torch.distributed as dist
 
 
+def pad_to_shape(tensor: torch.Tensor, shape, pad_value=0) -> torch.Tensor:
+    """`tensor` padded at the end of each dim up to `shape` with `pad_value` (bool tensors too)."""
+    padding = []
+    for have, want in zip(reversed(tensor.shape), reversed(list(shape))):
+        padding += [0, want - have]
+    if not any(padding):
+        return tensor
+    if tensor.dtype == torch.bool:
+        return torch.nn.functional.pad(tensor.to(torch.uint8), padding, value=int(pad_value)).bool()
+    return torch.nn.functional.pad(tensor, padding, value=pad_value)
+
+
 class _AllGather(torch.autograd.Function):
     """Tensors `[n_i, ...]` per process -> `[world * n_i, ...]` on every process, gradients summed to the owner.
 
@@ -72,15 +84,7 @@ class FeatureGatherer:
         return sizes.tolist()
 
     def _pad_to_global(self, tensor: torch.Tensor, pad_value) -> torch.Tensor:
-        target = self._all_max(list(tensor.shape), tensor.device)
-        if target == list(tensor.shape):
-            return tensor
-        padding = []
-        for have, want in zip(reversed(tensor.shape), reversed(target)):
-            padding += [0, want - have]
-        if tensor.dtype == torch.bool:
-            return torch.nn.functional.pad(tensor.to(torch.uint8), padding, value=int(pad_value)).bool()
-        return torch.nn.functional.pad(tensor, padding, value=pad_value)
+        return pad_to_shape(tensor, self._all_max(list(tensor.shape), tensor.device), pad_value)
 
     def gather_all(self, tensors: list[torch.Tensor], pad_values: list | None = None) -> list[torch.Tensor]:
         """All processes' tensors concatenated on dim 0 (rank order), each padded on every dim (dim 0 too) to the

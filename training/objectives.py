@@ -7,13 +7,14 @@ so one process without a gatherer computes exactly what `model(..., return_loss=
 """
 
 import torch
-from torch import nn
 from transformers import CLIPModel
 
 from modeling_cloc import CLOCModel
 from modeling_cloc.modeling_cloc import contrastive_loss
 from modeling_occlip import OCCLIPModel
 from modeling_occlip.modeling_occlip import OCCLIPImageFeatures, OCCLIPTextFeatures
+
+from .distributed import pad_to_shape
 
 # Padding for ragged dims when features of different batches are joined: masks False, predicate ids -1.
 _PAD_VALUES = {"node_mask": False, "relation_mask": False, "box_mask": False, "grounding_mask": False}
@@ -28,19 +29,9 @@ def concat_features(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Ten
         if tensors[0] is None:
             joined[key] = None
             continue
-        shape = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
-        padded = []
-        for tensor in tensors:
-            padding = []
-            for have, want in zip(reversed(tensor.shape[1:]), reversed(shape)):
-                padding += [0, want - have]
-            if any(padding):
-                value = _PAD_VALUES.get(key, 0)
-                if tensor.dtype == torch.bool:
-                    tensor = nn.functional.pad(tensor.to(torch.uint8), padding, value=int(value)).bool()
-                else:
-                    tensor = nn.functional.pad(tensor, padding, value=value)
-            padded.append(tensor)
+        shape = [max(t.shape[d] for t in tensors) for d in range(tensors[0].dim())]
+        value = _PAD_VALUES.get(key, 0)
+        padded = [pad_to_shape(t, [t.shape[0], *shape[1:]], value) for t in tensors]
         joined[key] = torch.cat(padded, dim=0)
     return joined
 

@@ -43,9 +43,13 @@ class ContrastiveTrainingModule(nn.Module):
         self.model = model
         self.objective = objective
 
+    def features(self, batch: dict) -> dict:
+        """The objective's features of one batch."""
+        return self.objective.features(self.model(**batch, **self.objective.forward_kwargs()), batch)
+
     def forward(self, batch: dict, gatherer=None, local_loss: bool = False, cache=None, index: int | None = None):
         """`(loss, parts, fresh features)`; with `cache`, micro-batch `index`'s features are spliced into it."""
-        fresh = self.objective.features(self.model(**batch, **self.objective.forward_kwargs()), batch)
+        fresh = self.features(batch)
         features = fresh if cache is None else splice_features(cache, index, fresh)
         loss, parts = self.objective.loss(self.model, features, gatherer, local_loss)
         return loss, parts, fresh
@@ -79,8 +83,7 @@ def forward_backward(
     with torch.no_grad(), (autocast or contextlib.nullcontext)():
         for batch in micro_batches:
             states.append(_rng_state())
-            outputs = inner.model(**batch, **inner.objective.forward_kwargs())
-            cache.append(inner.objective.features(outputs, batch))
+            cache.append(inner.features(batch))
     end_state = _rng_state()
     last = len(micro_batches) - 1
     for index, batch in enumerate(micro_batches):

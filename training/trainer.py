@@ -10,6 +10,7 @@ logit scales, a cosine schedule with warmup, logit-scale clamping, gradient clip
 import itertools
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,7 +21,13 @@ from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataPara
 from accelerate.utils import ProjectConfiguration, set_seed
 from datasets.distributed import split_dataset_by_node
 from tqdm.auto import tqdm
-from transformers import CLIPImageProcessorPil, CLIPModel, CLIPProcessor, get_cosine_schedule_with_warmup
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessorPil,
+    CLIPModel,
+    CLIPProcessor,
+    get_cosine_schedule_with_warmup,
+)
 
 from modeling_cloc import CLOCConfig, CLOCModel
 from modeling_occlip import OCCLIPConfig, OCCLIPModel
@@ -102,7 +109,8 @@ class TrainingProgress:
 
 
 MODEL_CLASSES = {"clip": CLIPModel, "occlip": OCCLIPModel, "cloc": CLOCModel}
-CONFIG_CLASSES = {"clip": None, "occlip": OCCLIPConfig, "cloc": CLOCConfig}
+CONFIG_CLASSES = {"clip": CLIPConfig, "occlip": OCCLIPConfig, "cloc": CLOCConfig}
+PROCESSOR_CLASSES = {"clip": CLIPProcessor, "occlip": OCCLIPProcessor, "cloc": CLOCProcessor}
 
 
 def default_processor(family: str, image_size: int):
@@ -110,9 +118,7 @@ def default_processor(family: str, image_size: int):
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
-    tokenizer = bundled_clip_tokenizer()
-    cls = {"clip": CLIPProcessor, "occlip": OCCLIPProcessor, "cloc": CLOCProcessor}[family]
-    return cls(image_processor=image_processor, tokenizer=tokenizer)
+    return PROCESSOR_CLASSES[family](image_processor=image_processor, tokenizer=bundled_clip_tokenizer())
 
 
 def build_model_and_processor(args: TrainingArguments, family: str):
@@ -122,12 +128,7 @@ def build_model_and_processor(args: TrainingArguments, family: str):
     if args.model_config is not None:
         with open(args.model_config) as handle:
             values = json.load(handle)
-        if family == "clip":
-            from transformers import CLIPConfig
-
-            config = CLIPConfig(**values)
-        else:
-            config = CONFIG_CLASSES[family](**values)
+        config = CONFIG_CLASSES[family](**values)
         model = MODEL_CLASSES[family](config)
         processor = default_processor(family, config.vision_config.image_size)
         return model, processor
@@ -135,8 +136,7 @@ def build_model_and_processor(args: TrainingArguments, family: str):
     model = clip if family == "clip" else MODEL_CLASSES[family].from_clip(clip)
     try:
         loaded = CLIPProcessor.from_pretrained(args.init_from)
-        cls = {"clip": CLIPProcessor, "occlip": OCCLIPProcessor, "cloc": CLOCProcessor}[family]
-        processor = cls(image_processor=loaded.image_processor, tokenizer=loaded.tokenizer)
+        processor = PROCESSOR_CLASSES[family](image_processor=loaded.image_processor, tokenizer=loaded.tokenizer)
     except (OSError, ValueError, TypeError):
         processor = default_processor(family, clip.config.vision_config.image_size)
     return model, processor
@@ -237,8 +237,6 @@ def _check_resume_config(checkpoint: Path, config: dict) -> None:
 
 def accelerator_processes() -> int:
     """Number of processes of this launch (from the launcher's environment, before an Accelerator exists)."""
-    import os
-
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
