@@ -1,5 +1,6 @@
 """Batches and a worker for the two-process (gloo, CPU) loss tests: each process holds half of a batch."""
 
+import datetime
 import os
 
 import torch
@@ -76,7 +77,7 @@ def full_batch(case: str) -> dict:
     return concat_features(halves)
 
 
-def worker(rank: int, world: int, store: str, out: str, local_loss: bool) -> None:
+def worker(rank: int, world: int, address: str, out: str, local_loss: bool) -> None:
     """Each process: DDP-wrapped model on its half; saves the averaged loss and the (DDP-averaged) gradients."""
     from torch.nn.parallel import DistributedDataParallel
 
@@ -86,7 +87,10 @@ def worker(rank: int, world: int, store: str, out: str, local_loss: bool) -> Non
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    # TCP store (as torchrun uses) and a collective timeout: a stuck process fails the test instead of hanging CI.
+    dist.init_process_group(
+        "gloo", init_method=address, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
+    )
     results = {}
     for case in CASES:
         model = build(case)

@@ -2,6 +2,8 @@
 CLIP, OC-CLIP and CLOC losses, with global and local loss; cached-feature accumulation gives the full-batch
 gradient."""
 
+import socket
+
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -31,7 +33,10 @@ def assert_same(got, expected, what: str) -> None:
 @pytest.mark.parametrize("local_loss", [False, True])
 def test_two_processes_match_one_process_on_the_concatenated_batch(tmp_path, local_loss):
     out = tmp_path / "results.pt"
-    mp.start_processes(worker, args=(2, str(tmp_path / "store"), str(out), local_loss), nprocs=2, start_method="spawn")
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+    mp.start_processes(worker, args=(2, address, str(out), local_loss), nprocs=2, start_method="spawn")
     results = torch.load(out)
     for case in CASES:
         expected = single_process(case, [full_batch(case)])
