@@ -289,22 +289,27 @@ def contrastive_loss(
     local_loss: bool = False,
     valid: torch.Tensor | None = None,
     keep_pairs=None,
+    hard_negatives: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Symmetric InfoNCE between normalised rows `first[i]` and `second[i]` `[n, D]`, over all processes' rows.
 
     `gatherer` (`rank`, `world_size`, differentiable `gather_all`, `all_reduce_sum`; see `training.distributed`) joins
     the processes' rows; with `local_loss` this process scores only its own rows against every column. `valid`
     `[n]` marks the rows that take part (others are padding). `keep_pairs(rows_second, all_second)` returns a
-    `[r, N]` bool mask of pairs allowed in the softmax (the matching pair always is). The returned value is such
+    `[r, N]` bool mask of pairs allowed in the softmax (the matching pair always is). `hard_negatives` `[n, D]`
+    (NegCLIP) adds one extra `second` row per pair, over all processes, as columns of the `first -> second`
+    softmax only (a padding row's negative is left out). The returned value is such
     that its mean over processes, and the mean of the processes' gradients (as DDP takes), are the loss over the
     global batch and its gradient.
     """
     world, rank = (1, 0) if gatherer is None else (gatherer.world_size, gatherer.rank)
     valid = torch.ones(first.shape[0], dtype=torch.bool, device=first.device) if valid is None else valid
-    all_first, all_second = first, second
-    all_valid = valid
+    all_first, all_second, all_valid, all_negatives = first, second, valid, hard_negatives
     if world > 1:
-        all_first, all_second, all_valid = gatherer.gather_all([first, second, valid], [0, 0, False])
+        extra = [] if hard_negatives is None else [hard_negatives]
+        gathered = gatherer.gather_all([first, second, valid, *extra], [0, 0, False, *[0] * len(extra)])
+        all_first, all_second, all_valid = gathered[:3]
+        all_negatives = gathered[3] if extra else None
     padded = all_first.shape[0] // world  # rows per process after padding to the largest
     if local_loss and world > 1:
         targets = torch.arange(first.shape[0], device=first.device) + rank * padded
@@ -319,8 +324,12 @@ def contrastive_loss(
     total = rows_first.new_tensor(float(valid.sum()))
     total = total if gatherer is None else gatherer.all_reduce_sum(total)
     loss = rows_first.new_zeros(())
-    for rows, columns in ((rows_first, all_second), (rows_second, all_first)):
-        logits = (scale * rows @ columns.t()).masked_fill(~keep, float("-inf"))
+    first_columns, first_keep = all_second, keep
+    if hard_negatives is not None:
+        first_columns = torch.cat([all_second, all_negatives])
+        first_keep = torch.cat([keep, all_valid[None, :].expand(targets.shape[0], -1)], dim=1)
+    for rows, columns, allowed in ((rows_first, first_columns, first_keep), (rows_second, all_first, keep)):
+        logits = (scale * rows @ columns.t()).masked_fill(~allowed, float("-inf"))
         per_row = nn.functional.cross_entropy(logits, targets, reduction="none")
         loss = loss + 0.5 * per_row[rows_valid].sum()
     # Every process holds the full sum unless local: then x world, because DDP averages the gradients.

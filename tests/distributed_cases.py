@@ -16,7 +16,7 @@ from tests.factories import (
     tiny_occlip_model,
 )
 
-CASES = ("clip", "occlip", "cloc")
+CASES = ("clip", "clip_hard_negatives", "occlip", "cloc")
 
 
 def captions(batch: int, seed: int, length: int = 6) -> torch.Tensor:
@@ -29,12 +29,29 @@ def captions(batch: int, seed: int, length: int = 6) -> torch.Tensor:
 
 def build(case: str):
     """A seeded tiny model of the case's family (identical on every process)."""
-    return {"clip": tiny_clip_model, "occlip": tiny_occlip_model, "cloc": tiny_cloc_model}[case](seed=11).train()
+    factory = {"clip": tiny_clip_model, "occlip": tiny_occlip_model, "cloc": tiny_cloc_model}[case.split("_")[0]]
+    return factory(seed=11).train()
+
+
+def objective(case: str):
+    """The trainer's objective of the case (`clip_hard_negatives`: NegCLIP)."""
+    from training.objectives import OBJECTIVES, CLIPObjective
+
+    return CLIPObjective(hard_negatives=True) if case == "clip_hard_negatives" else OBJECTIVES[case]
+
+
+def hard_negative_batch(indices: range) -> dict:
+    """Images `indices` of the 4-example batch; their captions, then one negative caption each."""
+    ids, negatives = captions(4, seed=1), captions(4, seed=5)
+    rows = list(indices)
+    return dict(pixel_values=random_pixels(4, seed=21)[rows], input_ids=torch.cat([ids[rows], negatives[rows]]))
 
 
 def rank_batches(case: str) -> list[dict]:
     """Two halves of a 4-example batch, each padded on its own (ragged dims differ between processes)."""
     pixels = random_pixels(4, seed=21)
+    if case == "clip_hard_negatives":
+        return [hard_negative_batch(range(i, i + 2)) for i in (0, 2)]
     if case == "clip":
         ids = captions(4, seed=1)
         return [dict(pixel_values=pixels[i : i + 2], input_ids=ids[i : i + 2]) for i in (0, 2)]
@@ -74,6 +91,8 @@ def full_batch(case: str) -> dict:
     halves = rank_batches(case)
     if case == "occlip":
         return dict(pixel_values=random_pixels(4, seed=21), **encode_graphs(example_graphs()))
+    if case == "clip_hard_negatives":  # negatives follow all captions, not each half's
+        return hard_negative_batch(range(4))
     return concat_features(halves)
 
 
@@ -82,7 +101,6 @@ def worker(rank: int, world: int, address: str, out: str, local_loss: bool) -> N
     from torch.nn.parallel import DistributedDataParallel
 
     from training.distributed import FeatureGatherer
-    from training.objectives import OBJECTIVES
     from training.step import ContrastiveTrainingModule, forward_backward
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -95,7 +113,7 @@ def worker(rank: int, world: int, address: str, out: str, local_loss: bool) -> N
     for case in CASES:
         model = build(case)
         module = DistributedDataParallel(
-            ContrastiveTrainingModule(model, OBJECTIVES[case]), find_unused_parameters=True
+            ContrastiveTrainingModule(model, objective(case)), find_unused_parameters=True
         )
         loss, _ = forward_backward(module, [rank_batches(case)[rank]], FeatureGatherer(), local_loss=local_loss)
         dist.all_reduce(loss)

@@ -8,14 +8,14 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.distributed_cases import CASES, build, full_batch, worker
+from tests.distributed_cases import CASES, build, full_batch, hard_negative_batch, objective, worker
 from training.objectives import OBJECTIVES, concat_features
 from training.step import ContrastiveTrainingModule, forward_backward
 
 
 def single_process(case: str, micro_batches: list[dict]) -> tuple[torch.Tensor, dict]:
     model = build(case)
-    loss, _ = forward_backward(ContrastiveTrainingModule(model, OBJECTIVES[case]), micro_batches)
+    loss, _ = forward_backward(ContrastiveTrainingModule(model, objective(case)), micro_batches)
     return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -60,4 +60,32 @@ def test_cached_feature_accumulation_gives_the_full_batch_gradient(case):
     micro = [{k: v[i : i + 1] for k, v in batch.items()} for i in range(4)]
     if case == "occlip":  # each micro-batch padded on its own, as a data loader would
         micro = [concat_features([{k: v[i : i + 1] for k, v in batch.items()}]) for i in range(4)]
+    if case == "clip_hard_negatives":
+        micro = [hard_negative_batch(range(i, i + 1)) for i in range(4)]
     assert_same(single_process(case, micro), single_process(case, [batch]), f"{case} accumulation")
+
+
+def test_hard_negative_loss_is_negclip():
+    """Image-to-text softmax over all captions and all negatives; text-to-image over the images only."""
+    batch = hard_negative_batch(range(4))
+    model = build("clip_hard_negatives")
+    loss, _ = forward_backward(ContrastiveTrainingModule(model, objective("clip_hard_negatives")), [batch])
+    with torch.no_grad():
+        out = model(**batch)
+        images, texts = out.image_embeds, out.text_embeds
+        logits = model.logit_scale.exp() * images @ texts.t()  # [4, 8]: captions then negatives
+        targets = torch.arange(4)
+        expected = 0.5 * (
+            torch.nn.functional.cross_entropy(logits, targets)
+            + torch.nn.functional.cross_entropy(logits[:, :4].t(), targets)
+        )
+    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-6)
+    plain = torch.nn.functional.cross_entropy(logits[:, :4], targets)
+    assert torch.nn.functional.cross_entropy(logits, targets) > plain  # the negatives did enter the softmax
+
+
+def test_hard_negatives_need_one_negative_per_image():
+    batch = hard_negative_batch(range(4))
+    batch["input_ids"] = batch["input_ids"][:6]
+    with pytest.raises(ValueError, match="one negative caption per image"):
+        forward_backward(ContrastiveTrainingModule(build("clip"), objective("clip_hard_negatives")), [batch])

@@ -280,3 +280,28 @@ def test_streaming_run_trains_and_resumes_exactly(data, tmp_path):
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     with pytest.raises(ValueError, match="--streaming needs --max_steps"):
         run("clip", data, tmp_path / "x", "--streaming", "true", config=config)
+
+
+def test_clip_hard_negatives_collate_train_and_name_missing_rows(tmp_path):
+    data = write_dataset(tmp_path / "data", rows=8)
+    rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
+    for row in rows:
+        colour = row["caption"].split()[1]
+        row["negatives"] = {"shape_replace": f"a {colour} circle", "colour_replace": f"a pink {row['caption'][2:]}"}
+    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = write_model_config(tmp_path / "config.json", "clip")
+    metrics = run("clip", data, tmp_path / "out", "--max_steps", "2", "--hard_negatives", "true", config=config)
+    assert torch.isfinite(torch.tensor(metrics["loss"]))
+    processor = AutoProcessor.from_pretrained(tmp_path / "out")
+    dataset = load_image_text_dataset(str(data))
+    batch = TrainingCollator(processor, "clip", hard_negatives=True)([{**dataset[i], "__index__": i} for i in (2, 3)])
+    # Kinds in sorted order, taken in turn by row index: row 2 -> colour_replace, row 3 -> shape_replace.
+    texts = [rows[2]["caption"], rows[3]["caption"], rows[2]["negatives"]["colour_replace"], "a yellow circle"]
+    expected = processor.tokenizer(texts, padding=True, return_tensors="pt")["input_ids"]
+    assert rows[3]["caption"] == "a yellow square" and torch.equal(batch["input_ids"], expected)
+    rows[5].pop("negatives")
+    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"row 5 \(005\.png\): no hard-negative caption"):
+        run("clip", data, tmp_path / "out2", "--max_steps", "2", "--hard_negatives", "true", config=config)
+    with pytest.raises(ValueError, match="--hard_negatives is the CLIP baseline's option"):
+        run("occlip", data, tmp_path / "out3", "--max_steps", "1", "--hard_negatives", "true", config=config)

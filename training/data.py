@@ -162,6 +162,15 @@ def check_regions(regions, where: str) -> tuple[list[list[float]], list[str]]:
     return boxes, texts
 
 
+def pick_hard_negative(negatives, index: int, where: str) -> str:
+    """One hard-negative caption of a row for NegCLIP-style training: its kinds (sorted) taken in turn by row
+    index, so every kind is used about equally and the choice is the same in every process and worker."""
+    kinds = sorted(k for k, v in (negatives or {}).items() if isinstance(v, str) and v.strip())
+    if not kinds:
+        raise BadSample(f"{where}: no hard-negative caption in `negatives` (--hard_negatives needs one per row)")
+    return negatives[kinds[index % len(kinds)]]
+
+
 class TrainingCollator:
     """Rows -> model inputs through the family's processor (`clip`, `occlip` or `cloc`).
 
@@ -170,17 +179,28 @@ class TrainingCollator:
     OC-CLIP uses a row's cached `scene_graph` when present and parses the caption otherwise.
     """
 
-    def __init__(self, processor, family: str, on_bad_sample: str = "error", max_regions: int | None = None):
+    def __init__(
+        self,
+        processor,
+        family: str,
+        on_bad_sample: str = "error",
+        max_regions: int | None = None,
+        hard_negatives: bool = False,
+    ):
         if on_bad_sample not in ("error", "skip"):
             raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
+        if hard_negatives and family != "clip":
+            raise ValueError(f"hard negatives are a CLIP baseline; the {family} collator does not take them")
         self.processor, self.family, self.on_bad_sample = processor, family, on_bad_sample
-        self.max_regions = max_regions
+        self.max_regions, self.hard_negatives = max_regions, hard_negatives
 
-    def _prepare(self, row: dict, where: str) -> dict:
+    def _prepare(self, row: dict, where: str, index: int) -> dict:
         caption = row.get("caption")
         if not isinstance(caption, str) or not caption.strip():
             raise BadSample(f"{where}: empty caption")
         prepared = {"image": open_image(row, where), "caption": caption}
+        if self.hard_negatives:
+            prepared["negative"] = pick_hard_negative(row.get("negatives"), index, where)
         if self.family == "occlip":
             graph = row.get("scene_graph")
             if graph and graph.get("objects"):
@@ -200,12 +220,13 @@ class TrainingCollator:
         """A batch dict of tensors for the model's forward (plus the count of skipped rows)."""
         prepared, skipped = [], 0
         for index, row in enumerate(rows):
-            where = f"row {row.get('__index__', index)}"
+            position = row.get("__index__", index)
+            where = f"row {position}"
             image = row.get("image")
             if isinstance(image, dict) and image.get("path"):
                 where += f" ({Path(image['path']).name})"
             try:
-                prepared.append(self._prepare(row, where))
+                prepared.append(self._prepare(row, where, position))
             except BadSample:
                 if self.on_bad_sample == "error":
                     raise
@@ -215,7 +236,8 @@ class TrainingCollator:
         images = [p["image"] for p in prepared]
         captions = [p["caption"] for p in prepared]
         if self.family == "clip":
-            out = self.processor(images=images, text=captions, padding=True, truncation=True, return_tensors="pt")
+            texts = captions + [p["negative"] for p in prepared] if self.hard_negatives else captions
+            out = self.processor(images=images, text=texts, padding=True, truncation=True, return_tensors="pt")
         elif self.family == "occlip":
             graphs = [p["scene_graph"] for p in prepared]
             if any(g is None for g in graphs):

@@ -42,12 +42,19 @@ def splice_features(cache: list[dict], index: int, fresh: dict) -> dict[str, tor
 
 
 class CLIPObjective:
-    """transformers `CLIPModel`: symmetric InfoNCE of normalised embeddings, logit scale clamped at 100."""
+    """transformers `CLIPModel`: symmetric InfoNCE of normalised embeddings, logit scale clamped at 100.
+
+    With `hard_negatives=True` (NegCLIP; the collator appends one negative caption per row after the batch's
+    captions) the negatives are extra text columns of the image-to-text softmax over the global batch.
+    """
 
     name = "clip"
     model_class = CLIPModel
     new_module_prefixes: tuple[str, ...] = ()
     logit_scale_names = ("logit_scale",)
+
+    def __init__(self, hard_negatives: bool = False):
+        self.hard_negatives = hard_negatives
 
     def forward_kwargs(self) -> dict:
         """Extra arguments of the model call that produces the features."""
@@ -55,12 +62,28 @@ class CLIPObjective:
 
     def features(self, outputs, batch=None) -> dict[str, torch.Tensor]:
         """Batch-first tensors the loss needs."""
-        return {"image_embeds": outputs.image_embeds, "text_embeds": outputs.text_embeds}
+        images, texts = outputs.image_embeds, outputs.text_embeds
+        if not self.hard_negatives:
+            return {"image_embeds": images, "text_embeds": texts}
+        if texts.shape[0] != 2 * images.shape[0]:
+            raise ValueError(
+                f"hard negatives need one negative caption per image after the captions: got {texts.shape[0]} "
+                f"texts for {images.shape[0]} images"
+            )
+        count = images.shape[0]
+        return {"image_embeds": images, "text_embeds": texts[:count], "negative_text_embeds": texts[count:]}
 
     def loss(self, model, features, gatherer=None, local_loss=False) -> tuple[torch.Tensor, dict]:
         """`(loss, {name: value})` over the global batch."""
         scale = model.logit_scale.exp().clamp(max=100.0)
-        loss = contrastive_loss(features["image_embeds"], features["text_embeds"], scale, gatherer, local_loss)
+        loss = contrastive_loss(
+            features["image_embeds"],
+            features["text_embeds"],
+            scale,
+            gatherer,
+            local_loss,
+            hard_negatives=features.get("negative_text_embeds"),
+        )
         return loss, {"loss_clip": loss.detach()}
 
 

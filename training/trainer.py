@@ -37,7 +37,7 @@ from processing.clip_tokenizer import bundled_clip_tokenizer
 from .data import SKIPPED_KEY, IndexedRows, IndexedStream, TrainingCollator, load_image_text_dataset
 from .distributed import FeatureGatherer
 from .model_card import write_model_card
-from .objectives import OBJECTIVES
+from .objectives import OBJECTIVES, CLIPObjective
 from .step import ContrastiveTrainingModule, forward_backward
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
@@ -84,6 +84,10 @@ class TrainingArguments:
     lora_dropout: float = 0.0
     lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     max_regions: int | None = field(default=None, metadata={"help": "CLOC: regions kept per image"})
+    hard_negatives: bool = field(
+        default=False,
+        metadata={"help": "CLIP: one hard-negative caption per row from its `negatives` field (NegCLIP baseline)"},
+    )
     dataloader_num_workers: int = 0
     streaming: bool = field(default=False, metadata={"help": "stream the dataset (large sets); needs --max_steps"})
     shuffle_buffer_size: int = 1000
@@ -242,7 +246,9 @@ def accelerator_processes() -> int:
 
 def train(args: TrainingArguments, family: str) -> dict:
     """Train a `family` model (`clip`, `occlip`, `cloc`) as `args` says; returns the final metrics."""
-    objective = OBJECTIVES[family]
+    if args.hard_negatives and family != "clip":
+        raise ValueError(f"--hard_negatives is the CLIP baseline's option; {family} trains without hard negatives")
+    objective = CLIPObjective(hard_negatives=True) if args.hard_negatives else OBJECTIVES[family]
     output_dir = Path(args.output_dir)
     if family == "occlip" and args.on_bad_sample == "skip" and accelerator_processes() > 1:
         # OC-CLIP's gathered loss needs equal batches on every process; a skipped row breaks that.
@@ -265,7 +271,7 @@ def train(args: TrainingArguments, family: str) -> dict:
     model_config = json.loads(base_model(model).config.to_json_string(use_diff=False))
 
     dataset = load_image_text_dataset(args.train_data, streaming=args.streaming)
-    collator = TrainingCollator(processor, family, args.on_bad_sample, args.max_regions)
+    collator = TrainingCollator(processor, family, args.on_bad_sample, args.max_regions, args.hard_negatives)
     if args.streaming:
         if not args.max_steps:
             raise ValueError("--streaming needs --max_steps (a streamed dataset has no length)")
