@@ -17,6 +17,7 @@ from training.evaluation import (
     retrieval_recall,
     topk_accuracy,
     winoground_scores,
+    zero_shot_scores,
 )
 from training.synthetic import make_synthetic_dataset
 
@@ -88,6 +89,14 @@ def test_scorer_matches_the_models_own_computations(tmp_path):
     torch.testing.assert_close(
         scorer.pair_scores(images, texts), (expected.image_embeds * expected.text_embeds).sum(-1)
     )
+    templates = ("a {}.", "a photo of a {}.")
+    classes = ["red circle", "blue square", "green cross"]
+    by_template = []
+    for template in templates:
+        ids = tokenizer([template.format(c) for c in classes], padding=True, return_tensors="pt")
+        out = cloc(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"], pixel_values=pixels)
+        by_template.append(out.image_embeds @ out.text_embeds.t())
+    torch.testing.assert_close(zero_shot_scores(scorer, images, classes, templates), sum(by_template) / 2)
     metrics = evaluate_synthetic(scorer, tmp_path / "test_seen", region_mode="model")
     assert set(metrics) >= {"region_classification", "grounding_acc50", "shape_replace"}
     assert all(0.0 <= v <= 1.0 for v in metrics.values())
@@ -105,3 +114,38 @@ def test_scorer_matches_the_models_own_computations(tmp_path):
     torch.testing.assert_close(scorer.pair_scores(images, texts), direct.diagonal())
     with pytest.raises(ValueError, match="region_scores needs a CLOC model"):
         scorer.region_scores(images, [[[0, 0, 5, 5]], [[1, 1, 9, 9]]], texts)
+
+
+class TemplateScorer:
+    """Scores that depend on the template: image i likes class i under "a {}." but class 0 under "big {}."."""
+
+    def encode_images(self, images):
+        return torch.tensor(images, dtype=torch.float)
+
+    def encode_texts(self, texts):
+        return texts
+
+    def score(self, image_ids, texts):
+        columns = []
+        for text in texts:
+            name = text.split()[-1].rstrip(".")
+            cls = int(name[1:])
+            columns.append(
+                torch.full_like(image_ids, 3.0 if cls == 0 else 0.0)
+                if text.startswith("big")
+                else (image_ids == cls).float() * 2.0
+            )
+        return torch.stack(columns, dim=1)
+
+
+def test_zero_shot_scores_average_templates():
+    scorer = TemplateScorer()
+    scores = zero_shot_scores(scorer, [0, 1, 2], ["c0", "c1", "c2"], templates=("a {}.", "big {}."))
+    # class 0: (2*[i==0] + 3) / 2; others: 2*[i==c] / 2
+    expected = torch.tensor([[2.5, 0.0, 0.0], [1.5, 1.0, 0.0], [1.5, 0.0, 1.0]])
+    torch.testing.assert_close(scores, expected)
+    assert topk_accuracy(scores, torch.tensor([0, 1, 2]), ks=(1,))["top1"] == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="exactly one"):
+        zero_shot_scores(scorer, [0], ["c0"], templates=("no slot",))
+    with pytest.raises(ValueError, match="at least one class"):
+        zero_shot_scores(scorer, [0], [])

@@ -305,3 +305,32 @@ def test_clip_hard_negatives_collate_train_and_name_missing_rows(tmp_path):
         run("clip", data, tmp_path / "out2", "--max_steps", "2", "--hard_negatives", "true", config=config)
     with pytest.raises(ValueError, match="--hard_negatives is the CLIP baseline's option"):
         run("occlip", data, tmp_path / "out3", "--max_steps", "1", "--hard_negatives", "true", config=config)
+
+
+def test_periodic_evaluation_logs_the_metrics_of_the_model_at_that_step(data, tmp_path, capsys):
+    from training.evaluation import ImageTextScorer, evaluate_rows
+
+    config = write_model_config(tmp_path / "config.json", "occlip")
+    extra = ["--max_steps", "3", "--eval_data", str(data), "--eval_steps", "2", "--eval_max_samples", "6"]
+    metrics = run("occlip", data, tmp_path / "out", *extra, config=config)
+    printed = capsys.readouterr().out
+    assert "step 2: eval/image_to_text_R@1" in printed and "step 3: eval/image_to_text_R@1" in printed
+    rows = list(load_image_text_dataset(str(data)))[:6]
+    scorer = ImageTextScorer(
+        AutoModel.from_pretrained(tmp_path / "out"), AutoProcessor.from_pretrained(tmp_path / "out"), "occlip"
+    )
+    expected = evaluate_rows(scorer, rows)
+    assert {k: metrics[f"eval/{k}"] for k in expected} == pytest.approx(expected)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "metadata.jsonl").write_text("")
+    with pytest.raises(ValueError, match="empty/metadata.jsonl is empty: no rows"):
+        run(
+            "occlip",
+            data,
+            tmp_path / "out2",
+            "--max_steps",
+            "1",
+            "--eval_data",
+            str(tmp_path / "empty"),
+            config=config,
+        )

@@ -52,7 +52,7 @@ def load_image_text_dataset(path: str, split: str = "train", streaming: bool = F
         with open(folder / "metadata.jsonl") as handle:
             first = handle.readline().strip()
         if not first:
-            raise ValueError(f"{folder / 'metadata.jsonl'} is empty: no training rows")
+            raise ValueError(f"{folder / 'metadata.jsonl'} is empty: no rows")
         columns = list(json.loads(first))
         dataset = datasets.load_dataset(
             "imagefolder", data_dir=str(folder), split=split, features=_features_for(columns), streaming=streaming

@@ -190,27 +190,69 @@ class ImageTextScorer:
         return results
 
 
+DEFAULT_TEMPLATES = ("a {}.", "a photo of a {}.", "an image of a {}.", "a picture of a {}.")
+
+
+@torch.no_grad()
+def zero_shot_scores(scorer: ImageTextScorer, images, class_names: list[str], templates=DEFAULT_TEMPLATES):
+    """Class scores `[I, C]`: each class's similarity averaged over the prompt `templates` (`"a photo of a {}."`).
+
+    Scores are averaged rather than text embeddings (CLIP's ensembling), so OC-CLIP, whose caption features are
+    scene graphs and not vectors, is ensembled the same way.
+    """
+    if not class_names:
+        raise ValueError("zero-shot classification needs at least one class name")
+    bad = [t for t in templates if t.count("{}") != 1]
+    if not templates or bad:
+        raise ValueError(f"each template needs exactly one '{{}}' for the class name; got {bad or 'no templates'}")
+    images = list(images)
+    image_features = scorer.encode_images(images)
+    total = 0
+    for template in templates:
+        total = total + scorer.score(image_features, scorer.encode_texts([template.format(c) for c in class_names]))
+    return total / len(templates)
+
+
 # ----------------------------------------------------------------------------------------------- synthetic benchmark
 
 
-def evaluate_synthetic(scorer: ImageTextScorer, folder, region_mode: str | None = None) -> dict:
-    """Metrics of one synthetic split (`training.synthetic`): pairwise accuracy per hard-negative kind, and with
-    `region_mode` (`"model"` or `"crop"`) region classification among every (colour, shape) phrase of the
-    vocabulary with ground-truth boxes; CLOC also gets grounding accuracy at IoU 0.5."""
-    from .data import load_image_text_dataset, open_image
-    from .synthetic import NEGATIVE_KINDS
+def evaluate_rows(scorer: ImageTextScorer, rows: list[dict], images=None) -> dict:
+    """Image<->text retrieval R@1/5 of `rows` (`data.md` format; one caption per image) and, where rows carry
+    `negatives`, pairwise accuracy per hard-negative kind. `images` are the rows' opened images (else opened)."""
+    from .data import open_image
 
-    rows = list(load_image_text_dataset(str(folder)))
-    images = [open_image(row, f"row {i}") for i, row in enumerate(rows)]
-    metrics = {}
-    for kind in NEGATIVE_KINDS:
+    if not rows:
+        raise ValueError("no rows to evaluate")
+    images = images if images is not None else [open_image(row, f"row {i}") for i, row in enumerate(rows)]
+    similarity = scorer.similarity(images, [row["caption"] for row in rows])
+    metrics = retrieval_recall(similarity, torch.arange(len(rows), device=similarity.device), ks=(1, 5))
+    kinds = sorted({k for row in rows for k, v in (row.get("negatives") or {}).items() if v})
+    for kind in kinds:
         chosen = [i for i, row in enumerate(rows) if (row.get("negatives") or {}).get(kind)]
-        if not chosen:
-            continue
         subset = [images[i] for i in chosen]
         positive = scorer.pair_scores(subset, [rows[i]["caption"] for i in chosen])
         negative = scorer.pair_scores(subset, [rows[i]["negatives"][kind] for i in chosen])
         metrics[kind] = pairwise_accuracy(positive, negative)
+    return metrics
+
+
+def evaluate_synthetic(scorer: ImageTextScorer, folder, region_mode: str | None = None) -> dict:
+    """Metrics of one synthetic split (`training.synthetic`): `evaluate_rows` (retrieval, pairwise accuracy per
+    hard-negative kind), zero-shot classification of one-object images among every (colour, shape) phrase
+    (`zero_shot_scores`), and with `region_mode` (`"model"` or `"crop"`) region classification among those
+    phrases with ground-truth boxes; CLOC also gets grounding accuracy at IoU 0.5."""
+    from .data import load_image_text_dataset, open_image
+
+    rows = list(load_image_text_dataset(str(folder)))
+    images = [open_image(row, f"row {i}") for i, row in enumerate(rows)]
+    metrics = evaluate_rows(scorer, rows, images)
+    single = [i for i, row in enumerate(rows) if len(row["regions"]) == 1]
+    if single and region_mode != "crop":  # zero-shot classification of one-object images among all phrases
+        names = [rows[i]["regions"][0]["text"] for i in single]
+        classes = sorted(set(names) | _vocabulary_phrases(names))
+        scores = zero_shot_scores(scorer, [images[i] for i in single], classes)
+        labels = torch.tensor([classes.index(t) for t in names], device=scores.device)
+        metrics["zero_shot"] = topk_accuracy(scores, labels, ks=(1,))["top1"]
     if region_mode is not None:
         boxes = [[region["bbox"] for region in row["regions"]] for row in rows]
         labels_text = [region["text"] for row in rows for region in row["regions"]]

@@ -34,8 +34,9 @@ from modeling_occlip import OCCLIPConfig, OCCLIPModel
 from processing import CLOCProcessor, OCCLIPProcessor
 from processing.clip_tokenizer import bundled_clip_tokenizer
 
-from .data import SKIPPED_KEY, IndexedRows, IndexedStream, TrainingCollator, load_image_text_dataset
+from .data import SKIPPED_KEY, IndexedRows, IndexedStream, TrainingCollator, load_image_text_dataset, open_image
 from .distributed import FeatureGatherer
+from .evaluation import ImageTextScorer, evaluate_rows
 from .model_card import write_model_card
 from .objectives import OBJECTIVES, CLIPObjective
 from .step import ContrastiveTrainingModule, forward_backward
@@ -54,7 +55,11 @@ class TrainingArguments:
     model_config: str | None = field(default=None, metadata={"help": "JSON config of the model (from scratch)"})
     init_from: str | None = field(default=None, metadata={"help": "folder of a transformers CLIPModel"})
     finetune_mode: str = field(default="full", metadata={"help": "full, frozen (towers frozen) or lora"})
-    eval_data: str | None = None
+    eval_data: str | None = field(
+        default=None, metadata={"help": "dataset evaluated every --eval_steps and at the end (retrieval, negatives)"}
+    )
+    eval_steps: int | None = field(default=None, metadata={"help": "evaluate every N steps (default: at the end)"})
+    eval_max_samples: int = field(default=1000, metadata={"help": "rows of --eval_data used (the first N)"})
     max_steps: int | None = None
     num_train_epochs: int = 1
     per_device_train_batch_size: int = 8
@@ -271,6 +276,9 @@ def train(args: TrainingArguments, family: str) -> dict:
     model_config = json.loads(base_model(model).config.to_json_string(use_diff=False))
 
     dataset = load_image_text_dataset(args.train_data, streaming=args.streaming)
+    evaluation_rows = None
+    if args.eval_data is not None:  # read (and checked) before training, not at the first evaluation
+        evaluation_rows = load_evaluation_rows(args.eval_data, args.eval_max_samples)
     collator = TrainingCollator(processor, family, args.on_bad_sample, args.max_regions, args.hard_negatives)
     if args.streaming:
         if not args.max_steps:
@@ -376,6 +384,8 @@ def train(args: TrainingArguments, family: str) -> dict:
                     sps=f"{metrics['samples_per_second']:.1f}",
                 )
             bar.update(1)
+            if evaluation_rows is not None and args.eval_steps and progress.step % args.eval_steps == 0:
+                metrics.update(run_evaluation(accelerator, module, processor, family, evaluation_rows, progress.step))
             if args.checkpointing_steps and progress.step % args.checkpointing_steps == 0:
                 save_checkpoint(accelerator, output_dir, progress.step, model_config, args.checkpoints_total_limit)
         else:
@@ -383,6 +393,8 @@ def train(args: TrainingArguments, family: str) -> dict:
         progress.epoch += 1
         progress.batches_in_epoch = 0
     bar.close()
+    if evaluation_rows is not None and not (args.eval_steps and progress.step % args.eval_steps == 0):
+        metrics.update(run_evaluation(accelerator, module, processor, family, evaluation_rows, progress.step))
     skipped = torch.tensor(float(progress.skipped), device=accelerator.device)
     metrics["skipped_rows"] = int(accelerator.reduce(skipped, reduction="sum").item())
     if metrics["skipped_rows"] and accelerator.is_main_process:
@@ -394,6 +406,33 @@ def train(args: TrainingArguments, family: str) -> dict:
             push_to_hub(output_dir, args.hub_model_id or output_dir.name)
     accelerator.end_training()
     return metrics
+
+
+def load_evaluation_rows(path: str, max_samples: int) -> list[dict]:
+    """The first `max_samples` rows of `--eval_data`, images opened (a bad row is an error naming it)."""
+    rows = list(itertools.islice(iter(load_image_text_dataset(path)), max_samples))
+    if not rows:
+        raise ValueError(f"--eval_data {path}: no rows")
+    for index, row in enumerate(rows):
+        caption = row.get("caption")
+        if not isinstance(caption, str) or not caption.strip():
+            raise ValueError(f"--eval_data {path}: row {index} has an empty caption")
+        row["image"] = open_image(row, f"--eval_data {path}: row {index}")
+    return rows
+
+
+def run_evaluation(accelerator: Accelerator, module, processor, family: str, rows: list[dict], step: int) -> dict:
+    """`training.evaluation.evaluate_rows` on the main process (others wait), logged as `eval/<metric>`."""
+    results = {}
+    if accelerator.is_main_process:
+        model = base_model(accelerator.unwrap_model(module).model)
+        scorer = ImageTextScorer(model, processor, family)  # puts the model in eval mode
+        results = {f"eval/{k}": v for k, v in evaluate_rows(scorer, rows, [r["image"] for r in rows]).items()}
+        model.train()
+        accelerator.log(results, step=step)
+        print(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in results.items()))
+    accelerator.wait_for_everyone()
+    return results
 
 
 def _epoch_batches(accelerator: Accelerator, loader, dataset, streaming: bool, progress: TrainingProgress):
