@@ -55,3 +55,26 @@ def test_row_checks_name_the_row_and_region():
     buffer = io.BytesIO()
     Image.new("RGB", (4, 4)).save(buffer, format="PNG")
     assert open_image({"image": {"bytes": buffer.getvalue(), "path": None}}, "row 0").size == (4, 4)
+
+
+def test_webdataset_with_empty_regions_first_keeps_later_boxes(tmp_path):
+    """Types come from the data.md schema, not from the first samples (which once made `regions` a null column)."""
+    pixels = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(pixels, format="PNG")
+
+    def shard(name: str, regions: list) -> None:
+        with tarfile.open(tmp_path / f"{name}.tar", "w") as tar:
+            for i, region_list in enumerate(regions):
+                fields = json.dumps({"caption": f"{name} {i}", "regions": region_list, "width": 8}).encode()
+                for extension, payload in (("png", pixels.getvalue()), ("json", fields)):
+                    info = tarfile.TarInfo(f"{name}{i:05d}.{extension}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+
+    shard("a", [[]] * 1001)  # more than one writer batch of empty lists
+    shard("b", [[{"bbox": [1, 2, 5, 6], "text": "red square", "score": 0.5}]] * 2)
+    for streaming in (False, True):
+        rows = list(load_image_text_dataset(str(tmp_path), streaming=streaming))
+        assert len(rows) == 1003 and rows[0]["regions"] == [] and rows[0]["width"] == 8
+        assert rows[-1]["regions"] == [{"bbox": [1.0, 2.0, 5.0, 6.0], "text": "red square", "score": 0.5}]
+        assert check_regions(rows[-1]["regions"], "row") == ([[1.0, 2.0, 5.0, 6.0]], ["red square"])

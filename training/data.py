@@ -9,6 +9,7 @@ import glob
 import io
 import json
 import math
+import tarfile
 from pathlib import Path
 
 import datasets
@@ -61,10 +62,11 @@ def load_image_text_dataset(path: str, split: str = "train", streaming: bool = F
         dataset = datasets.load_dataset("parquet", data_files=files, split="train", streaming=streaming)
         dataset = dataset.cast_column("image", Image(decode=False))
     elif files := _data_files(path, ".tar"):
-        dataset = datasets.load_dataset("webdataset", data_files=files, split="train", streaming=streaming)
-        dataset = dataset.map(_from_webdataset, remove_columns=list(dataset.column_names or []))
-        if not streaming:
-            dataset = dataset.cast_column("image", Image(decode=False))
+        shard_features, row_features = _webdataset_features(files[0])
+        dataset = datasets.load_dataset(
+            "webdataset", data_files=files, split="train", streaming=streaming, features=shard_features
+        )
+        dataset = dataset.map(_from_webdataset, remove_columns=list(shard_features), features=row_features)
     else:
         raise ValueError(
             f"--train_data {path}: expected a folder with metadata.jsonl, Parquet files or WebDataset .tar shards"
@@ -85,8 +87,46 @@ def _data_files(path: str, suffix: str) -> list[str]:
     return sorted(glob.glob(str(path))) if str(path).endswith(suffix) else []
 
 
+IMAGE_EXTENSIONS = ("jpg", "png", "webp", "jpeg")
+
+
+def _webdataset_features(first_shard: str) -> tuple[Features, Features]:
+    """Explicit features of WebDataset samples and of the rows made from them, from the first sample of
+    `first_shard` (image extension, extra json fields). Inferred types break when the first samples have, say,
+    `"regions": []` and later ones boxes."""
+    extensions, fields = set(), {}
+    with tarfile.open(first_shard) as tar:
+        first_key = None
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, extension = member.name.partition(".")
+            if first_key is not None and key != first_key:
+                break
+            first_key = key
+            extensions.add(extension.lower())
+            if extension.lower() == "json":
+                fields = json.loads(tar.extractfile(member).read())
+    images = [e for e in IMAGE_EXTENSIONS if e in extensions]
+    if not images or "json" not in extensions:
+        raise ValueError(f"{first_shard}: the first sample needs an image ({'/'.join(IMAGE_EXTENSIONS)}) and a json")
+    extra = {k: _scalar_feature(k, v, first_shard) for k, v in fields.items() if k not in FIELD_FEATURES}
+    json_fields = {**extra, **FIELD_FEATURES}
+    columns = {"__key__": Value("string"), "__url__": Value("string"), "json": json_fields}
+    shard = Features({**columns, **{e: Image(decode=False) for e in images}})
+    return shard, Features({"image": Image(decode=False), **json_fields})
+
+
+def _scalar_feature(name: str, value, where: str) -> Value:
+    """The feature of an extra (non-`data.md`) json field: a string, number or bool."""
+    for kind, feature in ((bool, "bool"), (int, "int64"), (float, "float64"), (str, "string")):
+        if isinstance(value, kind):
+            return Value(feature)
+    raise ValueError(f"{where}: json field {name!r} is not in data.md and not a string, number or bool")
+
+
 def _from_webdataset(sample: dict) -> dict:
-    image = next((sample[k] for k in ("jpg", "png", "webp", "jpeg") if sample.get(k) is not None), None)
+    image = next((sample[k] for k in IMAGE_EXTENSIONS if sample.get(k) is not None), None)
     fields = sample.get("json") or {}
     if isinstance(fields, (bytes, str)):
         fields = json.loads(fields)
