@@ -29,6 +29,7 @@ from training.trainer import TrainingArguments, train
 # model name -> (trainer family, extra config, how regions are evaluated)
 MODELS = {
     "clip": ("clip", {}, None),
+    "clip_hard_negatives": ("clip", {}, None),  # trained with one hard-negative caption per image (NegCLIP)
     "occlip": ("occlip", {}, None),
     "cloc": ("cloc", {}, "model"),
     "cloc_roi": ("cloc", {"region_head": "roi_align"}, "model"),
@@ -95,6 +96,7 @@ def train_one(name: str, args: BenchmarkArguments, data: Path, seed: int, out: P
             seed=seed,
             logging_steps=max(1, steps // 10),
             max_regions=4,
+            hard_negatives=name == "clip_hard_negatives",
             disable_tqdm=args.disable_tqdm,
         ),
         family,

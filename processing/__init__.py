@@ -14,8 +14,10 @@ from .dataset_parsing import add_scene_graphs
 from .llm_parser import LLMSceneGraphParser
 from .processing_cloc import CLOCProcessor
 from .processing_occlip import OCCLIPProcessor
+from .region_phrases import alt_text_ngrams, extract_region_phrases
 from .rule_parser import RuleSceneGraphParser
 from .scene_graph import SceneGraph, SceneObject, SceneRelation
+from .vesl import ImageCaptioner, OwlV2RegionDetector, VeslArguments, VeslStats, annotate
 
 AutoProcessor.register(OCCLIPConfig, OCCLIPProcessor, exist_ok=True)
 OCCLIPProcessor.register_for_auto_class("AutoProcessor")
@@ -24,12 +26,19 @@ CLOCProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
     "CLOCProcessor",
+    "ImageCaptioner",
     "LLMSceneGraphParser",
     "OCCLIPProcessor",
+    "OwlV2RegionDetector",
     "RuleSceneGraphParser",
     "SceneGraph",
     "SceneObject",
     "SceneRelation",
+    "VeslArguments",
+    "VeslStats",
     "add_scene_graphs",
+    "alt_text_ngrams",
+    "annotate",
     "bundled_clip_tokenizer",
+    "extract_region_phrases",
 ]

@@ -12,14 +12,14 @@ def test_demo_pipeline_writes_results_models_and_pictures(tmp_path, capsys):
     argv += ["--layers", "1", "--per_device_train_batch_size", "8", "--disable_tqdm", "true"]
     results = synthetic_benchmark.main(argv)
     assert json.loads((tmp_path / "results.json").read_text()) == results
-    assert set(results) == {"clip", "occlip", "cloc", "cloc_roi", "clip_crop"}
+    assert set(results) == {"clip", "clip_hard_negatives", "occlip", "cloc", "cloc_roi", "clip_crop"}
     pairs = {"attribute_swap", "relation_swap", "shape_replace", "colour_replace"}
-    for name in ("clip", "occlip"):
+    for name in ("clip", "clip_hard_negatives", "occlip"):
         assert set(results[name]) == {"seen", "unseen"} and pairs <= set(results[name]["unseen"])
     assert {"region_classification", "grounding_acc50"} <= set(results["cloc"]["unseen"])
     assert set(results["clip_crop"]["seen"]) == {"region_classification"}
     assert all(0 <= v <= 1 for splits in results.values() for m in splits.values() for v in m.values())
-    for name in ("clip", "occlip", "cloc", "cloc_roi"):
+    for name in ("clip", "clip_hard_negatives", "occlip", "cloc", "cloc_roi"):
         assert type(AutoModel.from_pretrained(tmp_path / name)).__name__.lower().startswith(name.split("_")[0][:4])
         AutoProcessor.from_pretrained(tmp_path / name)
     assert (tmp_path / "results.png").stat().st_size > 0 and (tmp_path / "binding_maps.png").stat().st_size > 0
