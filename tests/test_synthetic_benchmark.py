@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from transformers import AutoModel, AutoProcessor
 
 from examples import synthetic_benchmark
@@ -24,3 +25,18 @@ def test_demo_pipeline_writes_results_models_and_pictures(tmp_path, capsys):
         AutoProcessor.from_pretrained(tmp_path / name)
     assert (tmp_path / "results.png").stat().st_size > 0 and (tmp_path / "binding_maps.png").stat().st_size > 0
     assert "targets:" in capsys.readouterr().out
+
+
+def test_full_mode_summary_is_mean_and_std_over_seeds(capsys):
+    runs = [
+        {"occlip": {"unseen": {"attribute_swap": 0.5, "relation_swap": 0.25}}},
+        {"occlip": {"unseen": {"attribute_swap": 0.7, "relation_swap": 0.25}}},
+        {"occlip": {"unseen": {"attribute_swap": 0.9, "relation_swap": 0.25}}},
+    ]
+    summary = synthetic_benchmark.summarise(runs)["occlip"]["unseen"]
+    # mean 0.7; sample std of (0.5, 0.7, 0.9) = sqrt((0.04 + 0 + 0.04) / 2) = 0.2
+    assert summary["attribute_swap"] == pytest.approx(0.7) and summary["attribute_swap_std"] == pytest.approx(0.2)
+    assert summary["relation_swap"] == pytest.approx(0.25) and summary["relation_swap_std"] == pytest.approx(0.0)
+    assert "attribute_swap_std" not in synthetic_benchmark.summarise(runs[:1])["occlip"]["unseen"]
+    table = synthetic_benchmark.print_table({"occlip": {"unseen": summary}})
+    assert "0.700±0.200" in table and "0.250±0.000" in table
