@@ -65,15 +65,14 @@ def padded_square_boxes_to_pixels(boxes: torch.Tensor, width: int, height: int) 
     return torch.minimum(corners.clamp(min=0), limits)
 
 
-def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
-    """Pairwise IoU `[N, M]` of xyxy boxes (0 where a union is empty)."""
-    area1 = (boxes1[:, 2] - boxes1[:, 0]).clamp(min=0) * (boxes1[:, 3] - boxes1[:, 1]).clamp(min=0)
-    area2 = (boxes2[:, 2] - boxes2[:, 0]).clamp(min=0) * (boxes2[:, 3] - boxes2[:, 1]).clamp(min=0)
-    top_left = torch.maximum(boxes1[:, None, :2], boxes2[None, :, :2])
-    bottom_right = torch.minimum(boxes1[:, None, 2:], boxes2[None, :, 2:])
-    inter = (bottom_right - top_left).clamp(min=0).prod(-1)
-    union = area1[:, None] + area2[None, :] - inter
-    return torch.where(union > 0, inter / union.clamp(min=1e-12), torch.zeros_like(inter))
+def box_iou(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """IoU of xyxy boxes `[..., 4]`, broadcast over the leading dims (`box_iou(a[:, None], b[None])` is pairwise);
+    0 where a union is empty."""
+    lo = torch.maximum(first[..., :2], second[..., :2])
+    hi = torch.minimum(first[..., 2:], second[..., 2:])
+    inter = (hi - lo).clamp(min=0).prod(-1)
+    area = lambda b: (b[..., 2:] - b[..., :2]).clamp(min=0).prod(-1)  # noqa: E731
+    return inter / (area(first) + area(second) - inter).clamp(min=1e-12)
 
 
 def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
@@ -83,7 +82,7 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
     the earlier box (stable sort), so the result is deterministic.
     """
     order = torch.sort(scores, descending=True, stable=True).indices
-    iou = box_iou(boxes[order], boxes[order])
+    iou = box_iou(boxes[order, None], boxes[None, order])
     suppressed = torch.zeros(len(order), dtype=torch.bool)
     kept = []
     for rank in range(len(order)):

@@ -5,6 +5,8 @@ the Hub) and an `ImageTextScorer` that turns any of the three models plus its pr
 import torch
 from torch import nn
 
+from processing.vesl import box_iou  # noqa: F401  (re-exported: one box IoU for NMS and evaluation)
+
 # ----------------------------------------------------------------------------------------------- metrics
 
 
@@ -46,15 +48,6 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict
     """Top-k accuracy of `logits` `[N, C]` against `labels` `[N]`."""
     ranked = logits.argsort(dim=1, descending=True)
     return {f"top{k}": (ranked[:, :k] == labels[:, None]).any(1).float().mean().item() for k in ks}
-
-
-def box_iou(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """Elementwise IoU of xyxy boxes `[..., 4]`."""
-    lo = torch.maximum(first[..., :2], second[..., :2])
-    hi = torch.minimum(first[..., 2:], second[..., 2:])
-    inter = (hi - lo).clamp(min=0).prod(-1)
-    area = lambda b: (b[..., 2:] - b[..., :2]).clamp(min=0).prod(-1)  # noqa: E731
-    return inter / (area(first) + area(second) - inter).clamp(min=1e-12)
 
 
 def grounding_accuracy(predicted: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> float:
@@ -238,21 +231,13 @@ def evaluate_rows(scorer: ImageTextScorer, rows: list[dict], images=None) -> dic
 
 def evaluate_synthetic(scorer: ImageTextScorer, folder, region_mode: str | None = None) -> dict:
     """Metrics of one synthetic split (`training.synthetic`): `evaluate_rows` (retrieval, pairwise accuracy per
-    hard-negative kind), zero-shot classification of one-object images among every (colour, shape) phrase
-    (`zero_shot_scores`), and with `region_mode` (`"model"` or `"crop"`) region classification among those
-    phrases with ground-truth boxes; CLOC also gets grounding accuracy at IoU 0.5."""
+    hard-negative kind), and with `region_mode` (`"model"` or `"crop"`) region classification among every
+    (colour, shape) phrase of the vocabulary with ground-truth boxes; CLOC also gets grounding accuracy at IoU 0.5."""
     from .data import load_image_text_dataset, open_image
 
     rows = list(load_image_text_dataset(str(folder)))
     images = [open_image(row, f"row {i}") for i, row in enumerate(rows)]
     metrics = evaluate_rows(scorer, rows, images)
-    single = [i for i, row in enumerate(rows) if len(row["regions"]) == 1]
-    if single and region_mode != "crop":  # zero-shot classification of one-object images among all phrases
-        names = [rows[i]["regions"][0]["text"] for i in single]
-        classes = sorted(set(names) | _vocabulary_phrases(names))
-        scores = zero_shot_scores(scorer, [images[i] for i in single], classes)
-        labels = torch.tensor([classes.index(t) for t in names], device=scores.device)
-        metrics["zero_shot"] = topk_accuracy(scores, labels, ks=(1,))["top1"]
     if region_mode is not None:
         boxes = [[region["bbox"] for region in row["regions"]] for row in rows]
         labels_text = [region["text"] for row in rows for region in row["regions"]]

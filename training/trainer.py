@@ -340,6 +340,7 @@ def train(args: TrainingArguments, family: str) -> dict:
         desc=f"train {family}",
     )
     metrics, started, samples = {}, time.perf_counter(), 0
+    evaluated_step = None  # the final model is evaluated unless the last step already was
     per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     while progress.step < max_steps:
         batches = _epoch_batches(accelerator, loader, dataset, args.streaming, progress)
@@ -386,6 +387,7 @@ def train(args: TrainingArguments, family: str) -> dict:
             bar.update(1)
             if evaluation_rows is not None and args.eval_steps and progress.step % args.eval_steps == 0:
                 metrics.update(run_evaluation(accelerator, module, processor, family, evaluation_rows, progress.step))
+                evaluated_step = progress.step
             if args.checkpointing_steps and progress.step % args.checkpointing_steps == 0:
                 save_checkpoint(accelerator, output_dir, progress.step, model_config, args.checkpoints_total_limit)
         else:
@@ -393,7 +395,7 @@ def train(args: TrainingArguments, family: str) -> dict:
         progress.epoch += 1
         progress.batches_in_epoch = 0
     bar.close()
-    if evaluation_rows is not None and not (args.eval_steps and progress.step % args.eval_steps == 0):
+    if evaluation_rows is not None and evaluated_step != progress.step:
         metrics.update(run_evaluation(accelerator, module, processor, family, evaluation_rows, progress.step))
     skipped = torch.tensor(float(progress.skipped), device=accelerator.device)
     metrics["skipped_rows"] = int(accelerator.reduce(skipped, reduction="sum").item())
