@@ -1,5 +1,7 @@
-"""Synthetic scene generator: determinism, geometry of relations, tight boxes, no overlaps, held-out pairs."""
+"""Synthetic scene generator: determinism, geometry of relations, tight boxes, no overlaps, held-out pairs,
+jitter (sizes and background) and the validation / plain test splits."""
 
+import hashlib
 import json
 import random
 
@@ -11,12 +13,18 @@ from training.data import load_image_text_dataset, open_image
 from training.synthetic import (
     BACKGROUND,
     COLOURS,
+    JITTER_GREY,
     SceneConfig,
+    SceneObject,
+    describe_scene,
     generate_scene,
     held_out_pairs,
+    make_synthetic_dataset,
     object_pairs,
     relation_between,
 )
+
+ALL_SPLITS = ("train", "test_seen", "test_unseen", "val_seen", "val_unseen", "test_seen_plain", "test_unseen_plain")
 
 
 def scenes(count=60, seed=0, **config):
@@ -25,23 +33,45 @@ def scenes(count=60, seed=0, **config):
     return [generate_scene(rng, config) for _ in range(count)]
 
 
-def test_same_seed_same_dataset_other_seed_differs(tmp_path):
-    make_synthetic_data.main(["--output_dir", str(tmp_path / "a"), "--num_images", "20", "--seed", "3"])
-    make_synthetic_data.main(["--output_dir", str(tmp_path / "b"), "--num_images", "20", "--seed", "3"])
-    make_synthetic_data.main(["--output_dir", str(tmp_path / "c"), "--num_images", "20", "--seed", "4"])
-    for split in ("train", "test_seen", "test_unseen"):
-        a = (tmp_path / "a" / split / "metadata.jsonl").read_text()
-        assert a == (tmp_path / "b" / split / "metadata.jsonl").read_text()
-        assert (tmp_path / "a" / split / "000000.png").read_bytes() == (
-            tmp_path / "b" / split / "000000.png"
-        ).read_bytes()
-    assert (tmp_path / "a/train/metadata.jsonl").read_text() != (tmp_path / "c/train/metadata.jsonl").read_text()
+def folder_bytes(folder) -> dict:
+    return {f.name: f.read_bytes() for f in sorted(folder.iterdir())}
 
 
-def test_relations_follow_box_geometry_and_boxes_are_tight_and_apart():
-    for image, sample in scenes(80, use_sizes=True):
+def image_hashes(folder) -> set:
+    return {hashlib.sha256(f.read_bytes()).hexdigest() for f in folder.glob("*.png")}
+
+
+@pytest.mark.parametrize("flags", [[], ["--jitter"]])
+def test_same_seed_same_dataset_other_seed_differs(tmp_path, flags):
+    run = lambda name, seed: make_synthetic_data.main(  # noqa: E731
+        ["--output_dir", str(tmp_path / name), "--num_images", "20", "--seed", str(seed), *flags]
+    )
+    counts = run("a", 3)
+    assert run("b", 3) == counts and run("c", 4) == counts
+    expected = ALL_SPLITS if flags else ALL_SPLITS[:5]
+    assert set(counts) == set(expected) and {p.name for p in (tmp_path / "a").iterdir() if p.is_dir()} == set(counts)
+    for split in counts:
+        assert folder_bytes(tmp_path / "a" / split) == folder_bytes(tmp_path / "b" / split), split
+        assert folder_bytes(tmp_path / "a" / split) != folder_bytes(tmp_path / "c" / split), split
+
+
+def test_validation_and_plain_splits_do_not_change_train_or_test(tmp_path):
+    for jitter in (False, True):
+        config = SceneConfig(jitter=jitter)
+        with_val = make_synthetic_dataset(tmp_path / f"v{jitter}", 15, seed=2, config=config)
+        without = make_synthetic_dataset(tmp_path / f"n{jitter}", 15, seed=2, config=config, validation=False)
+        assert set(with_val) - set(without) == {"val_seen", "val_unseen"}
+        for split in without:
+            assert folder_bytes(tmp_path / f"v{jitter}" / split) == folder_bytes(tmp_path / f"n{jitter}" / split)
+
+
+@pytest.mark.parametrize("config", [{"use_sizes": True}, {"jitter": True}])
+def test_relations_follow_box_geometry_and_boxes_are_tight_and_apart(config):
+    for image, sample in scenes(80, **config):
         pixels = np.asarray(image).astype(int)
-        drawn = np.abs(pixels - np.array(BACKGROUND)).sum(-1) > 0
+        background = pixels[0, 0]  # the margin keeps the border clear
+        assert config.get("jitter") or tuple(background) == BACKGROUND
+        drawn = np.abs(pixels - background).sum(-1) > 0
         covered = np.zeros_like(drawn)
         boxes = [region["bbox"] for region in sample["regions"]]
         for region, obj in zip(sample["regions"], sample["scene_graph"]["objects"]):
@@ -94,9 +124,41 @@ def test_negatives_differ_from_the_caption_in_the_named_way():
             assert set(negatives) <= {"shape_replace", "colour_replace"}
 
 
+def test_jittered_sides_span_the_range_and_background_greys_vary():
+    size = 64
+    sides, greys = [], set()
+    for image, sample in scenes(300, seed=5, jitter=True, image_size=size):
+        pixel = image.getpixel((0, 0))
+        assert pixel[0] == pixel[1] == pixel[2] and JITTER_GREY[0] <= pixel[0] <= JITTER_GREY[1]
+        greys.add(pixel[0])
+        for region in sample["regions"]:
+            x0, y0, x1, y1 = region["bbox"]
+            sides.append(max(x1 - x0, y1 - y0))
+    assert min(sides) < 0.21 * size and max(sides) > 0.31 * size
+    assert round(0.19 * size) <= min(sides) and max(sides) <= round(0.33 * size)
+    assert min(greys) <= 190 and max(greys) >= 210 and len(greys) >= 20
+    plain = {image.getpixel((0, 0)) for image, _ in scenes(30)}
+    assert plain == {BACKGROUND}
+
+
+def test_jittered_text_equals_the_unjittered_description_of_the_same_objects():
+    words = {"small", "medium", "large"}
+    for _, sample in scenes(80, seed=7, jitter=True):
+        objects = [
+            SceneObject(o["name"], o["attributes"][-1], "medium", [int(v) for v in region["bbox"]])
+            for o, region in zip(sample["scene_graph"]["objects"], sample["regions"])
+        ]
+        expected = describe_scene(objects, SceneConfig(), random.Random(0))
+        for key in ("caption", "scene_graph", "regions"):
+            assert sample[key] == expected[key], key
+        assert not words & set(sample["caption"].split())
+        assert all(len(o["attributes"]) == 1 for o in sample["scene_graph"]["objects"])
+
+
 def test_held_out_pairs_never_appear_in_training(tmp_path):
-    counts = make_synthetic_data.main(["--output_dir", str(tmp_path), "--num_images", "60", "--seed", "1"])
-    assert counts == {"train": 60, "test_seen": 12, "test_unseen": 12}
+    argv = ["--output_dir", str(tmp_path), "--num_images", "60", "--seed", "1", "--jitter", "true"]
+    counts = make_synthetic_data.main(argv)
+    assert counts == {"train": 60, **{split: 12 for split in ALL_SPLITS[1:]}}
     held = {frozenset(tuple(o) for o in pair) for pair in json.loads((tmp_path / "held_out_pairs.json").read_text())}
     assert held == held_out_pairs(SceneConfig(), 1) and len(held) == round(0.3 * 435)
 
@@ -105,10 +167,33 @@ def test_held_out_pairs_never_appear_in_training(tmp_path):
         return {frozenset(p) for i, a in enumerate(objects) for p in [(a, b) for b in objects[i + 1 :]]}
 
     rows = {s: load_image_text_dataset(str(tmp_path / s)) for s in counts}
-    assert all(not (pairs(r) & held) for r in rows["train"]) and all(not (pairs(r) & held) for r in rows["test_seen"])
-    assert all(pairs(r) & held for r in rows["test_unseen"])
+    for split in ("train", "test_seen", "val_seen", "test_seen_plain"):
+        assert all(not (pairs(r) & held) for r in rows[split]), split
+    for split in ("test_unseen", "val_unseen", "test_unseen_plain"):
+        assert all(pairs(r) & held for r in rows[split]), split
+    for split in ALL_SPLITS[1:]:
+        assert all(len(r["regions"]) == 2 for r in rows[split]), split
     first = rows["train"][0]
     assert open_image(first, "row 0").size == (64, 64) and first["regions"][0]["text"]
+    # plain splits: fixed medium side (16 px) on the fixed background
+    for split in ("test_seen_plain", "test_unseen_plain"):
+        for row in rows[split]:
+            assert open_image(row, split).getpixel((0, 0)) == BACKGROUND
+            assert all(r["bbox"][2] - r["bbox"][0] == 16 for r in row["regions"])
+    hashes = {split: image_hashes(tmp_path / split) for split in counts}
+    for val in ("val_seen", "val_unseen"):
+        assert len(hashes[val]) == 12
+        for other in counts:
+            if other != val:
+                assert not hashes[val] & hashes[other], (val, other)
+    captions = {s: {r["caption"] for r in rows[s]} for s in counts}
+    assert captions["val_unseen"] != captions["test_unseen"]
+
+
+def test_no_held_out_pairs_means_no_unseen_splits(tmp_path):
+    config = SceneConfig(held_out_fraction=0.0, jitter=True)
+    counts = make_synthetic_dataset(tmp_path, 5, seed=0, config=config)
+    assert counts == {"train": 5, "test_seen": 1, "val_seen": 1, "test_seen_plain": 1}
 
 
 def test_bad_config_is_refused():
@@ -116,4 +201,6 @@ def test_bad_config_is_refused():
         SceneConfig(max_objects=4)
     with pytest.raises(ValueError, match="unknown colours"):
         SceneConfig(colours=("red", "teal"))
+    with pytest.raises(ValueError, match="jitter and use_sizes cannot be combined"):
+        SceneConfig(jitter=True, use_sizes=True)
     assert object_pairs([]) == set()

@@ -1,16 +1,18 @@
 """Procedural scenes for the offline binding and localisation benchmark (documented in the README).
 
 Each image (default 64 x 64) shows 1-3 non-overlapping objects on a plain background. An object has a shape, a
-colour and optionally a size. Every sample carries a templated caption, its gold scene graph, tight pixel boxes
+colour and optionally a size; `SceneConfig.jitter` varies object sides and the grey of the background without
+changing any text. Every sample carries a templated caption, its gold scene graph, tight pixel boxes
 with region captions, relations read off the geometry (the dominant axis between box centres), and hard negative
 captions for evaluation. Splits follow the seen/unseen-pair protocol: a seeded fraction of the pairs of
-(colour, shape) objects never appears together in training.
+(colour, shape) objects never appears together in training. Validation splits (and, with jitter, unjittered
+test splits) come from their own seeded streams so that the training and test images never depend on them.
 """
 
 import itertools
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -26,6 +28,8 @@ COLOURS = {
 }
 BACKGROUND = (200, 200, 200)
 SIZES = {"small": 0.19, "medium": 0.25, "large": 0.31}  # object side as a fraction of the image side
+JITTER_SIDE = (0.19, 0.33)  # with jitter: object side uniform in this range (fraction of the image side)
+JITTER_GREY = (185, 215)  # with jitter: background (g, g, g), g uniform in this range per image
 NEGATIVE_KINDS = ("attribute_swap", "relation_swap", "shape_replace", "colour_replace")
 INVERSE = {
     "to the left of": "to the right of",
@@ -37,7 +41,12 @@ INVERSE = {
 
 @dataclass
 class SceneConfig:
-    """What the generator draws. `use_sizes` adds small/large objects (and the words to captions)."""
+    """What the generator draws.
+
+    `use_sizes` adds small/large objects (and the words to captions). `jitter` draws each object's side uniformly
+    in `JITTER_SIDE` and a per-image grey background in `JITTER_GREY`, leaving captions, graphs and region texts
+    as without it.
+    """
 
     image_size: int = 64
     min_objects: int = 1
@@ -47,8 +56,12 @@ class SceneConfig:
     shapes: tuple = SHAPES
     colours: tuple = tuple(COLOURS)
     margin: int = 2
+    jitter: bool = False
 
     def __post_init__(self):
+        if self.jitter and self.use_sizes:
+            # a jittered side would contradict the size word in the caption
+            raise ValueError("jitter and use_sizes cannot be combined: jittered sides would make size words lie")
         if not 1 <= self.min_objects <= self.max_objects <= 3:
             raise ValueError("objects per image must satisfy 1 <= min_objects <= max_objects <= 3")
         if not 0.0 <= self.held_out_fraction < 1.0:
@@ -158,6 +171,17 @@ def _negatives(objects: list, relations: list, config: SceneConfig, rng: random.
     return {k: v for k, v in negatives.items() if v != positive}
 
 
+def describe_scene(objects: list, config: SceneConfig, rng: random.Random) -> dict:
+    """The sample dict (caption, graph, regions, negatives) of placed objects; relations come from their boxes."""
+    relations = [(i, relation_between(objects[i].box, objects[i + 1].box), i + 1) for i in range(len(objects) - 1)]
+    return {
+        "caption": _caption(objects, relations, config.use_sizes),
+        "scene_graph": _graph(objects, relations, config.use_sizes),
+        "regions": [{"bbox": [float(v) for v in o.box], "text": o.phrase(config.use_sizes)} for o in objects],
+        "negatives": _negatives(objects, relations, config, rng),
+    }
+
+
 def generate_scene(rng: random.Random, config: SceneConfig, allowed=None, num_objects: int | None = None):
     """One `(image, sample dict)`; `allowed(objects) -> bool` rejects object sets (used for the pair splits)."""
     count = num_objects or rng.randint(config.min_objects, config.max_objects)
@@ -172,11 +196,14 @@ def generate_scene(rng: random.Random, config: SceneConfig, allowed=None, num_ob
         ]
         if len({o.combo for o in objects}) == count and (allowed is None or allowed(objects)):
             break
-    image = Image.new("RGB", (config.image_size, config.image_size), BACKGROUND)
+    # Jitter draws only happen when it is on, so unjittered data keeps the exact random stream (and bytes).
+    background = (rng.randint(*JITTER_GREY),) * 3 if config.jitter else BACKGROUND
+    image = Image.new("RGB", (config.image_size, config.image_size), background)
     draw = ImageDraw.Draw(image)
     placed = []
     for obj in objects:
-        side = max(6, int(round(SIZES[obj.size] * config.image_size)))
+        fraction = rng.uniform(*JITTER_SIDE) if config.jitter else SIZES[obj.size]
+        side = max(6, int(round(fraction * config.image_size)))
         for _ in range(1000):
             x = rng.randint(config.margin, config.image_size - side - config.margin)
             y = rng.randint(config.margin, config.image_size - side - config.margin)
@@ -193,14 +220,7 @@ def generate_scene(rng: random.Random, config: SceneConfig, allowed=None, num_ob
         _draw(ImageDraw.Draw(mask), obj.shape, x, y, side, 255)
         obj.box = list(mask.getbbox())  # tight on the drawn pixels
         _draw(draw, obj.shape, x, y, side, COLOURS[obj.colour])
-    relations = [(i, relation_between(objects[i].box, objects[i + 1].box), i + 1) for i in range(count - 1)]
-    sample = {
-        "caption": _caption(objects, relations, config.use_sizes),
-        "scene_graph": _graph(objects, relations, config.use_sizes),
-        "regions": [{"bbox": [float(v) for v in o.box], "text": o.phrase(config.use_sizes)} for o in objects],
-        "negatives": _negatives(objects, relations, config, rng),
-    }
-    return image, sample
+    return image, describe_scene(objects, config, rng)
 
 
 def object_pairs(objects) -> set:
@@ -219,27 +239,45 @@ def write_split(folder: Path, samples: list) -> Path:
     return folder
 
 
-def make_synthetic_dataset(
-    output_dir: str | Path, num_images: int, seed: int = 0, config: SceneConfig | None = None, test_fraction=0.2
-) -> dict:
-    """Write `train/`, `test_seen/` and `test_unseen/` imagefolders; returns `{split: row count}`.
+def _pair_splits(prefix: str, rng: random.Random, config: SceneConfig, held_out: set, count: int) -> dict:
+    """Two-object `{prefix}seen` / `{prefix}unseen` splits (the latter only when pairs are held out)."""
+    seen = lambda objects: not (object_pairs(objects) & held_out)  # noqa: E731
+    unseen = lambda objects: bool(object_pairs(objects) & held_out)  # noqa: E731
+    splits = {f"{prefix}seen": [generate_scene(rng, config, seen, num_objects=2) for _ in range(count)]}
+    if held_out:
+        splits[f"{prefix}unseen"] = [generate_scene(rng, config, unseen, num_objects=2) for _ in range(count)]
+    return splits
 
-    Training and seen-pair test images only hold pairs outside the held-out set; unseen-pair test images are
-    two-object scenes whose pair is held out. `num_images` counts training images; each test split gets
-    `test_fraction` of it (at least 1).
+
+def make_synthetic_dataset(
+    output_dir: str | Path,
+    num_images: int,
+    seed: int = 0,
+    config: SceneConfig | None = None,
+    test_fraction=0.2,
+    validation: bool = True,
+) -> dict:
+    """Write the split imagefolders and `held_out_pairs.json`; returns `{split: row count}`.
+
+    `train/` and seen-pair splits only hold pairs outside the held-out set; unseen-pair splits are two-object
+    scenes whose pair is held out. `num_images` counts training images; every other split gets `test_fraction`
+    of it (at least 1). Splits: `train`, `test_seen`, `test_unseen`; with `validation`, `val_seen`, `val_unseen`
+    (model selection); with `config.jitter`, also `test_seen_plain`, `test_unseen_plain` (same pairs, jitter off).
+    Validation and plain splits use their own seeded streams: `train`/`test_*` bytes do not depend on them.
     """
     config = config or SceneConfig()
     held_out = held_out_pairs(config, seed)
     rng = random.Random(seed)
     seen = lambda objects: not (object_pairs(objects) & held_out)  # noqa: E731
-    unseen = lambda objects: bool(object_pairs(objects) & held_out)  # noqa: E731
     test_count = max(1, int(round(test_fraction * num_images)))
-    splits = {
-        "train": [generate_scene(rng, config, seen) for _ in range(num_images)],
-        "test_seen": [generate_scene(rng, config, seen, num_objects=2) for _ in range(test_count)],
-    }
-    if held_out:
-        splits["test_unseen"] = [generate_scene(rng, config, unseen, num_objects=2) for _ in range(test_count)]
+    splits = {"train": [generate_scene(rng, config, seen) for _ in range(num_images)]}
+    splits.update(_pair_splits("test_", rng, config, held_out, test_count))
+    if validation:
+        splits.update(_pair_splits("val_", random.Random(f"{seed}:val"), config, held_out, test_count))
+    if config.jitter:
+        plain = replace(config, jitter=False)
+        plain_splits = _pair_splits("test_", random.Random(f"{seed}:plain"), plain, held_out, test_count)
+        splits.update({f"{name}_plain": samples for name, samples in plain_splits.items()})
     output_dir = Path(output_dir)
     for name, samples in splits.items():
         write_split(output_dir / name, samples)
