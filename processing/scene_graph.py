@@ -3,12 +3,44 @@
 JSON form (spec `occlip.md` §4)::
 
     {"objects": [{"name": "cube", "attributes": ["red"]}, {"name": "sphere", "attributes": ["blue"]}],
-     "relations": [{"subject": 0, "predicate": "left of", "object": 1}]}
+     "relations": [{"subject": 0, "predicate": "to the left of", "object": 1}]}
 
-Node text is the attributes followed by the name ("red cube"); relation text is the predicate ("left of").
+Node text is the attributes followed by the name ("red cube"); relation text is the predicate ("to the left of").
+
+Every graph the processor sees, given by the user, stored in a dataset or parsed from a caption, goes through
+`canonicalize_scene_graph`, so that the same scene always becomes the same tensors.
 """
 
 from dataclasses import dataclass, field
+
+# One spelling per spatial predicate. Multi-word predicates stay whole: they are the phrases captions (and the
+# synthetic generator) use, so training graphs and parsed graphs read the same.
+MULTIWORD_PREDICATES = (
+    "to the left of",
+    "to the right of",
+    "in front of",
+    "on top of",
+    "in the middle of",
+    "next to",
+    "close to",
+)
+PREDICATE_VARIANTS = {
+    "left of": "to the left of",
+    "on the left of": "to the left of",
+    "at the left of": "to the left of",
+    "to the left side of": "to the left of",
+    "on the left side of": "to the left of",
+    "right of": "to the right of",
+    "on the right of": "to the right of",
+    "at the right of": "to the right of",
+    "to the right side of": "to the right of",
+    "on the right side of": "to the right of",
+    "in the front of": "in front of",
+    "at the top of": "on top of",
+    "on the top of": "on top of",
+    "on the side of": "beside",
+    "in between": "between",
+}
 
 _OBJECT_KEYS = {"name", "attributes"}
 _RELATION_KEYS = {"subject", "predicate", "object"}
@@ -130,26 +162,8 @@ class SceneGraph:
 
     @property
     def relation_texts(self) -> list[str]:
-        """Text of each relation: its predicate ("left of")."""
+        """Text of each relation: its predicate ("to the left of")."""
         return [r.predicate for r in self.relations]
-
-    def merge_duplicate_nodes(self) -> "SceneGraph":
-        """Merge nodes with identical text (they would get identical slots), remap relations, drop the self-loops
-        and repeated relations this creates."""
-        first: dict[str, int] = {}
-        remap, objects = [], []
-        for obj in self.objects:
-            if obj.text not in first:
-                first[obj.text] = len(objects)
-                objects.append(obj)
-            remap.append(first[obj.text])
-        relations, seen = [], set()
-        for r in self.relations:
-            edge = (remap[r.subject], r.predicate, remap[r.object])
-            if edge[0] != edge[2] and edge not in seen:
-                seen.add(edge)
-                relations.append(SceneRelation(*edge))
-        return SceneGraph(tuple(objects), tuple(relations))
 
     def truncate(self, max_nodes: int | None, max_relations: int | None) -> tuple["SceneGraph", bool]:
         """Keep the first `max_nodes` objects and the first `max_relations` relations among them.
@@ -162,3 +176,43 @@ class SceneGraph:
             relations = relations[:max_relations]
         truncated = len(objects) < len(self.objects) or len(relations) < len(self.relations)
         return SceneGraph(objects, tuple(relations)), truncated
+
+
+def _collapse(text: str) -> str:
+    return " ".join(text.split())
+
+
+def canonical_predicate(predicate: str) -> str:
+    """The one spelling of a predicate: lower-cased, whitespace collapsed, variants mapped ("left of" ->
+    "to the left of")."""
+    predicate = _collapse(predicate.lower())
+    return PREDICATE_VARIANTS.get(predicate, predicate)
+
+
+def canonicalize_scene_graph(graph: SceneGraph | dict, merge_duplicates: bool = True) -> SceneGraph:
+    """The canonical form of a graph (a `SceneGraph` or its JSON form); idempotent.
+
+    Predicates get their one spelling (`canonical_predicate`); names and attributes get whitespace collapsed.
+    With `merge_duplicates`, nodes with identical text become the first of them: a caption that mentions
+    "a blue square" twice describes one square, and identical queries would get identical slots anyway.
+    Relations are remapped; self-loops and repeated (subject, predicate, object) triples are dropped.
+    """
+    graph = SceneGraph.from_dict(graph)
+    objects = [SceneObject(_collapse(o.name), tuple(_collapse(a) for a in o.attributes)) for o in graph.objects]
+    remap = list(range(len(objects)))
+    if merge_duplicates:
+        first: dict[str, int] = {}
+        kept = []
+        for i, obj in enumerate(objects):
+            if obj.text not in first:
+                first[obj.text] = len(kept)
+                kept.append(obj)
+            remap[i] = first[obj.text]
+        objects = kept
+    relations, seen = [], set()
+    for r in graph.relations:
+        edge = (remap[r.subject], canonical_predicate(r.predicate), remap[r.object])
+        if edge[0] != edge[2] and edge not in seen:
+            seen.add(edge)
+            relations.append(SceneRelation(*edge))
+    return SceneGraph(tuple(objects), tuple(relations))

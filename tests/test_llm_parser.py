@@ -12,7 +12,7 @@ from processing.llm_parser import build_prompt, extract_scene_graph
 
 VALID = {
     "objects": [{"name": "cube", "attributes": ["red"]}, {"name": "sphere", "attributes": ["blue"]}],
-    "relations": [{"subject": 0, "predicate": "left of", "object": 1}],
+    "relations": [{"subject": 0, "predicate": "to the left of", "object": 1}],
 }
 
 
@@ -58,6 +58,20 @@ def test_valid_first_reply_is_used_without_retry():
     assert len(parser.prompts) == 1 and parser.prompts[0].endswith(
         "Caption: a red cube to the left of a blue sphere\nJSON:"
     )
+
+
+def test_reply_is_canonicalized_like_the_rule_parser():
+    reply = {
+        "objects": [{"name": "cube", "attributes": ["red"]}, {"name": "sphere", "attributes": ["blue"]}]
+        + [{"name": "cube", "attributes": ["red"]}],
+        "relations": [
+            {"subject": 0, "predicate": "Left of", "object": 1},
+            {"subject": 2, "predicate": "on the left of", "object": 1},
+        ],
+    }
+    caption = "a red cube to the left of a blue sphere"
+    graph = RecordedParser([json.dumps(reply)]).parse(caption)
+    assert graph.to_dict() == VALID == RuleSceneGraphParser().parse(caption).to_dict()
 
 
 def test_one_retry_with_stricter_prompt_then_success():

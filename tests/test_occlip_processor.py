@@ -16,7 +16,7 @@ from tests.isolated_python import run_isolated
 GRAPHS = [
     {
         "objects": [{"name": "cube", "attributes": ["red"]}, {"name": "sphere", "attributes": ["blue"]}],
-        "relations": [{"subject": 0, "predicate": "left of", "object": 1}],
+        "relations": [{"subject": 0, "predicate": "left of", "object": 1}],  # becomes "to the left of"
     },
     {"objects": [{"name": "dog", "attributes": ["small", "brown"]}], "relations": []},
     {
@@ -42,10 +42,10 @@ def images(count: int = 3) -> list[Image.Image]:
 
 
 def hand_built_graph_tensors() -> dict:
-    """The same three graphs, tokenized phrase by phrase and padded to 10 tokens by hand."""
+    """The same three graphs in canonical form, tokenized phrase by phrase and padded to 10 tokens by hand."""
     tokenizer = bundled_clip_tokenizer()
     nodes = [["red cube", "blue sphere"], ["small brown dog"], ["cat", "mat"]]
-    relations = [[("left of", 0, 1)], [], [("on", 0, 1)]]
+    relations = [[("to the left of", 0, 1)], [], [("on", 0, 1)]]
     node_ids = torch.full((3, 2, 10), 49407)
     relation_ids = torch.full((3, 1, 10), 49407)
     node_attention, relation_attention = torch.zeros_like(node_ids), torch.zeros_like(relation_ids)

@@ -23,7 +23,7 @@ def triples(graph: SceneGraph) -> list[tuple[str, str, str]]:
         (
             "a red cube to the left of a blue sphere",
             ["red cube", "blue sphere"],
-            [("red cube", "left of", "blue sphere")],
+            [("red cube", "to the left of", "blue sphere")],
         ),
         ("a red cube and a blue sphere", ["red cube", "blue sphere"], []),
         (
@@ -34,7 +34,7 @@ def triples(graph: SceneGraph) -> list[tuple[str, str, str]]:
         (
             "a green triangle to the right of a purple diamond",
             ["green triangle", "purple diamond"],
-            [("green triangle", "right of", "purple diamond")],
+            [("green triangle", "to the right of", "purple diamond")],
         ),
         ("the cat is black", ["black cat"], []),
         ("a dog chased by a boy", ["dog", "boy"], [("boy", "chased", "dog")]),
@@ -54,7 +54,10 @@ def triples(graph: SceneGraph) -> list[tuple[str, str, str]]:
         (
             "a small red cube is left of a large green cylinder and a blue sphere is below it",
             ["small red cube", "large green cylinder", "blue sphere"],
-            [("small red cube", "left of", "large green cylinder"), ("blue sphere", "below", "large green cylinder")],
+            [
+                ("small red cube", "to the left of", "large green cylinder"),
+                ("blue sphere", "below", "large green cylinder"),
+            ],
         ),
     ],
 )
@@ -62,6 +65,50 @@ def test_known_graphs(parser, caption, nodes, relations):
     graph = parser.parse(caption)
     assert graph.node_texts == nodes
     assert sorted(triples(graph)) == sorted(relations)
+
+
+@pytest.mark.parametrize(
+    "caption, predicate",
+    [
+        ("a red cube left of a blue sphere", "to the left of"),
+        ("a red cube on the left of a blue sphere", "to the left of"),
+        ("a red cube on the right side of a blue sphere", "to the right of"),
+        ("a red cube at the top of a blue sphere", "on top of"),
+        ("a red cube in front of a blue sphere", "in front of"),
+        ("a red cube next to a blue sphere", "next to"),
+    ],
+)
+def test_predicate_variants_parse_to_one_spelling(parser, caption, predicate):
+    assert triples(parser.parse(caption)) == [("red cube", predicate, "blue sphere")]
+
+
+def test_repeated_mentions_are_one_node(parser):
+    graph = parser.parse("a red circle to the left of a blue square, and a blue square above a green cross")
+    assert graph.to_dict() == {
+        "objects": [
+            {"name": "circle", "attributes": ["red"]},
+            {"name": "square", "attributes": ["blue"]},
+            {"name": "cross", "attributes": ["green"]},
+        ],
+        "relations": [
+            {"subject": 0, "predicate": "to the left of", "object": 1},
+            {"subject": 1, "predicate": "above", "object": 2},
+        ],
+    }
+
+
+@pytest.mark.parametrize(
+    "caption",
+    [
+        "a cat and a dog on a mat",  # the relation may be shared: dependency rules decide
+        "a man sitting on a bench",
+        "the cat is black",
+        "two dogs on a mat",
+        "a red cube a blue sphere",
+    ],
+)
+def test_non_template_captions_are_not_read_as_templates(parser, caption):
+    assert parser._template_graph(parser.nlp(caption)) is None
 
 
 def test_caption_without_noun_falls_back_to_one_node(parser):

@@ -1,10 +1,10 @@
-"""The scene-graph type: validation, exact JSON round trip, rendering, duplicate merging, truncation."""
+"""The scene-graph type: validation, exact JSON round trip, rendering, canonical form, truncation."""
 
 import json
 
 import pytest
 
-from processing import SceneGraph
+from processing import SceneGraph, canonical_predicate, canonicalize_scene_graph
 
 EXAMPLE = {
     "objects": [{"name": "cube", "attributes": ["small", "red"]}, {"name": "sphere", "attributes": []}],
@@ -63,7 +63,7 @@ def test_invalid_graphs_name_caption_and_field(data, message):
         SceneGraph.from_dict(data, caption_index=3)
 
 
-def test_merge_duplicate_nodes_remaps_relations_and_drops_self_loops():
+def test_canonicalize_merges_duplicate_nodes_remaps_relations_and_drops_self_loops():
     graph = SceneGraph.from_dict(
         {
             "objects": [
@@ -79,7 +79,7 @@ def test_merge_duplicate_nodes_remaps_relations_and_drops_self_loops():
             ],
         }
     )
-    merged = graph.merge_duplicate_nodes()
+    merged = canonicalize_scene_graph(graph)
     assert merged.to_dict() == {
         "objects": [{"name": "cat", "attributes": ["black"]}, {"name": "mat", "attributes": []}],
         "relations": [
@@ -87,6 +87,60 @@ def test_merge_duplicate_nodes_remaps_relations_and_drops_self_loops():
             {"subject": 1, "predicate": "under", "object": 0},
         ],
     }
+
+
+@pytest.mark.parametrize(
+    "variant, canonical",
+    [
+        ("left of", "to the left of"),
+        ("On the  Left of", "to the left of"),
+        ("to the left side of", "to the left of"),
+        ("right of", "to the right of"),
+        ("at the right of", "to the right of"),
+        ("to the left of", "to the left of"),
+        ("in the front of", "in front of"),
+        ("at the top of", "on top of"),
+        ("on top of", "on top of"),
+        ("next  to", "next to"),
+        ("in between", "between"),
+        ("Above", "above"),
+        ("sitting on", "sitting on"),
+    ],
+)
+def test_canonical_predicate(variant, canonical):
+    assert canonical_predicate(variant) == canonical
+
+
+def test_canonicalize_predicates_whitespace_and_repeated_triples():
+    graph = {
+        "objects": [{"name": " cube", "attributes": ["small  ", "red"]}, {"name": "sphere"}],
+        "relations": [
+            {"subject": 0, "predicate": "Left of", "object": 1},
+            {"subject": 0, "predicate": "to the left  of", "object": 1},
+            {"subject": 1, "predicate": "right of", "object": 0},
+        ],
+    }
+    canonical = canonicalize_scene_graph(graph)
+    assert canonical.to_dict() == {
+        "objects": [{"name": "cube", "attributes": ["small", "red"]}, {"name": "sphere", "attributes": []}],
+        "relations": [
+            {"subject": 0, "predicate": "to the left of", "object": 1},
+            {"subject": 1, "predicate": "to the right of", "object": 0},
+        ],
+    }
+    assert canonicalize_scene_graph(canonical) == canonical  # idempotent
+    assert canonicalize_scene_graph(SceneGraph.from_dict(graph)) == canonical
+
+
+def test_canonicalize_can_keep_duplicate_nodes():
+    graph = {
+        "objects": [{"name": "cat"}, {"name": "cat"}],
+        "relations": [{"subject": 0, "predicate": "left of", "object": 1}],
+    }
+    kept = canonicalize_scene_graph(graph, merge_duplicates=False)
+    assert kept.node_texts == ["cat", "cat"] and kept.relation_texts == ["to the left of"]
+    merged = canonicalize_scene_graph(graph)
+    assert merged.node_texts == ["cat"] and merged.relations == ()
 
 
 def test_truncate_keeps_relations_among_kept_nodes():
