@@ -30,8 +30,9 @@ class CLOCOutput(ModelOutput):
     regions. logits_per_image / logits_per_text: image-caption logits as in CLIP. image_embeds / text_embeds:
     normalised. region_embeds: `[B, R, D]` normalised region embeddings of the input boxes (zero where `box_mask`
     is False). With region captions: region_text_embeds (`[B, R, D]`, normalised caption embeddings),
-    predicted_boxes (`[B, R, 4]`, grounding of each caption) and grounding_mask (`[B, R]`, the captions the box
-    loss uses). These are the features `loss_from_features` takes.
+    predicted_boxes (`[B, R, 4]`, grounding of each caption), grounding_mask (`[B, R]`, the captions the box
+    loss uses) and region_caption_keys (`[B, R]` int64, equal for captions with identical tokens: what the
+    `"exact"` near-duplicate filter compares). These are the features `loss_from_features` takes.
     """
 
     loss: torch.Tensor | None = None
@@ -47,6 +48,7 @@ class CLOCOutput(ModelOutput):
     region_text_embeds: torch.Tensor | None = None
     predicted_boxes: torch.Tensor | None = None
     grounding_mask: torch.Tensor | None = None
+    region_caption_keys: torch.Tensor | None = None
 
 
 def _fill_masked_boxes(boxes: torch.Tensor, box_mask: torch.Tensor) -> torch.Tensor:
@@ -66,6 +68,35 @@ def box_position_encoding(boxes: torch.Tensor, width: int, temperature: float) -
     angles = 2 * math.pi * corners[..., None] * frequencies  # [..., 2, 2, quarter]
     x, y = angles[..., 0, :], angles[..., 1, :]
     return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=-1)
+
+
+def patch_position_features(num_patches: int, frequencies: int, device, dtype) -> torch.Tensor:
+    """`[N, 2 + 4 * frequencies]` features of a square patch grid's centres, row-major: `(x, y)` in [-1, 1]
+    (linear, so an attention-weighted mean of them is the attended centroid) and `sin/cos(pi k x|y)`, k = 1..F."""
+    side = int(round(num_patches**0.5))
+    if side * side != num_patches:
+        raise ValueError(f"patch position features need a square patch grid, got {num_patches} patches")
+    centres = (torch.arange(side, device=device, dtype=torch.float32) + 0.5) / side * 2 - 1
+    y, x = torch.meshgrid(centres, centres, indexing="ij")
+    coords = torch.stack([x.flatten(), y.flatten()], dim=-1)  # [N, 2]
+    parts = [coords]
+    if frequencies > 0:
+        angles = math.pi * coords[:, :, None] * torch.arange(1, frequencies + 1, device=device)  # [N, 2, F]
+        parts += [angles.sin().flatten(1), angles.cos().flatten(1)]
+    return torch.cat(parts, dim=-1).to(dtype)
+
+
+def box_patch_overlap(boxes: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """Fraction of each patch cell of a square grid covered by each box: `[..., N]` for `[..., 4]` xyxy in [0, 1]."""
+    side = int(round(num_patches**0.5))
+    edges = torch.arange(side + 1, device=boxes.device, dtype=boxes.dtype) / side
+    low, high = edges[:-1], edges[1:]
+
+    def cover(start, end):  # [..., side]: covered share of each cell along one axis
+        return ((torch.minimum(end[..., None], high) - torch.maximum(start[..., None], low)) * side).clamp(0, 1)
+
+    x, y = cover(boxes[..., 0], boxes[..., 2]), cover(boxes[..., 1], boxes[..., 3])
+    return (y[..., :, None] * x[..., None, :]).flatten(-2)
 
 
 class CLOCPrompterLayer(GradientCheckpointingLayer):
@@ -89,9 +120,14 @@ class CLOCPrompterLayer(GradientCheckpointingLayer):
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(*x.shape[:-1], self.num_heads, self.head_dim).transpose(-2, -3)
 
-    def image_keys_values(self, image_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values `[B, H, 1+N, d_h]` of the image tokens: computed once, shared by every prompt."""
+    def image_keys_values(
+        self, image_tokens: torch.Tensor, position: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values `[B, H, 1+N, d_h]` of the image tokens: computed once, shared by every prompt.
+        `position` `[1+N, D]` is added after the layer norm."""
         normed = self.norm1(image_tokens)
+        if position is not None:
+            normed = normed + position
         return self._heads(self.k_proj(normed)), self._heads(self.v_proj(normed))
 
     def forward(
@@ -100,12 +136,17 @@ class CLOCPrompterLayer(GradientCheckpointingLayer):
         keys: torch.Tensor | None = None,
         values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        position: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Update `queries` `[S, Q, D]`; they attend to their own rows, then to `keys`/`values` `[S, H, K, d_h]`.
 
-        `attention_mask` (bool, `[Q, Q + K]`, True = attend) restricts which query rows see each other.
+        `attention_mask` (bool, True = attend, or additive float; broadcastable to `[S, H, Q, Q + K]`) restricts
+        which query rows see each other and biases the image columns. `position` `[Q, D]` is added to the rows'
+        keys and values after the layer norm (image rows of the full-sequence path).
         """
         normed = self.norm1(queries)
+        if position is not None:
+            normed = normed + position
         q, k, v = self._heads(self.q_proj(normed)), self._heads(self.k_proj(normed)), self._heads(self.v_proj(normed))
         if keys is not None:
             k, v = torch.cat([k, keys], dim=-2), torch.cat([v, values], dim=-2)
@@ -129,6 +170,16 @@ class CLOCPrompter(nn.Module):
         )
         self.post_layernorm = nn.LayerNorm(width, eps=layer_norm_eps)
         self.projection = nn.Linear(width, projection_dim, bias=False)
+        self.position_frequencies = prompter_config.position_frequencies
+        self.position_proj = (
+            nn.Linear(2 + 4 * self.position_frequencies, width, bias=False) if self.position_frequencies >= 0 else None
+        )
+        self.box_attention_bias_init = float(prompter_config.box_attention_bias)
+        self.box_attention_scale = (
+            nn.Parameter(torch.tensor(float(prompter_config.box_attention_bias)))
+            if prompter_config.box_attention_bias
+            else None
+        )
 
     def box_prompts(self, boxes: torch.Tensor) -> torch.Tensor:
         """Two prompt tokens per box: `[B, R, 2, D_v]`."""
@@ -140,38 +191,98 @@ class CLOCPrompter(nn.Module):
         normalized = nn.functional.normalize(text_embeds, dim=-1)
         return (self.text_prompt_proj(normalized) + self.text_type_embedding)[..., None, :]
 
-    def forward(self, prompts: torch.Tensor, image_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def image_position(self, num_tokens: int, dtype: torch.dtype, device) -> torch.Tensor | None:
+        """`[1+N, D_v]` position added to the image tokens' keys and values (zero for CLS), or None."""
+        if self.position_proj is None:
+            return None
+        features = patch_position_features(num_tokens - 1, self.position_frequencies, device, dtype)
+        return nn.functional.pad(self.position_proj(features), (0, 0, 1, 0))
+
+    def box_attention_bias(self, boxes: torch.Tensor, num_tokens: int, num_prompt: int) -> torch.Tensor | None:
+        """Additive logits `[B, R * T_p, 1+N]` of box prompts for the image tokens (zero for CLS), or None."""
+        if self.box_attention_scale is None:
+            return None
+        overlap = box_patch_overlap(boxes.float(), num_tokens - 1)  # [B, R, N]
+        bias = nn.functional.pad(self.box_attention_scale * overlap, (1, 0))
+        return bias.repeat_interleave(num_prompt, dim=1)
+
+    def forward(
+        self, prompts: torch.Tensor, image_tokens: torch.Tensor, boxes: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Region hidden states `h` `[B, R, D_v]` and normalised embeddings `z` `[B, R, D]`.
 
-        `prompts` `[B, R, T_p, D_v]`; `image_tokens` `[B, 1+N, D_v]`. With one layer and prompt pooling only the
+        `prompts` `[B, R, T_p, D_v]`; `image_tokens` `[B, 1+N, D_v]`; `boxes` `[B, R, 4]` for box prompts (they
+        then get the box attention bias, if configured). With one layer and prompt pooling only the
         prompt rows are computed: all regions of an image form one query block against image keys/values computed
         once, and a block-diagonal mask keeps each region's prompt tokens to themselves (no per-region copy).
         """
         batch, regions, num_prompt, width = prompts.shape
+        num_tokens = image_tokens.shape[1]
+        position = self.image_position(num_tokens, image_tokens.dtype, image_tokens.device)
+        bias = None if boxes is None else self.box_attention_bias(boxes, num_tokens, num_prompt)
         if self.pooling == "prompt" and len(self.layers) == 1:
             layer = self.layers[0]
-            keys, values = layer.image_keys_values(image_tokens)  # [B, H, K, d], once per image
+            keys, values = layer.image_keys_values(image_tokens, position)  # [B, H, K, d], once per image
             region_of = torch.arange(regions, device=prompts.device).repeat_interleave(num_prompt)
             own = region_of[:, None] == region_of[None, :]
             mask = torch.cat([own, own.new_ones(own.shape[0], keys.shape[-2])], dim=1)
+            if bias is not None:
+                own_logits = torch.zeros_like(own, dtype=bias.dtype).masked_fill(~own, float("-inf"))
+                mask = torch.cat([own_logits.expand(batch, -1, -1), bias], dim=2)[:, None].to(prompts.dtype)
             queries = prompts.reshape(batch, regions * num_prompt, width)
             pooled = layer(queries, keys, values, mask).view(batch, regions, num_prompt, width).mean(dim=2)
         else:
             # Full sequence per region: every layer updates image tokens too, which then depend on the prompt.
             tokens = torch.cat([prompts, image_tokens[:, None].expand(-1, regions, -1, -1)], dim=2)
             tokens = tokens.reshape(batch * regions, -1, width)
+            if position is not None:
+                position = nn.functional.pad(position, (0, 0, num_prompt, 0))
+            mask = None
+            if bias is not None:  # prompt rows: no bias among prompts, the box bias on image columns
+                rows = bias.view(batch, regions, num_prompt, num_tokens).reshape(batch * regions, num_prompt, -1)
+                rows = torch.cat([rows.new_zeros(batch * regions, num_prompt, num_prompt), rows], dim=2)
+                image_rows = rows.new_zeros(batch * regions, num_tokens, num_prompt + num_tokens)
+                mask = torch.cat([rows, image_rows], dim=1)[:, None].to(prompts.dtype)
             for layer in self.layers:
-                tokens = layer(tokens)
+                tokens = layer(tokens, attention_mask=mask, position=position)
             tokens = tokens.view(batch, regions, -1, width)
             pooled = tokens[:, :, :num_prompt].mean(2) if self.pooling == "prompt" else tokens.mean(2)
         embeds = nn.functional.normalize(self.projection(self.post_layernorm(pooled)), dim=-1)
         return pooled, embeds
 
+    @torch.no_grad()
+    def image_attention(
+        self, prompts: torch.Tensor, image_tokens: torch.Tensor, boxes: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Attention of each prompt over the image tokens `[B, R, 1+N]` (CLS first), averaged over heads and the
+        region's prompt tokens: the share of each region's attention row that goes to each image token (the rest
+        goes to its own prompt tokens). One-layer Prompters only (the diagnostics of what a prompt reads)."""
+        if len(self.layers) != 1:
+            raise ValueError("image_attention reads the one-layer Prompter; this one has several layers")
+        batch, regions, num_prompt, width = prompts.shape
+        layer, num_tokens = self.layers[0], image_tokens.shape[1]
+        keys, _ = layer.image_keys_values(
+            image_tokens, self.image_position(num_tokens, image_tokens.dtype, image_tokens.device)
+        )
+        queries = prompts.reshape(batch, regions * num_prompt, width)
+        normed = layer.norm1(queries)
+        q, own_keys = layer._heads(layer.q_proj(normed)), layer._heads(layer.k_proj(normed))
+        region_of = torch.arange(regions, device=prompts.device).repeat_interleave(num_prompt)
+        own_logits = (q @ own_keys.transpose(-1, -2)).masked_fill(region_of[:, None] != region_of[None, :], -torch.inf)
+        image_logits = q @ keys.transpose(-1, -2)
+        bias = None if boxes is None else self.box_attention_bias(boxes, num_tokens, num_prompt)
+        if bias is not None:
+            image_logits = image_logits + bias[:, None] * q.shape[-1] ** 0.5  # undone by the scale below
+        weights = (torch.cat([own_logits, image_logits], dim=-1) * q.shape[-1] ** -0.5).softmax(-1)
+        image = weights[..., own_logits.shape[-1] :].mean(1)  # heads
+        return image.view(batch, regions, num_prompt, num_tokens).mean(2)
+
     def embed_boxes(
         self, image_tokens: torch.Tensor, boxes: torch.Tensor, box_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`(h, z)` for validated boxes; masked boxes are replaced by the full image, then zeroed."""
-        hidden, embeds = self(self.box_prompts(_fill_masked_boxes(boxes, box_mask)), image_tokens)
+        boxes = _fill_masked_boxes(boxes, box_mask)
+        hidden, embeds = self(self.box_prompts(boxes), image_tokens, boxes)
         return hidden * box_mask[..., None], embeds * box_mask[..., None]
 
 
@@ -245,7 +356,7 @@ class CLOCPreTrainedModel(CLIPPreTrainedModel):
         super()._init_weights(module)
         if not isinstance(self.config, CLOCConfig):
             return
-        std = self.config.prompter_config.initializer_range
+        std = self.config.prompter_config.initializer_std(self.config.vision_config.hidden_size)
         factor = self.config.initializer_factor
         if isinstance(module, CLOCModel):
             init.normal_(module.text_projection.weight, std=module.config.text_config.hidden_size**-0.5 * factor)
@@ -277,6 +388,11 @@ def _init_prompter(prompter: CLOCPrompter, std: float) -> None:
     # Initialised from the Prompter itself: transformers skips custom children without direct params (the layers).
     CLOCPreTrainedModel._init_head(prompter, std)
     init.normal_(prompter.text_type_embedding, std=std)
+    if prompter.position_proj is not None:
+        # Unit scale, like the layer-normed tokens it is added to, so position is used from the first step.
+        init.normal_(prompter.position_proj.weight, std=prompter.position_proj.in_features**-0.5)
+    if prompter.box_attention_scale is not None:
+        init.constant_(prompter.box_attention_scale, prompter.box_attention_bias_init)
     if prompter.corner_embeddings is not None:
         init.normal_(prompter.corner_embeddings, std=std)
 
@@ -290,6 +406,7 @@ def contrastive_loss(
     valid: torch.Tensor | None = None,
     keep_pairs=None,
     hard_negatives: torch.Tensor | None = None,
+    duplicate_keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Symmetric InfoNCE between normalised rows `first[i]` and `second[i]` `[n, D]`, over all processes' rows.
 
@@ -298,28 +415,36 @@ def contrastive_loss(
     `[n]` marks the rows that take part (others are padding). `keep_pairs(rows_second, all_second)` returns a
     `[r, N]` bool mask of pairs allowed in the softmax (the matching pair always is). `hard_negatives` `[n, D]`
     (NegCLIP) adds one extra `second` row per pair, over all processes, as columns of the `first -> second`
-    softmax only (a padding row's negative is left out). The returned value is such
+    softmax only (a padding row's negative is left out). `duplicate_keys` `[n]` (int64): pairs whose keys are
+    equal, other than the matching pair, leave both softmaxes. The returned value is such
     that its mean over processes, and the mean of the processes' gradients (as DDP takes), are the loss over the
     global batch and its gradient.
     """
     world, rank = (1, 0) if gatherer is None else (gatherer.world_size, gatherer.rank)
     valid = torch.ones(first.shape[0], dtype=torch.bool, device=first.device) if valid is None else valid
     all_first, all_second, all_valid, all_negatives = first, second, valid, hard_negatives
+    all_keys = duplicate_keys
     if world > 1:
         extra = [] if hard_negatives is None else [hard_negatives]
-        gathered = gatherer.gather_all([first, second, valid, *extra], [0, 0, False, *[0] * len(extra)])
+        keys = [] if duplicate_keys is None else [duplicate_keys]
+        gathered = gatherer.gather_all(
+            [first, second, valid, *keys, *extra], [0, 0, False, *[-1] * len(keys), *[0] * len(extra)]
+        )
         all_first, all_second, all_valid = gathered[:3]
-        all_negatives = gathered[3] if extra else None
+        all_keys = gathered[3] if keys else None
+        all_negatives = gathered[3 + len(keys)] if extra else None
     padded = all_first.shape[0] // world  # rows per process after padding to the largest
     if local_loss and world > 1:
         targets = torch.arange(first.shape[0], device=first.device) + rank * padded
-        rows_first, rows_second, rows_valid = first, second, valid
+        rows_first, rows_second, rows_valid, rows_keys = first, second, valid, duplicate_keys
     else:
         targets = torch.arange(all_first.shape[0], device=first.device)
-        rows_first, rows_second, rows_valid = all_first, all_second, all_valid
+        rows_first, rows_second, rows_valid, rows_keys = all_first, all_second, all_valid, all_keys
     keep = all_valid[None, :].expand(targets.shape[0], -1).clone()
     if keep_pairs is not None:
         keep &= keep_pairs(rows_second, all_second)
+    if duplicate_keys is not None:
+        keep &= rows_keys[:, None] != all_keys[None, :]
     keep[torch.arange(targets.shape[0], device=first.device), targets] = True
     total = rows_first.new_tensor(float(valid.sum()))
     total = total if gatherer is None else gatherer.all_reduce_sum(total)
@@ -334,6 +459,21 @@ def contrastive_loss(
         loss = loss + 0.5 * per_row[rows_valid].sum()
     # Every process holds the full sum unless local: then x world, because DDP averages the gradients.
     return loss * (world if local_loss and world > 1 else 1) / total.clamp(min=1)
+
+
+def caption_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`[...]` int64 keys of token sequences `[..., L]`: equal for identical tokens (padding ignored), different
+    otherwise up to a ~2^-62 collision chance. Two polynomial hashes modulo 2^31 - 1, so no product overflows."""
+    mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    prime = 2**31 - 1
+    first = torch.zeros(input_ids.shape[:-1], dtype=torch.long, device=input_ids.device)
+    second = torch.zeros_like(first)
+    for token, keep in zip(
+        input_ids.long().unbind(-1), mask.unbind(-1)
+    ):  # padded positions leave the keys as they are
+        first = torch.where(keep, (first * 1_000_003 + token + 1) % prime, first)
+        second = torch.where(keep, (second * 999_983 + token + 7) % prime, second)
+    return first * prime + second
 
 
 def _check_boxes(boxes: torch.Tensor, box_mask: torch.Tensor | None, batch: int) -> torch.Tensor:
@@ -393,8 +533,8 @@ class CLOCModel(CLOCPreTrainedModel):
     def from_clip(cls, clip, prompter_config: dict | None = None, **config_kwargs) -> "CLOCModel":
         """CLOC whose towers, projections and logit scale are those of a transformers `CLIPModel` (or a folder).
 
-        The Prompter's output LayerNorm and projection start from CLIP's post-LayerNorm and visual projection
-        (spec `prompter_init_from_clip`), so a region embedding starts in CLIP's joint space.
+        The Prompter's (and the RoI head's) output LayerNorm and projection start from CLIP's post-LayerNorm and
+        visual projection (spec `prompter_init_from_clip`), so a region embedding starts in CLIP's joint space.
         """
         if not isinstance(clip, CLIPModel):
             clip = CLIPModel.from_pretrained(clip)
@@ -409,7 +549,9 @@ class CLOCModel(CLOCPreTrainedModel):
         model = cls(config)
         incompatible = model.load_state_dict(clip.state_dict(), strict=False)
         missing = [
-            k for k in incompatible.missing_keys if not k.startswith(("prompter.", "box_head.", "region_logit"))
+            k
+            for k in incompatible.missing_keys
+            if not k.startswith(("prompter.", "box_head.", "roi_head.", "region_logit"))
         ]
         if incompatible.unexpected_keys or missing:
             raise ValueError(
@@ -419,11 +561,17 @@ class CLOCModel(CLOCPreTrainedModel):
         with torch.no_grad():
             model.prompter.post_layernorm.load_state_dict(clip.vision_model.post_layernorm.state_dict())
             model.prompter.projection.weight.copy_(clip.visual_projection.weight)
+            if model.roi_head is not None:  # the RoI baseline starts as CLIP's own head on pooled patches
+                model.roi_head.norm.load_state_dict(clip.vision_model.post_layernorm.state_dict())
+                model.roi_head.projection.weight.copy_(clip.visual_projection.weight)
         return model.to(dtype=next(clip.parameters()).dtype)
 
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
         """As CLIP: `pooler_output` is the projected, unnormalised image embedding; `last_hidden_state` holds the
-        image tokens (CLS first, before the post-LayerNorm) that the Prompter reads."""
+        last layer's tokens (CLS first, before the post-LayerNorm). Hidden states come too when the Prompter reads
+        another layer (`prompter_config.vision_feature_layer`)."""
+        if self.config.prompter_config.vision_feature_layer != -1:
+            kwargs["output_hidden_states"] = True
         outputs = self.vision_model(pixel_values=pixel_values, return_dict=True, **kwargs)
         outputs.pooler_output = self.visual_projection(outputs.pooler_output)
         return outputs
@@ -434,11 +582,20 @@ class CLOCModel(CLOCPreTrainedModel):
         outputs.pooler_output = self.text_projection(outputs.pooler_output)
         return outputs
 
+    def _prompter_tokens(self, vision_outputs) -> torch.Tensor:
+        """The image tokens the Prompter and RoI head read, from `get_image_features`' outputs."""
+        layer = self.config.prompter_config.vision_feature_layer
+        return vision_outputs.last_hidden_state if layer == -1 else vision_outputs.hidden_states[layer]
+
+    def get_image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Image tokens `[B, 1+N, D_v]` (CLS first) that region prompts read: cache them for `image_tokens=`."""
+        return self._prompter_tokens(self.get_image_features(pixel_values))
+
     def _image_tokens(self, pixel_values, image_tokens) -> torch.Tensor:
         if image_tokens is None:
             if pixel_values is None:
                 raise ValueError("pass pixel_values or cached image_tokens")
-            image_tokens = self.get_image_features(pixel_values).last_hidden_state
+            image_tokens = self.get_image_tokens(pixel_values)
         return image_tokens
 
     def get_region_features(
@@ -450,7 +607,7 @@ class CLOCModel(CLOCPreTrainedModel):
     ) -> torch.Tensor:
         """Normalised region embeddings `[B, R, D]` of boxes `[B, R, 4]` (normalised xyxy); zero where masked.
 
-        `image_tokens` (`get_image_features(...).last_hidden_state`) can be cached and reused for any prompts.
+        `image_tokens` (`get_image_tokens(pixel_values)`) can be cached and reused for any prompts.
         """
         image_tokens = self._image_tokens(pixel_values, image_tokens)
         return self._box_embeddings(image_tokens, boxes, _check_boxes(boxes, box_mask, image_tokens.shape[0]))
@@ -507,17 +664,17 @@ class CLOCModel(CLOCPreTrainedModel):
         too; `return_loss` then adds the region and grounding terms (see `loss_from_features`).
         """
         vision = self.get_image_features(pixel_values)
-        image_tokens = vision.last_hidden_state
+        image_tokens = self._prompter_tokens(vision)
         image_embeds = nn.functional.normalize(vision.pooler_output, dim=-1)
         text_embeds = nn.functional.normalize(self.get_text_features(input_ids, attention_mask).pooler_output, dim=-1)
         logits_per_text = self._logit_scale() * text_embeds @ image_embeds.t()
-        region_embeds = region_text_embeds = predicted_boxes = grounding_mask = None
+        region_embeds = region_text_embeds = predicted_boxes = grounding_mask = region_caption_keys = None
         if input_boxes is not None:
             box_mask = _check_boxes(input_boxes, box_mask, image_tokens.shape[0])
             region_embeds = self._box_embeddings(image_tokens, input_boxes, box_mask)
             if region_input_ids is not None:
-                region_text_embeds, predicted_boxes, grounding_mask = self._region_caption_outputs(
-                    image_tokens, box_mask, region_input_ids, region_attention_mask
+                region_text_embeds, predicted_boxes, grounding_mask, region_caption_keys = (
+                    self._region_caption_outputs(image_tokens, box_mask, region_input_ids, region_attention_mask)
                 )
         output = CLOCOutput(
             logits_per_image=logits_per_text.t(),
@@ -529,6 +686,7 @@ class CLOCModel(CLOCPreTrainedModel):
             region_text_embeds=region_text_embeds,
             predicted_boxes=predicted_boxes,
             grounding_mask=grounding_mask,
+            region_caption_keys=region_caption_keys,
         )
         if return_loss:
             output.loss, output.loss_clip, output.loss_region, output.loss_grounding = self.loss_from_features(
@@ -540,6 +698,7 @@ class CLOCModel(CLOCPreTrainedModel):
                 output.box_mask,
                 predicted_boxes,
                 grounding_mask,
+                region_caption_keys,
             )
         return output
 
@@ -559,7 +718,8 @@ class CLOCModel(CLOCPreTrainedModel):
         return keep
 
     def _region_caption_outputs(self, image_tokens, box_mask, region_input_ids, region_attention_mask):
-        """Normalised caption embeddings `[B, R, D]`, grounded boxes `[B, R, 4]` and the grounding target mask."""
+        """Normalised caption embeddings `[B, R, D]`, grounded boxes `[B, R, 4]`, the grounding target mask and the
+        caption keys (`[B, R]`, -1 where masked)."""
         if tuple(region_input_ids.shape[:2]) != tuple(box_mask.shape):
             raise ValueError(
                 f"region_input_ids has shape {tuple(region_input_ids.shape)}, expected one caption per box: "
@@ -573,7 +733,8 @@ class CLOCModel(CLOCPreTrainedModel):
             ids = region_input_ids if region_attention_mask is None else region_input_ids * region_attention_mask
             same = (ids[:, :, None] == ids[:, None, :]).all(-1) & box_mask[:, :, None] & box_mask[:, None, :]
             target &= same.sum(-1) == 1
-        return nn.functional.normalize(caption_embeds, dim=-1) * box_mask[..., None], predicted, target
+        keys = caption_keys(region_input_ids, region_attention_mask).masked_fill(~box_mask, -1)
+        return nn.functional.normalize(caption_embeds, dim=-1) * box_mask[..., None], predicted, target, keys
 
     def loss_from_features(
         self,
@@ -585,14 +746,16 @@ class CLOCModel(CLOCPreTrainedModel):
         box_mask: torch.Tensor | None = None,
         predicted_boxes: torch.Tensor | None = None,
         grounding_mask: torch.Tensor | None = None,
+        region_caption_keys: torch.Tensor | None = None,
         gatherer=None,
         local_loss: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """`(loss, loss_clip, loss_region, loss_grounding)` from `forward`'s outputs, over the global batch.
 
         `L = L_CLIP + lambda (L_region + L_grounding)`: image-caption InfoNCE; region-caption InfoNCE over every
-        valid region of the global batch with near-duplicate captions (cosine > threshold) removed from the
-        softmax; mean squared box error over grounding targets; lambda = `region_loss_weight` x the fraction of the
+        valid region of the global batch with near-duplicate captions removed from the softmax (identical
+        `region_caption_keys` for `region_text_filter="exact"`, cosine > threshold for `"cosine"`); mean box
+        error (`grounding_loss`) over grounding targets; lambda = `region_loss_weight` x the fraction of the
         global batch's images that have regions. `gatherer` / `local_loss` as in `contrastive_loss`; all
         processes must pass regions (possibly none valid) or none.
         """
@@ -612,17 +775,25 @@ class CLOCModel(CLOCPreTrainedModel):
         if counts[0] == 0:
             return loss_clip, loss_clip, None, None
         region_scale = self.region_logit_scale.exp().clamp(max=self.config.logit_scale_max)
+        exact = self.config.region_text_filter == "exact"
+        if exact and region_caption_keys is None:
+            raise ValueError(
+                "region_text_filter='exact' needs region_caption_keys (returned by forward with region_input_ids)"
+            )
         loss_region = contrastive_loss(
             region_embeds[box_mask],
             region_text_embeds[box_mask],
             region_scale,
             gatherer,
             local_loss,
-            keep_pairs=self.region_negative_mask,
+            keep_pairs=None if exact else self.region_negative_mask,
+            duplicate_keys=region_caption_keys[box_mask] if exact else None,
         )
-        squared = ((predicted_boxes - input_boxes) ** 2)[grounding_mask].sum()
+        error = predicted_boxes - input_boxes
+        error = error.abs() if self.config.grounding_loss == "l1" else error**2
+        summed = error[grounding_mask].sum()
         # Local sum over the global count; x world because DDP averages the processes' gradients.
-        loss_grounding = squared * world / (4 * counts[2].clamp(min=1))
+        loss_grounding = summed * world / (4 * counts[2].clamp(min=1))
         weight = self.config.region_loss_weight * counts[1] / counts[3]
         return loss_clip + weight * (loss_region + loss_grounding), loss_clip, loss_region, loss_grounding
 
@@ -658,14 +829,14 @@ class CLOCVisionModel(CLIPVisionModel):
             self.prompter = CLOCPrompter(
                 prompter_config, config.hidden_size, config.projection_dim, config.layer_norm_eps
             )
-            _init_prompter(self.prompter, prompter_config.initializer_range)
+            _init_prompter(self.prompter, prompter_config.initializer_std(config.hidden_size))
 
     @torch.no_grad()
     def _init_weights(self, module):
         """CLIP's initialisation for the tower; the Prompter's from `prompter_config.initializer_range`."""
         super()._init_weights(module)
         if isinstance(module, CLOCPrompter):
-            _init_prompter(module, self.config.build_prompter_config().initializer_range)
+            _init_prompter(module, self.config.build_prompter_config().initializer_std(self.config.hidden_size))
 
     def forward(
         self,
@@ -676,6 +847,9 @@ class CLOCVisionModel(CLIPVisionModel):
     ) -> CLOCVisionOutput:
         """CLIP's vision forward; with `boxes` also `region_hidden_states` `[B, R, D_v]` and `region_embeds`."""
         return_dict = kwargs.pop("return_dict", None)
+        layer = None if self.prompter is None else self.config.build_prompter_config().vision_feature_layer
+        if boxes is not None and layer not in (None, -1):
+            kwargs["output_hidden_states"] = True  # the Prompter reads an earlier layer
         outputs = super().forward(pixel_values=pixel_values, return_dict=True, **kwargs)
         result = CLOCVisionOutput(**outputs)
         if boxes is not None:
@@ -684,7 +858,7 @@ class CLOCVisionModel(CLIPVisionModel):
                     "boxes were given but this CLOCVisionModel has no Prompter: load it from a full CLOC checkpoint "
                     "(CLOCVisionModel.from_pretrained(cloc_folder)) or set CLOCVisionConfig.prompter_config."
                 )
-            image_tokens = outputs.last_hidden_state
+            image_tokens = outputs.last_hidden_state if layer == -1 else outputs.hidden_states[layer]
             box_mask = _check_boxes(boxes, box_mask, image_tokens.shape[0])
             result.region_hidden_states, result.region_embeds = self.prompter.embed_boxes(
                 image_tokens, boxes, box_mask

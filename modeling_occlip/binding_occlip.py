@@ -9,6 +9,7 @@ Folding is exact for the single-query-softmax attention used here:
 and `W_o (w V)` equals `w (V W_o^T)` per head, so a pair never multiplies by `W_q` or `W_o`.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,22 @@ class PreparedText:
     def select(self, caption_index: torch.Tensor) -> "PreparedText":
         """Captions per image: `caption_index` `[I, C]` turns a shared `[1, T]` preparation into `[I, C]`."""
         return PreparedText(**{name: value[0][caption_index] for name, value in self.__dict__.items()})
+
+
+def patch_position_features(num_patches: int, frequencies: int, device, dtype) -> torch.Tensor:
+    """`[N, 2 + 4 * frequencies]` features of a square patch grid's centres, row-major: `(x, y)` in [-1, 1]
+    (linear, so an attention-weighted mean of them is the attended centroid) and `sin/cos(pi k x|y)`, k = 1..F."""
+    side = int(round(num_patches**0.5))
+    if side * side != num_patches:
+        raise ValueError(f"patch position features need a square patch grid, got {num_patches} patches")
+    centres = (torch.arange(side, device=device, dtype=torch.float32) + 0.5) / side * 2 - 1
+    y, x = torch.meshgrid(centres, centres, indexing="ij")
+    coords = torch.stack([x.flatten(), y.flatten()], dim=-1)  # [N, 2]
+    parts = [coords]
+    if frequencies > 0:
+        angles = math.pi * coords[:, :, None] * torch.arange(1, frequencies + 1, device=device)  # [N, 2, F]
+        parts += [angles.sin().flatten(1), angles.cos().flatten(1)]
+    return torch.cat(parts, dim=-1).to(dtype)
 
 
 class OCCLIPSlotMLP(nn.Module):
@@ -134,6 +151,12 @@ class OCCLIPBindingModule(nn.Module):
         self.slot_residual_from_query = binding.slot_residual_from_query
         self.input_proj = nn.Linear(config.vision_config.hidden_size, width)
         self.input_norm = nn.LayerNorm(width, eps=binding.layer_norm_eps)
+        self.position_frequencies = binding.position_frequencies
+        self.position_proj = (
+            nn.Linear(2 + 4 * binding.position_frequencies, width, bias=False)
+            if binding.position_frequencies >= 0
+            else None
+        )
         self.node_proj = nn.Linear(config.text_embed_dim, width)
         self.default_queries = nn.Parameter(torch.zeros(binding.num_default_queries, width))
         self.layers = nn.ModuleList([OCCLIPBindingLayer(config) for _ in range(binding.num_hidden_layers)])
@@ -141,6 +164,11 @@ class OCCLIPBindingModule(nn.Module):
     def encode_image(self, patch_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-image binding keys and values `[B, L, H, N, d]` from patch tokens `[B, N, D_v]`."""
         patches = self.input_norm(self.input_proj(patch_tokens))
+        if self.position_proj is not None:
+            features = patch_position_features(
+                patches.shape[1], self.position_frequencies, patches.device, patches.dtype
+            )
+            patches = patches + self.position_proj(features)
         folded = [layer.fold_image(patches) for layer in self.layers]
         return torch.stack([k for k, _ in folded], dim=1), torch.stack([v for _, v in folded], dim=1)
 

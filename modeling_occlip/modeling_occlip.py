@@ -114,7 +114,7 @@ class OCCLIPPreTrainedModel(CLIPPreTrainedModel):
         super()._init_weights(module)
         if not isinstance(self.config, OCCLIPConfig):
             return
-        std = self.config.binding_config.initializer_range
+        std = self.config.binding_config.initializer_std(self.config.binding_width)
         factor = self.config.initializer_factor
         if isinstance(module, OCCLIPModel):
             init.normal_(module.text_projection.weight, std=module.config.text_config.hidden_size**-0.5 * factor)
@@ -133,6 +133,9 @@ class OCCLIPPreTrainedModel(CLIPPreTrainedModel):
                     init.zeros_(child.bias)
         if isinstance(module, OCCLIPBindingModule):
             init.normal_(module.default_queries, std=std)
+            if module.position_proj is not None:
+                # Unit scale, like the layer-normed patch features it is added to, so position is used from step 0.
+                init.normal_(module.position_proj.weight, std=module.position_proj.in_features**-0.5)
         elif isinstance(module, OCCLIPStructuredSimilarity):
             log_weight = torch.log(torch.tensor(self.config.binding_config.score_weight_init)).item()
             init.constant_(module.log_alpha, log_weight)

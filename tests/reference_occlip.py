@@ -25,6 +25,16 @@ def reference_logit(model, pixel_values: torch.Tensor, graph: dict, b: int) -> t
     patches = out.hidden_states[layer][0, 1:]
     binding = model.binding
     x = binding.input_norm(binding.input_proj(patches))
+    if cfg.position_frequencies >= 0:  # patch centre (x, y) in [-1, 1], then sin and cos of pi*k*x / pi*k*y
+        side = int(len(patches) ** 0.5)
+        rows = []
+        for k in range(len(patches)):
+            cx, cy = ((k % side) + 0.5) / side * 2 - 1, ((k // side) + 0.5) / side * 2 - 1
+            freqs = range(1, cfg.position_frequencies + 1)
+            sines = [torch.sin(torch.tensor(torch.pi * f * c)) for c in (cx, cy) for f in freqs]
+            cosines = [torch.cos(torch.tensor(torch.pi * f * c)) for c in (cx, cy) for f in freqs]
+            rows.append(torch.tensor([cx, cy, *sines, *cosines]))
+        x = x + binding.position_proj(torch.stack(rows).to(x.dtype))
 
     nodes = [m for m in range(graph["node_mask"].shape[1]) if graph["node_mask"][b, m]]
     relations = [p for p in range(graph["relation_mask"].shape[1]) if graph["relation_mask"][b, p]]

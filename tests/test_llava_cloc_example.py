@@ -72,8 +72,8 @@ def test_build_llava_carries_tower_and_language_model(folders):
     inputs = processor(images=image, text="<image>\nwhat is in <region>?", return_tensors="pt")
     boxes = CLOCProcessor.from_pretrained(root / "cloc")(images=image, input_boxes=[[box]])["input_boxes"]
     embeds = llava_cloc.region_inputs_embeds(llava, inputs["input_ids"], pixels, boxes, region_id)
-    tokens = cloc.get_image_features(pixels).last_hidden_state
-    hidden, _ = cloc.prompter(cloc.prompter.box_prompts(boxes), tokens)
+    tokens = cloc.get_image_tokens(pixels)
+    hidden, _ = cloc.prompter(cloc.prompter.box_prompts(boxes), tokens, boxes)
     is_region = inputs["input_ids"][0] == region_id
     torch.testing.assert_close(embeds[0, is_region], llava.model.multi_modal_projector(hidden)[0])
     plain = llava.get_input_embeddings()(inputs["input_ids"])

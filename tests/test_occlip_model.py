@@ -67,7 +67,13 @@ def test_batched_scores_match_literal_per_pair_reference(model, inputs):
 @torch.no_grad()
 def test_reference_agreement_with_intermediate_layer_and_heads():
     model = tiny_occlip_model(
-        seed=3, binding={"num_attention_heads": 2, "vision_feature_layer": 1, "num_hidden_layers": 3}
+        seed=3,
+        binding={
+            "num_attention_heads": 2,
+            "vision_feature_layer": 1,
+            "num_hidden_layers": 3,
+            "position_frequencies": 3,
+        },
     )
     inputs = dict(pixel_values=random_pixels(2, seed=5), **encode_graphs(example_graphs()[:2]))
     logits = model(**inputs).logits_per_image
@@ -233,3 +239,30 @@ def test_slot_residual_from_query_option_changes_slots(inputs):
     with torch.no_grad():
         a, b = base(**inputs).logits_per_image, residual(**inputs).logits_per_image
     assert not torch.allclose(a, b)
+
+
+def test_patch_position_features_known_values():
+    from modeling_occlip.binding_occlip import patch_position_features
+
+    features = patch_position_features(4, 1, "cpu", torch.float32)  # 2 x 2 grid, centres at -0.5 and 0.5
+    s, c = torch.sin(torch.tensor(torch.pi * 0.5)), torch.cos(torch.tensor(torch.pi * 0.5))
+    expected = torch.tensor(
+        [
+            [-0.5, -0.5, -s, -s, c, c],  # top-left: x, y, sin(pi x), sin(pi y), cos(pi x), cos(pi y)
+            [0.5, -0.5, s, -s, c, c],
+            [-0.5, 0.5, -s, s, c, c],
+            [0.5, 0.5, s, s, c, c],
+        ]
+    )
+    torch.testing.assert_close(features, expected)
+    with pytest.raises(ValueError, match="square patch grid"):
+        patch_position_features(6, 0, "cpu", torch.float32)
+
+
+def test_binding_init_default_scales_with_width():
+    """Default `initializer_range` is 1.7 / sqrt(binding width); no position adds no parameter."""
+    model = tiny_occlip_model(binding={"initializer_range": None, "position_frequencies": -1})
+    width = model.config.binding_width
+    std = float(model.binding.layers[0].q_proj.weight.detach().std())
+    assert abs(std - 1.7 / width**0.5) < 0.25 * 1.7 / width**0.5
+    assert model.binding.position_proj is None

@@ -232,7 +232,7 @@ def test_empty_dataset_and_missing_caption_are_clear_errors(tmp_path):
         run("clip", data, tmp_path / "out", "--max_steps", "1", config=config)
     with pytest.raises(ValueError, match="fp16 does not combine with --gradient_accumulation_steps"):
         run("clip", data, tmp_path / "out", "--mixed_precision", "fp16", "--gradient_accumulation_steps", "2")
-    with pytest.raises(ValueError, match="exactly one of --model_config"):
+    with pytest.raises(ValueError, match="pass --model_config .* or --init_from"):
         run("clip", write_dataset(tmp_path / "ok", rows=4), tmp_path / "out", "--max_steps", "1")
     assert trainer_module.TrainingArguments.__dataclass_fields__["output_dir"].metadata["help"]
 
@@ -321,6 +321,11 @@ def test_periodic_evaluation_logs_the_metrics_of_the_model_at_that_step(data, tm
     )
     expected = evaluate_rows(scorer, rows)
     assert {k: metrics[f"eval/{k}"] for k in expected} == pytest.approx(expected)
+    history = json.loads((tmp_path / "out" / "log_history.json").read_text())
+    assert [r["step"] for r in history if "loss" in r] == [1, 2, 3]  # --logging_steps 1
+    evaluated = [r for r in history if "eval/image_to_text_R@1" in r]
+    assert [r["step"] for r in evaluated] == [2, 3]
+    assert {k: evaluated[-1][f"eval/{k}"] for k in expected} == pytest.approx(expected)
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "metadata.jsonl").write_text("")
     with pytest.raises(ValueError, match="empty/metadata.jsonl is empty: no rows"):
@@ -334,3 +339,27 @@ def test_periodic_evaluation_logs_the_metrics_of_the_model_at_that_step(data, tm
             str(tmp_path / "empty"),
             config=config,
         )
+
+
+def test_model_config_with_init_from_sets_only_the_new_modules(data, clip_folder, tmp_path):
+    """Fine-tuning from CLIP with --model_config: the new modules take its settings, the towers the checkpoint's."""
+    settings = tmp_path / "occlip.json"
+    settings.write_text(json.dumps({"binding_config": {"num_default_queries": 2}, "rel_loss_weight": 0.5}))
+    run("occlip", data, tmp_path / "out", *from_clip(clip_folder, "full", steps=1), config=settings)
+    model = AutoModel.from_pretrained(tmp_path / "out")
+    assert model.config.binding_config.num_default_queries == 2 and model.config.rel_loss_weight == 0.5
+    assert (
+        model.config.vision_config.hidden_size
+        == CLIPModel.from_pretrained(clip_folder).config.vision_config.hidden_size
+    )
+    cloc_settings = tmp_path / "cloc.json"
+    cloc_settings.write_text(json.dumps({"region_head": "roi_align", "prompter_config": {"vision_feature_layer": 1}}))
+    run("cloc", data, tmp_path / "cloc", *from_clip(clip_folder, "full", steps=1), config=cloc_settings)
+    cloc = AutoModel.from_pretrained(tmp_path / "cloc")
+    assert cloc.roi_head is not None and cloc.config.prompter_config.vision_feature_layer == 1
+    towers = tmp_path / "towers.json"
+    towers.write_text(json.dumps({"vision_config": {"hidden_size": 64}}))
+    with pytest.raises(ValueError, match=r"sets only what CLIP lacks; \['vision_config'\]"):
+        run("occlip", data, tmp_path / "bad", *from_clip(clip_folder, "full", steps=1), config=towers)
+    with pytest.raises(ValueError, match="sets only what CLIP lacks"):
+        run("clip", data, tmp_path / "bad2", *from_clip(clip_folder, "full", steps=1), config=settings)

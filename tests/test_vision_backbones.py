@@ -89,8 +89,8 @@ def test_cloc_tower_boxes_give_the_full_models_region_outputs(tmp_path):
     cloc.save_pretrained(tmp_path / "cloc")
     tower = CLOCVisionModel.from_pretrained(tmp_path / "cloc").eval()
     out = tower(pixels, boxes=boxes, box_mask=mask, output_hidden_states=True)
-    tokens = cloc.get_image_features(pixels).last_hidden_state
-    hidden, _ = cloc.prompter(cloc.prompter.box_prompts(boxes), tokens)
+    tokens = cloc.get_image_tokens(pixels)
+    hidden, _ = cloc.prompter(cloc.prompter.box_prompts(boxes), tokens, boxes)  # box prompts get the box bias
     torch.testing.assert_close(out.region_hidden_states, hidden * mask[..., None], atol=1e-6, rtol=1e-6)
     expected = cloc.get_region_features(pixel_values=pixels, boxes=boxes, box_mask=mask)
     torch.testing.assert_close(out.region_embeds, expected, atol=1e-6, rtol=1e-6)

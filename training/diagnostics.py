@@ -8,6 +8,7 @@ Boxes are normalised `xyxy` in `[0, 1]`. The patch grid is `grid x grid`, row-ma
 """
 
 import math
+import statistics
 
 import torch
 
@@ -200,3 +201,149 @@ def chance_relation_loss(num_negatives: int) -> float:
     if num_negatives < 0:
         raise ValueError(f"num_negatives must be >= 0, got {num_negatives}")
     return math.log(num_negatives + 1)
+
+
+# ------------------------------------------------------------------------------------- model-level diagnostics
+
+
+def _object_labels(rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per object of every row (regions in order): colour index, shape index and normalised box `[n, 4]`.
+
+    Region texts are `"[size] colour shape"` (the synthetic generator's); images are square (`width` = side)."""
+    from .synthetic import COLOURS, SHAPES
+
+    colours, shapes, boxes = [], [], []
+    for row in rows:
+        side = float(row["image"].width)
+        for region in row["regions"]:
+            *_, colour, shape = region["text"].split()
+            colours.append(list(COLOURS).index(colour))
+            shapes.append(SHAPES.index(shape))
+            boxes.append([v / side for v in region["bbox"]])
+    return torch.tensor(colours), torch.tensor(shapes), torch.tensor(boxes, dtype=torch.float64)
+
+
+def _probe(train: tuple, test: tuple) -> dict:
+    """Colour / shape accuracy and centre R² of ridge probes from features to their object (train -> test)."""
+    (x_tr, colour_tr, shape_tr, centre_tr), (x_te, colour_te, shape_te, centre_te) = train, test
+    return {
+        "colour_accuracy": ridge_classification_accuracy(x_tr, colour_tr, x_te, colour_te),
+        "shape_accuracy": ridge_classification_accuracy(x_tr, shape_tr, x_te, shape_te),
+        "centre_r2": ridge_regression_r2(x_tr, centre_tr, x_te, centre_te),
+    }
+
+
+def _centres(boxes: torch.Tensor) -> torch.Tensor:
+    return torch.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], dim=-1)
+
+
+def _patch_probe_data(tokens: torch.Tensor, rows: list[dict]) -> tuple:
+    """Patch tokens `[B, N, D]` whose centre lies in an object's box, with that object's labels and the patch's
+    own centre (a token keeps its position when the centre is linearly readable)."""
+    colours, shapes, boxes = _object_labels(rows)
+    grid = int(round(tokens.shape[1] ** 0.5))
+    image_of = torch.tensor([b for b, row in enumerate(rows) for _ in row["regions"]])
+    inside = patch_box_mask(boxes, grid)  # [objects, N]
+    features, colour, shape, centre = [], [], [], []
+    axis = (torch.arange(grid, dtype=torch.float64) + 0.5) / grid
+    patch_centres = torch.stack(torch.meshgrid(axis, axis, indexing="ij")[::-1], -1).reshape(-1, 2)
+    for k in range(len(boxes)):
+        patches = inside[k].nonzero().flatten()
+        features.append(tokens[image_of[k], patches])
+        colour += [int(colours[k])] * len(patches)
+        shape += [int(shapes[k])] * len(patches)
+        centre.append(patch_centres[patches])
+    return torch.cat(features), torch.tensor(colour), torch.tensor(shape), torch.cat(centre)
+
+
+@torch.no_grad()
+def occlip_diagnostics(model, processor, train_rows: list[dict], test_rows: list[dict]) -> dict:
+    """What OC-CLIP's binding does on synthetic rows (`image` opened, gold `scene_graph`, `regions` in node order):
+    last-layer binding-attention mass on each node's own box vs the other objects' boxes, the chance value of
+    `L_rel` for these graphs, and ridge probes (fit on `train_rows`, scored on `test_rows`) of the patch tokens
+    feeding the binding and of the slots: colour, shape and centre of their object."""
+    model.eval()
+    layer = model.config.binding_config.vision_feature_layer
+
+    def encode(rows):
+        inputs = processor(images=[r["image"] for r in rows], scene_graphs=[r["scene_graph"] for r in rows])
+        pixels = inputs.pop("pixel_values")
+        hidden = model.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states[layer][:, 1:]
+        image, text = model.get_image_features(pixels), model.get_text_features(**inputs)
+        index = torch.arange(len(rows))
+        prepared = model._prepare_text(text).select(index[:, None])
+        slots, attentions = model._bind(image.binding_keys, image.binding_values, prepared, output_attentions=True)
+        return hidden, slots[:, 0], attentions[-1][:, :, 0], text
+
+    hidden_tr, slots_tr, _, _ = encode(train_rows)
+    hidden_te, slots_te, attention_te, text_te = encode(test_rows)
+    colours, shapes, boxes = _object_labels(test_rows)
+    num_nodes = attention_te.shape[-2] - model.config.binding_config.num_default_queries
+    node_boxes = torch.zeros(len(test_rows), num_nodes, 4, dtype=torch.float64)
+    node_valid = torch.zeros(len(test_rows), num_nodes, dtype=torch.bool)
+    start = 0
+    for b, row in enumerate(test_rows):
+        count = len(row["regions"])
+        node_boxes[b, :count], node_valid[b, :count] = boxes[start : start + count], True
+        start += count
+    grid = int(round(attention_te.shape[-1] ** 0.5))
+    mass = binding_box_mass(attention_te.mean(1)[:, :num_nodes], node_boxes, node_valid, grid)
+    _, _, valid = model._relation_negatives(text_te)
+    has_relation = text_te.relation_mask.any(-1)
+    counts = valid.sum(-1)[has_relation & (valid.sum(-1) > 0)]
+    chance = statistics.fmean(chance_relation_loss(int(k)) for k in counts) if len(counts) else float("nan")
+
+    def slot_data(slots, rows):
+        c, s, b = _object_labels(rows)
+        x = torch.cat([slots[i, : len(row["regions"])] for i, row in enumerate(rows)])
+        return x, c, s, _centres(b)
+
+    return {
+        "binding_mass_own_box": mass["own_box"],
+        "binding_mass_other_boxes": mass["other_boxes"],
+        "own_box_area": mass["own_area"],
+        "relation_loss_chance": chance,
+        "probe_patch_tokens": _probe(
+            _patch_probe_data(hidden_tr, train_rows), _patch_probe_data(hidden_te, test_rows)
+        ),
+        "probe_slots": _probe(slot_data(slots_tr, train_rows), slot_data(slots_te, test_rows)),
+    }
+
+
+@torch.no_grad()
+def cloc_diagnostics(model, processor, train_rows: list[dict], test_rows: list[dict]) -> dict:
+    """What CLOC's Prompter reads and writes on synthetic rows (`image` opened, `regions`): attention mass on CLS
+    and, among patches, inside the prompted box vs its area share; ridge probes (fit on `train_rows`, scored on
+    `test_rows`) of the image tokens it reads and of its region embeddings: colour, shape and centre."""
+    model.eval()
+
+    def encode(rows):
+        inputs = processor(
+            images=[r["image"] for r in rows], input_boxes=[[g["bbox"] for g in r["regions"]] for r in rows]
+        )
+        tokens = model.get_image_tokens(inputs["pixel_values"])
+        boxes, box_mask = inputs["input_boxes"], inputs["box_mask"]
+        embeds = model.get_region_features(image_tokens=tokens, boxes=boxes, box_mask=box_mask)
+        return tokens, embeds[box_mask], boxes, box_mask
+
+    tokens_tr, regions_tr, _, _ = encode(train_rows)
+    tokens_te, regions_te, boxes_te, mask_te = encode(test_rows)
+    results = {}
+    if model.prompter is not None and model.roi_head is None and len(model.prompter.layers) == 1:
+        prompter = model.prompter
+        attention = prompter.image_attention(prompter.box_prompts(boxes_te), tokens_te, boxes_te)
+        grid = int(round((tokens_te.shape[1] - 1) ** 0.5))
+        mass = prompter_box_mass(attention, boxes_te.double(), mask_te, grid)
+        results.update(
+            prompter_mass_cls=mass["cls"], prompter_mass_in_box=mass["inside_box"], box_area=mass["box_area"]
+        )
+
+    def region_data(embeds, rows):
+        c, s, b = _object_labels(rows)
+        return embeds, c, s, _centres(b)
+
+    results["probe_image_tokens"] = _probe(
+        _patch_probe_data(tokens_tr[:, 1:], train_rows), _patch_probe_data(tokens_te[:, 1:], test_rows)
+    )
+    results["probe_region_embeds"] = _probe(region_data(regions_tr, train_rows), region_data(regions_te, test_rows))
+    return results

@@ -239,16 +239,29 @@ def evaluate_synthetic(scorer: ImageTextScorer, folder, region_mode: str | None 
     images = [open_image(row, f"row {i}") for i, row in enumerate(rows)]
     metrics = evaluate_rows(scorer, rows, images)
     if region_mode is not None:
-        boxes = [[region["bbox"] for region in row["regions"]] for row in rows]
         labels_text = [region["text"] for row in rows for region in row["regions"]]
         classes = sorted(set(labels_text) | _vocabulary_phrases(labels_text))
-        scores = scorer.region_scores(images, boxes, classes, crop=region_mode == "crop")
-        labels = torch.tensor([classes.index(t) for t in labels_text], device=scores.device)
-        metrics["region_classification"] = topk_accuracy(scores, labels, ks=(1,))["top1"]
-        if region_mode == "model" and scorer.family == "cloc":
-            predicted = scorer.ground(images, [[region["text"] for region in row["regions"]] for row in rows])
-            target = torch.tensor([b for bs in boxes for b in bs])
-            metrics["grounding_acc50"] = grounding_accuracy(torch.cat(predicted), target)
+        metrics.update(evaluate_regions(scorer, rows, images, classes, crop=region_mode == "crop"))
+    return metrics
+
+
+def evaluate_regions(scorer: ImageTextScorer, rows: list[dict], images, classes: list[str], crop: bool = False):
+    """Region classification of every ground-truth box among `classes` (each box's `text` must be one) and, for
+    CLOC without `crop`, grounding accuracy at IoU 0.5 of each region's text."""
+    boxes = [[region["bbox"] for region in row["regions"]] for row in rows]
+    labels_text = [region["text"] for row in rows for region in row["regions"]]
+    if not labels_text:
+        raise ValueError("no regions to evaluate")
+    missing = sorted(set(labels_text) - set(classes))
+    if missing:
+        raise ValueError(f"region texts {missing[:5]} are not among the classes")
+    scores = scorer.region_scores(images, boxes, classes, crop=crop)
+    labels = torch.tensor([classes.index(t) for t in labels_text], device=scores.device)
+    metrics = {"region_classification": topk_accuracy(scores, labels, ks=(1,))["top1"]}
+    if not crop and scorer.family == "cloc":
+        predicted = scorer.ground(images, [[region["text"] for region in row["regions"]] for row in rows])
+        target = torch.tensor([b for bs in boxes for b in bs])
+        metrics["grounding_acc50"] = grounding_accuracy(torch.cat(predicted), target)
     return metrics
 
 

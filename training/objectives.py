@@ -133,6 +133,7 @@ class CLOCObjective:
         "box_mask",
         "predicted_boxes",
         "grounding_mask",
+        "region_caption_keys",
     )
 
     def forward_kwargs(self) -> dict:

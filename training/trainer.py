@@ -36,7 +36,7 @@ from processing.clip_tokenizer import bundled_clip_tokenizer
 
 from .data import SKIPPED_KEY, IndexedRows, IndexedStream, TrainingCollator, load_image_text_dataset, open_image
 from .distributed import FeatureGatherer
-from .evaluation import ImageTextScorer, evaluate_rows
+from .evaluation import ImageTextScorer, evaluate_regions, evaluate_rows
 from .model_card import write_model_card
 from .objectives import OBJECTIVES, CLIPObjective
 from .step import ContrastiveTrainingModule, forward_backward
@@ -52,7 +52,13 @@ class TrainingArguments:
 
     train_data: str = field(metadata={"help": "dataset folder, Parquet glob or WebDataset shards"})
     output_dir: str = field(metadata={"help": "final model + processor + card; resumable state in checkpoints/"})
-    model_config: str | None = field(default=None, metadata={"help": "JSON config of the model (from scratch)"})
+    model_config: str | None = field(
+        default=None,
+        metadata={
+            "help": "JSON config of the model (from scratch); with --init_from, only the settings of what CLIP lacks "
+            "(binding_config, prompter_config, loss options), the towers coming from the checkpoint"
+        },
+    )
     init_from: str | None = field(default=None, metadata={"help": "folder of a transformers CLIPModel"})
     finetune_mode: str = field(default="full", metadata={"help": "full, frozen (towers frozen) or lora"})
     eval_data: str | None = field(
@@ -132,17 +138,27 @@ def default_processor(family: str, image_size: int):
 
 def build_model_and_processor(args: TrainingArguments, family: str):
     """The model (from `--model_config` or `--init_from`) and its processor."""
-    if (args.model_config is None) == (args.init_from is None):
-        raise ValueError("pass exactly one of --model_config (train from scratch) and --init_from (a CLIP folder)")
+    if args.model_config is None and args.init_from is None:
+        raise ValueError("pass --model_config (train from scratch) or --init_from (a CLIP folder)")
+    values = {}
     if args.model_config is not None:
         with open(args.model_config) as handle:
             values = json.load(handle)
+        if not isinstance(values, dict):
+            raise ValueError(f"--model_config {args.model_config} must hold a JSON object")
+    if args.init_from is None:
         config = CONFIG_CLASSES[family](**values)
         model = MODEL_CLASSES[family](config)
         processor = default_processor(family, config.vision_config.image_size)
         return model, processor
+    towers = sorted(set(values) & {"text_config", "vision_config", "projection_dim"})
+    if towers or (values and family == "clip"):
+        raise ValueError(
+            f"--model_config with --init_from sets only what CLIP lacks; {towers or sorted(values)} come from "
+            f"the checkpoint {args.init_from}"
+        )
     clip = CLIPModel.from_pretrained(args.init_from)
-    model = clip if family == "clip" else MODEL_CLASSES[family].from_clip(clip)
+    model = clip if family == "clip" else MODEL_CLASSES[family].from_clip(clip, **values)
     try:
         loaded = CLIPProcessor.from_pretrained(args.init_from)
         processor = PROCESSOR_CLASSES[family](image_processor=loaded.image_processor, tokenizer=loaded.tokenizer)
@@ -340,6 +356,7 @@ def train(args: TrainingArguments, family: str) -> dict:
         desc=f"train {family}",
     )
     metrics, started, samples = {}, time.perf_counter(), 0
+    history = []  # every logged record, written to OUT/log_history.json (as transformers' Trainer log_history)
     evaluated_step = None  # the final model is evaluated unless the last step already was
     per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     while progress.step < max_steps:
@@ -379,6 +396,7 @@ def train(args: TrainingArguments, family: str) -> dict:
                 metrics["lr"] = scheduler.get_last_lr()[0]
                 metrics["samples_per_second"] = samples / (time.perf_counter() - started)
                 accelerator.log(metrics, step=progress.step)
+                history.append({"step": progress.step, **metrics})
                 bar.set_postfix(
                     loss=f"{metrics['loss']:.4f}",
                     lr=f"{metrics['lr']:.2e}",
@@ -386,7 +404,9 @@ def train(args: TrainingArguments, family: str) -> dict:
                 )
             bar.update(1)
             if evaluation_rows is not None and args.eval_steps and progress.step % args.eval_steps == 0:
-                metrics.update(run_evaluation(accelerator, module, processor, family, evaluation_rows, progress.step))
+                evaluated = run_evaluation(accelerator, module, processor, family, evaluation_rows, progress.step)
+                metrics.update(evaluated)
+                history.append({"step": progress.step, **evaluated})
                 evaluated_step = progress.step
             if args.checkpointing_steps and progress.step % args.checkpointing_steps == 0:
                 save_checkpoint(accelerator, output_dir, progress.step, model_config, args.checkpoints_total_limit)
@@ -396,7 +416,9 @@ def train(args: TrainingArguments, family: str) -> dict:
         progress.batches_in_epoch = 0
     bar.close()
     if evaluation_rows is not None and evaluated_step != progress.step:
-        metrics.update(run_evaluation(accelerator, module, processor, family, evaluation_rows, progress.step))
+        evaluated = run_evaluation(accelerator, module, processor, family, evaluation_rows, progress.step)
+        metrics.update(evaluated)
+        history.append({"step": progress.step, **evaluated})
     skipped = torch.tensor(float(progress.skipped), device=accelerator.device)
     metrics["skipped_rows"] = int(accelerator.reduce(skipped, reduction="sum").item())
     if metrics["skipped_rows"] and accelerator.is_main_process:
@@ -404,6 +426,8 @@ def train(args: TrainingArguments, family: str) -> dict:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_final(accelerator.unwrap_model(module).model, processor, output_dir, args, family, metrics)
+        # Records of this run (after a resume: from the resumed step on).
+        (output_dir / "log_history.json").write_text(json.dumps(history, indent=1))
         if args.push_to_hub:
             push_to_hub(output_dir, args.hub_model_id or output_dir.name)
     accelerator.end_training()
@@ -429,7 +453,13 @@ def run_evaluation(accelerator: Accelerator, module, processor, family: str, row
     if accelerator.is_main_process:
         model = base_model(accelerator.unwrap_model(module).model)
         scorer = ImageTextScorer(model, processor, family)  # puts the model in eval mode
-        results = {f"eval/{k}": v for k, v in evaluate_rows(scorer, rows, [r["image"] for r in rows]).items()}
+        images = [r["image"] for r in rows]
+        values = evaluate_rows(scorer, rows, images)
+        region_rows = [r for r in rows if r.get("regions")]
+        if family == "cloc" and region_rows:  # classes: the region texts of the evaluation rows
+            classes = sorted({region["text"] for r in region_rows for region in r["regions"]})
+            values.update(evaluate_regions(scorer, region_rows, [r["image"] for r in region_rows], classes))
+        results = {f"eval/{k}": v for k, v in values.items()}
         model.train()
         accelerator.log(results, step=step)
         print(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in results.items()))
