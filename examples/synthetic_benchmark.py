@@ -102,7 +102,7 @@ class BenchmarkArguments:
     per_device_train_batch_size: int = 32
     base_learning_rate: float = field(default=1e-3, metadata={"help": "peak LR of the base CLIP (from scratch)"})
     learning_rate: float = field(default=1e-3, metadata={"help": "peak LR of the new modules when fine-tuning"})
-    backbone_learning_rate: float = field(default=1e-4, metadata={"help": "peak LR of the towers when fine-tuning"})
+    backbone_learning_rate: float = field(default=3e-4, metadata={"help": "peak LR of the towers when fine-tuning"})
     seed: int = 0
     image_size: int = 64
     patch_size: int = 8
