@@ -213,6 +213,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--patch_size", type=int, default=8)
     parser.add_argument("--cache_dir", default="ablation_cache")
+    parser.add_argument("--save_to", default=None, help="folder for the fine-tuned model (save_pretrained)")
     args = parser.parse_args()
 
     data = draw_splits(args.num_images, 300, 0, args.jitter)
@@ -271,6 +272,8 @@ def main() -> None:
         new = ("prompter.", "box_head.", "roi_head.")
     opt = optimizer(model, args.lr, args.backbone_lr, new)
     train(model, args.steps, batch_of, args.seed, opt, evaluate, args.eval_every, args.batch, len(rows))
+    if args.save_to:
+        model.save_pretrained(args.save_to)
 
 
 if __name__ == "__main__":
