@@ -70,6 +70,7 @@ def box_position_encoding(boxes: torch.Tensor, width: int, temperature: float) -
     return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=-1)
 
 
+# The same function stands in modeling_occlip/binding_occlip.py: each model folder must work alone as remote code.
 def patch_position_features(num_patches: int, frequencies: int, device, dtype) -> torch.Tensor:
     """`[N, 2 + 4 * frequencies]` features of a square patch grid's centres, row-major: `(x, y)` in [-1, 1]
     (linear, so an attention-weighted mean of them is the attended centroid) and `sin/cos(pi k x|y)`, k = 1..F."""

@@ -40,6 +40,7 @@ class PreparedText:
         return PreparedText(**{name: value[0][caption_index] for name, value in self.__dict__.items()})
 
 
+# The same function stands in modeling_cloc/modeling_cloc.py: each model folder must work alone as remote code.
 def patch_position_features(num_patches: int, frequencies: int, device, dtype) -> torch.Tensor:
     """`[N, 2 + 4 * frequencies]` features of a square patch grid's centres, row-major: `(x, y)` in [-1, 1]
     (linear, so an attention-weighted mean of them is the attended centroid) and `sin/cos(pi k x|y)`, k = 1..F."""
