@@ -83,10 +83,6 @@ class CLOCPrompterConfig(PreTrainedConfig):
             attention logit to a patch gets `+ b * (fraction of the patch covered by the box)`, so box prompts
             read their box from the first step (measured: without it 97% of the attention went to CLS; region
             classification 0.55 at b = 4 vs 0.74 at b = 10 on the synthetic benchmark). 0 builds no such term.
-        text_patch_bias (`float`, defaults to 0.0): initial value of a learned scale `s`; a text prompt's attention
-            logit to a patch gets `+ s * cos(caption embedding, patch)`, the patch embedded by the Prompter's own
-            output head as a region would be, so grounding starts where patches already look like the caption.
-            0 builds no such term.
         hidden_act (`str`, defaults to `"gelu"`), layer_norm_eps (`float`).
         initializer_range (`float`, *optional*): standard deviation of the Prompter and box head weights at
             initialisation. Default `1.7 / sqrt(width)`: attention logits then start with a spread of about 3
@@ -107,7 +103,6 @@ class CLOCPrompterConfig(PreTrainedConfig):
     vision_feature_layer: int = -1
     position_frequencies: int = 0
     box_attention_bias: float = 10.0
-    text_patch_bias: float = 0.0
     hidden_act: str = "gelu"
     layer_norm_eps: float = 1e-5
     initializer_range: float | None = None

@@ -175,13 +175,7 @@ class CLOCPrompter(nn.Module):
         self.position_proj = (
             nn.Linear(2 + 4 * self.position_frequencies, width, bias=False) if self.position_frequencies >= 0 else None
         )
-        self.text_patch_scale = (
-            nn.Parameter(torch.tensor(float(prompter_config.text_patch_bias)))
-            if prompter_config.text_patch_bias
-            else None
-        )
         self.box_attention_bias_init = float(prompter_config.box_attention_bias)
-        self.text_patch_bias_init = float(prompter_config.text_patch_bias)
         self.box_attention_scale = (
             nn.Parameter(torch.tensor(float(prompter_config.box_attention_bias)))
             if prompter_config.box_attention_bias
@@ -213,27 +207,13 @@ class CLOCPrompter(nn.Module):
         bias = nn.functional.pad(self.box_attention_scale * overlap, (1, 0))
         return bias.repeat_interleave(num_prompt, dim=1)
 
-    def text_attention_bias(self, text_embeds: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor | None:
-        """Additive logits `[B, R, 1+N]` of text prompts: `s * cos(caption, patch)`, each patch embedded by this
-        Prompter's own output head (post-LN + projection) as if it were a region; zero for CLS. None when off."""
-        if self.text_patch_scale is None:
-            return None
-        patches = nn.functional.normalize(self.projection(self.post_layernorm(image_tokens[:, 1:])), dim=-1)
-        captions = nn.functional.normalize(text_embeds, dim=-1).to(patches.dtype)
-        return nn.functional.pad(self.text_patch_scale * captions @ patches.transpose(1, 2), (1, 0))
-
     def forward(
-        self,
-        prompts: torch.Tensor,
-        image_tokens: torch.Tensor,
-        boxes: torch.Tensor | None = None,
-        text_embeds: torch.Tensor | None = None,
+        self, prompts: torch.Tensor, image_tokens: torch.Tensor, boxes: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Region hidden states `h` `[B, R, D_v]` and normalised embeddings `z` `[B, R, D]`.
 
         `prompts` `[B, R, T_p, D_v]`; `image_tokens` `[B, 1+N, D_v]`; `boxes` `[B, R, 4]` for box prompts (they
-        then get the box attention bias, if configured), or `text_embeds` `[B, R, D]` for text prompts (the
-        text-to-patch bias, if configured). With one layer and prompt pooling only the
+        then get the box attention bias, if configured). With one layer and prompt pooling only the
         prompt rows are computed: all regions of an image form one query block against image keys/values computed
         once, and a block-diagonal mask keeps each region's prompt tokens to themselves (no per-region copy).
         """
@@ -241,9 +221,6 @@ class CLOCPrompter(nn.Module):
         num_tokens = image_tokens.shape[1]
         position = self.image_position(num_tokens, image_tokens.dtype, image_tokens.device)
         bias = None if boxes is None else self.box_attention_bias(boxes, num_tokens, num_prompt)
-        if text_embeds is not None:
-            bias = self.text_attention_bias(text_embeds, image_tokens)
-            bias = None if bias is None else bias.repeat_interleave(num_prompt, dim=1)
         if self.pooling == "prompt" and len(self.layers) == 1:
             layer = self.layers[0]
             keys, values = layer.image_keys_values(image_tokens, position)  # [B, H, K, d], once per image
@@ -276,11 +253,7 @@ class CLOCPrompter(nn.Module):
 
     @torch.no_grad()
     def image_attention(
-        self,
-        prompts: torch.Tensor,
-        image_tokens: torch.Tensor,
-        boxes: torch.Tensor | None = None,
-        text_embeds: torch.Tensor | None = None,
+        self, prompts: torch.Tensor, image_tokens: torch.Tensor, boxes: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Attention of each prompt over the image tokens `[B, R, 1+N]` (CLS first), averaged over heads and the
         region's prompt tokens: the share of each region's attention row that goes to each image token (the rest
@@ -299,9 +272,6 @@ class CLOCPrompter(nn.Module):
         own_logits = (q @ own_keys.transpose(-1, -2)).masked_fill(region_of[:, None] != region_of[None, :], -torch.inf)
         image_logits = q @ keys.transpose(-1, -2)
         bias = None if boxes is None else self.box_attention_bias(boxes, num_tokens, num_prompt)
-        if text_embeds is not None:
-            bias = self.text_attention_bias(text_embeds, image_tokens)
-            bias = None if bias is None else bias.repeat_interleave(num_prompt, dim=1)
         if bias is not None:
             image_logits = image_logits + bias[:, None] * q.shape[-1] ** 0.5  # undone by the scale below
         weights = (torch.cat([own_logits, image_logits], dim=-1) * q.shape[-1] ** -0.5).softmax(-1)
@@ -424,8 +394,6 @@ def _init_prompter(prompter: CLOCPrompter, std: float) -> None:
         init.normal_(prompter.position_proj.weight, std=prompter.position_proj.in_features**-0.5)
     if prompter.box_attention_scale is not None:
         init.constant_(prompter.box_attention_scale, prompter.box_attention_bias_init)
-    if prompter.text_patch_scale is not None:
-        init.constant_(prompter.text_patch_scale, prompter.text_patch_bias_init)
     if prompter.corner_embeddings is not None:
         init.normal_(prompter.corner_embeddings, std=std)
 
@@ -676,7 +644,7 @@ class CLOCModel(CLOCPreTrainedModel):
 
     def _ground_captions(self, image_tokens: torch.Tensor, caption_embeds: torch.Tensor) -> torch.Tensor:
         """Boxes `[B, R, 4]` from the Prompter's text path and the box head."""
-        hidden, _ = self.prompter(self.prompter.text_prompts(caption_embeds), image_tokens, text_embeds=caption_embeds)
+        hidden, _ = self.prompter(self.prompter.text_prompts(caption_embeds), image_tokens)
         return self.box_head(hidden)
 
     def forward(

@@ -298,33 +298,3 @@ def test_prompter_init_default_scales_with_width():
     width = config.vision_config.hidden_size
     std = float(model.prompter.layers[0].q_proj.weight.detach().std())
     assert abs(std - 1.7 / width**0.5) < 0.25 * 1.7 / width**0.5
-
-
-@torch.no_grad()
-def test_text_patch_bias_steers_text_prompts_by_patch_similarity():
-    """With `text_patch_bias`, a text prompt's logits get `s * cos(caption, patch as a region)`: the literal
-    one-head layer with that bias rebuilds the grounding state, and the bias is off for box prompts."""
-    model = tiny_cloc_model(seed=6, text_patch_bias=4.0, num_attention_heads=1)
-    prompter, layer = model.prompter, model.prompter.layers[0]
-    tokens = model.get_image_tokens(random_pixels(2, seed=9))
-    captions = torch.randn(2, 1, 24)
-    patches = torch.nn.functional.normalize(prompter.projection(prompter.post_layernorm(tokens[:, 1:])), dim=-1)
-    cosine = torch.nn.functional.normalize(captions, dim=-1) @ patches.transpose(1, 2)  # [2, 1, 16]
-    bias = torch.cat([torch.zeros(2, 1, 1), 4.0 * cosine], dim=-1)
-    torch.testing.assert_close(prompter.text_attention_bias(captions, tokens), bias)
-    prompts = prompter.text_prompts(captions)  # [2, 1, 1, D]
-    hidden, _ = prompter(prompts, tokens, text_embeds=captions)
-    position = prompter.image_position(tokens.shape[1], tokens.dtype, None)
-    query = prompts[:, 0]
-    normed, image = layer.norm1(query), layer.norm1(tokens) + position
-    keys = torch.cat([layer.k_proj(normed), layer.k_proj(image)], 1)
-    values = torch.cat([layer.v_proj(normed), layer.v_proj(image)], 1)
-    full_bias = torch.cat([torch.zeros(2, 1, 1), bias], dim=-1)  # the prompt's own column has no bias
-    attention = (layer.q_proj(normed) @ keys.transpose(1, 2) / keys.shape[-1] ** 0.5 + full_bias).softmax(-1)
-    rows = query + layer.out_proj(attention @ values)
-    rows = rows + layer.fc2(layer.activation_fn(layer.fc1(layer.norm2(rows))))
-    torch.testing.assert_close(hidden[:, 0], rows[:, 0], atol=1e-5, rtol=1e-5)
-    reported = prompter.image_attention(prompts, tokens, text_embeds=captions)[:, 0]
-    torch.testing.assert_close(reported, attention[:, 0, 1:], atol=1e-5, rtol=1e-5)
-    without, _ = prompter(prompts, tokens)
-    assert not torch.allclose(without, hidden)
