@@ -81,8 +81,8 @@ def optimizer(model: nn.Module, lr: float, backbone_lr: float, new: tuple) -> to
     )
 
 
-def train(model, steps: int, batch_of, seed: int, opt, evaluate, eval_every: int, batch: int, size: int):
-    """Cosine schedule with 5% warmup; returns the validation records."""
+def train(model, steps: int, batch_of, seed: int, opt, evaluate, eval_every: int, batch: int, size: int, extra=None):
+    """Cosine schedule with 5% warmup; returns the validation records. `extra(model, inputs)` adds to the loss."""
     peaks = [group["lr"] for group in opt.param_groups]
     generator = torch.Generator().manual_seed(seed)
     records, started = [], time.time()
@@ -96,9 +96,11 @@ def train(model, steps: int, batch_of, seed: int, opt, evaluate, eval_every: int
         for group, peak in zip(opt.param_groups, peaks):
             group["lr"] = peak * factor
         model.train()
-        out = model(**batch_of(torch.randint(size, (batch,), generator=generator)), return_loss=True)
+        inputs = batch_of(torch.randint(size, (batch,), generator=generator))
+        out = model(**inputs, return_loss=True)
+        loss = out.loss if extra is None else out.loss + extra(model, inputs)
         opt.zero_grad()
-        out.loss.backward()
+        loss.backward()
         opt.step()
         with torch.no_grad():
             for name in ("logit_scale", "region_logit_scale"):
@@ -194,6 +196,21 @@ def evaluate_cloc(model, tokenizer, split: dict) -> dict:
     }
 
 
+def text_attention_loss(model, inputs: dict) -> torch.Tensor:
+    """Experiment: `-log` of the share of each region caption's text-prompt attention (over the image patches)
+    that falls inside its own box, averaged over regions; supervises where grounding looks."""
+    from modeling_cloc.modeling_cloc import box_patch_overlap
+
+    tokens = model.get_image_tokens(inputs["pixel_values"])
+    mask = inputs["box_mask"]
+    captions = model._region_text_embeds(inputs["region_input_ids"], inputs["region_attention_mask"], mask)
+    prompter = model.prompter
+    attention = type(prompter).image_attention.__wrapped__(prompter, prompter.text_prompts(captions), tokens)
+    patches = attention[..., 1:] / attention[..., 1:].sum(-1, keepdim=True)
+    inside = (patches * box_patch_overlap(inputs["input_boxes"], patches.shape[-1])).sum(-1)
+    return -torch.log(inside[mask] + 1e-6).mean()
+
+
 def main() -> None:
     """Parse the options, train (or reuse) the base, fine-tune one variant, print its validation curve."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -214,6 +231,9 @@ def main() -> None:
     parser.add_argument("--patch_size", type=int, default=8)
     parser.add_argument("--cache_dir", default="ablation_cache")
     parser.add_argument("--save_to", default=None, help="folder for the fine-tuned model (save_pretrained)")
+    parser.add_argument(
+        "--text_attention_loss", type=float, default=0.0, help="CLOC experiment: weight of `text_attention_loss`"
+    )
     args = parser.parse_args()
 
     data = draw_splits(args.num_images, 300, 0, args.jitter)
@@ -271,7 +291,9 @@ def main() -> None:
         evaluate = lambda m: {s: evaluate_cloc(m, tokenizer, data[s]) for s in ("val_unseen", "val_seen")}  # noqa: E731
         new = ("prompter.", "box_head.", "roi_head.")
     opt = optimizer(model, args.lr, args.backbone_lr, new)
-    train(model, args.steps, batch_of, args.seed, opt, evaluate, args.eval_every, args.batch, len(rows))
+    weight = args.text_attention_loss
+    extra = (lambda m, inputs: weight * text_attention_loss(m, inputs)) if weight and args.family == "cloc" else None
+    train(model, args.steps, batch_of, args.seed, opt, evaluate, args.eval_every, args.batch, len(rows), extra)
     if args.save_to:
         model.save_pretrained(args.save_to)
 
