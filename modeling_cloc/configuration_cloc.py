@@ -87,7 +87,8 @@ class CLOCPrompterConfig(PreTrainedConfig):
         initializer_range (`float`, *optional*): standard deviation of the Prompter and box head weights at
             initialisation. Default `1.7 / sqrt(width)`: attention logits then start with a spread of about 3
             whatever the width, so prompts compete for patches from the first step. Measured on the synthetic
-            benchmark (width 128): at 0.02 the attention stays near uniform for hundreds of steps and grounding stays at chance (IoU>0.5 for 0.04 of boxes after 300 steps vs 0.75 at 0.15).
+            benchmark (width 128): at 0.02 the attention stays near uniform for hundreds of steps and grounding
+            stays at chance (IoU > 0.5 for 0.04 of boxes after 300 steps vs 0.75 at 0.15).
     """
 
     model_type = "cloc_prompter"

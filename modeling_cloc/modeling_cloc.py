@@ -469,12 +469,16 @@ def caption_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = 
     prime = 2**31 - 1
     first = torch.zeros(input_ids.shape[:-1], dtype=torch.long, device=input_ids.device)
     second = torch.zeros_like(first)
-    for token, keep in zip(
-        input_ids.long().unbind(-1), mask.unbind(-1)
-    ):  # padded positions leave the keys as they are
+    # Padded positions leave the keys as they are, so processes that pad differently agree.
+    for token, keep in zip(input_ids.long().unbind(-1), mask.unbind(-1)):
         first = torch.where(keep, (first * 1_000_003 + token + 1) % prime, first)
         second = torch.where(keep, (second * 999_983 + token + 7) % prime, second)
     return first * prime + second
+
+
+def _tokens_of_layer(vision_outputs, layer: int) -> torch.Tensor:
+    """Tokens of hidden-state `layer` of a vision forward (-1: the last layer, before the post-LayerNorm)."""
+    return vision_outputs.last_hidden_state if layer == -1 else vision_outputs.hidden_states[layer]
 
 
 def _check_boxes(boxes: torch.Tensor, box_mask: torch.Tensor | None, batch: int) -> torch.Tensor:
@@ -585,8 +589,7 @@ class CLOCModel(CLOCPreTrainedModel):
 
     def _prompter_tokens(self, vision_outputs) -> torch.Tensor:
         """The image tokens the Prompter and RoI head read, from `get_image_features`' outputs."""
-        layer = self.config.prompter_config.vision_feature_layer
-        return vision_outputs.last_hidden_state if layer == -1 else vision_outputs.hidden_states[layer]
+        return _tokens_of_layer(vision_outputs, self.config.prompter_config.vision_feature_layer)
 
     def get_image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Image tokens `[B, 1+N, D_v]` (CLS first) that region prompts read: cache them for `image_tokens=`."""
@@ -728,13 +731,12 @@ class CLOCModel(CLOCPreTrainedModel):
             )
         caption_embeds = self._region_text_embeds(region_input_ids, region_attention_mask, box_mask)
         predicted = self._ground_captions(image_tokens, caption_embeds)
+        keys = caption_keys(region_input_ids, region_attention_mask).masked_fill(~box_mask, -1)
         # Grounding: a caption repeated within its image has no single target box.
         target = box_mask.clone()
         if self.config.grounding_unique_only:
-            ids = region_input_ids if region_attention_mask is None else region_input_ids * region_attention_mask
-            same = (ids[:, :, None] == ids[:, None, :]).all(-1) & box_mask[:, :, None] & box_mask[:, None, :]
+            same = (keys[:, :, None] == keys[:, None, :]) & box_mask[:, :, None] & box_mask[:, None, :]
             target &= same.sum(-1) == 1
-        keys = caption_keys(region_input_ids, region_attention_mask).masked_fill(~box_mask, -1)
         return nn.functional.normalize(caption_embeds, dim=-1) * box_mask[..., None], predicted, target, keys
 
     def loss_from_features(
@@ -859,7 +861,7 @@ class CLOCVisionModel(CLIPVisionModel):
                     "boxes were given but this CLOCVisionModel has no Prompter: load it from a full CLOC checkpoint "
                     "(CLOCVisionModel.from_pretrained(cloc_folder)) or set CLOCVisionConfig.prompter_config."
                 )
-            image_tokens = outputs.last_hidden_state if layer == -1 else outputs.hidden_states[layer]
+            image_tokens = _tokens_of_layer(outputs, layer)
             box_mask = _check_boxes(boxes, box_mask, image_tokens.shape[0])
             result.region_hidden_states, result.region_embeds = self.prompter.embed_boxes(
                 image_tokens, boxes, box_mask

@@ -73,7 +73,8 @@ class OCCLIPBindingConfig(PreTrainedConfig):
         initializer_range (`float`, *optional*): standard deviation of the binding and scoring weights at
             initialisation. Default `1.7 / sqrt(width)`: attention logits then start with a spread of about 3
             whatever the width, so node queries compete for patches from the first step. Measured on the synthetic
-            benchmark (width 128): at 0.02 the attention stays near uniform for hundreds of steps and binding never forms (attribute swap 0.65 after 300 steps vs 1.0 at 1.7 / sqrt(128) = 0.15).
+            benchmark (width 128): at 0.02 the attention stays near uniform for hundreds of steps and binding
+            never forms (attribute swap 0.65 after 300 steps vs 1.0 at 1.7 / sqrt(128) = 0.15).
     """
 
     model_type = "occlip_binding"

@@ -132,7 +132,7 @@ class LLMSceneGraphParser:
             except ValueError as error:
                 problems.append(str(error))
         logger.warning(f"caption {index}: LLM reply invalid twice ({'; '.join(problems)}); using the rule parser")
-        return canonicalize_scene_graph(self.fallback.parse(caption))
+        return self.fallback.parse(caption)  # the rule parser's graphs are canonical already
 
     def parse_batch(self, captions: list[str]) -> list[SceneGraph]:
         """Scene graphs of many captions (one generation per caption)."""
