@@ -269,10 +269,11 @@ def occlip_diagnostics(model, processor, train_rows: list[dict], test_rows: list
         inputs = processor(images=[r["image"] for r in rows], scene_graphs=[r["scene_graph"] for r in rows])
         pixels = inputs.pop("pixel_values")
         hidden = model.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states[layer][:, 1:]
-        image, text = model.get_image_features(pixels), model.get_text_features(**inputs)
+        keys, values = model.binding.encode_image(hidden)  # what get_image_features builds, from the same pass
+        text = model.get_text_features(**inputs)
         index = torch.arange(len(rows))
         prepared = model._prepare_text(text).select(index[:, None])
-        slots, attentions = model._bind(image.binding_keys, image.binding_values, prepared, output_attentions=True)
+        slots, attentions = model._bind(keys, values, prepared, output_attentions=True)
         return hidden, slots[:, 0], attentions[-1][:, :, 0], text
 
     hidden_tr, slots_tr, _, _ = encode(train_rows)
