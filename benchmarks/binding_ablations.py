@@ -81,8 +81,8 @@ def optimizer(model: nn.Module, lr: float, backbone_lr: float, new: tuple) -> to
     )
 
 
-def train(model, steps: int, batch_of, seed: int, opt, evaluate, eval_every: int, batch: int, size: int, extra=None):
-    """Cosine schedule with 5% warmup; returns the validation records. `extra(model, inputs)` adds to the loss."""
+def train(model, steps: int, batch_of, seed: int, opt, evaluate, eval_every: int, batch: int, size: int):
+    """Cosine schedule with 5% warmup; returns the validation records."""
     peaks = [group["lr"] for group in opt.param_groups]
     generator = torch.Generator().manual_seed(seed)
     records, started = [], time.time()
@@ -98,9 +98,8 @@ def train(model, steps: int, batch_of, seed: int, opt, evaluate, eval_every: int
         model.train()
         inputs = batch_of(torch.randint(size, (batch,), generator=generator))
         out = model(**inputs, return_loss=True)
-        loss = out.loss if extra is None else out.loss + extra(model, inputs)
         opt.zero_grad()
-        loss.backward()
+        out.loss.backward()
         opt.step()
         with torch.no_grad():
             for name in ("logit_scale", "region_logit_scale"):
@@ -196,21 +195,6 @@ def evaluate_cloc(model, tokenizer, split: dict) -> dict:
     }
 
 
-def text_attention_loss(model, inputs: dict) -> torch.Tensor:
-    """Experiment: `-log` of the share of each region caption's text-prompt attention (over the image patches)
-    that falls inside its own box, averaged over regions; supervises where grounding looks."""
-    from modeling_cloc.modeling_cloc import box_patch_overlap
-
-    tokens = model.get_image_tokens(inputs["pixel_values"])
-    mask = inputs["box_mask"]
-    captions = model._region_text_embeds(inputs["region_input_ids"], inputs["region_attention_mask"], mask)
-    prompter = model.prompter
-    attention = type(prompter).image_attention.__wrapped__(prompter, prompter.text_prompts(captions), tokens)
-    patches = attention[..., 1:] / attention[..., 1:].sum(-1, keepdim=True)
-    inside = (patches * box_patch_overlap(inputs["input_boxes"], patches.shape[-1])).sum(-1)
-    return -torch.log(inside[mask] + 1e-6).mean()
-
-
 def main() -> None:
     """Parse the options, train (or reuse) the base, fine-tune one variant, print its validation curve."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -231,9 +215,6 @@ def main() -> None:
     parser.add_argument("--patch_size", type=int, default=8)
     parser.add_argument("--cache_dir", default="ablation_cache")
     parser.add_argument("--save_to", default=None, help="folder for the fine-tuned model (save_pretrained)")
-    parser.add_argument(
-        "--text_attention_loss", type=float, default=0.0, help="CLOC experiment: weight of `text_attention_loss`"
-    )
     args = parser.parse_args()
 
     data = draw_splits(args.num_images, 300, 0, args.jitter)
@@ -291,9 +272,7 @@ def main() -> None:
         evaluate = lambda m: {s: evaluate_cloc(m, tokenizer, data[s]) for s in ("val_unseen", "val_seen")}  # noqa: E731
         new = ("prompter.", "box_head.", "roi_head.")
     opt = optimizer(model, args.lr, args.backbone_lr, new)
-    weight = args.text_attention_loss
-    extra = (lambda m, inputs: weight * text_attention_loss(m, inputs)) if weight and args.family == "cloc" else None
-    train(model, args.steps, batch_of, args.seed, opt, evaluate, args.eval_every, args.batch, len(rows), extra)
+    train(model, args.steps, batch_of, args.seed, opt, evaluate, args.eval_every, args.batch, len(rows))
     if args.save_to:
         model.save_pretrained(args.save_to)
 

@@ -148,6 +148,11 @@ class CLOCConfig(PreTrainedConfig):
             `"mse"` (squared error, the spec's reading of the paper) or `"l1"` (absolute error, whose gradient does
             not vanish as boxes get close, so boxes keep sharpening).
         grounding_unique_only (`bool`, defaults to `True`): box regression only for captions unique in their image.
+        grounding_attention_loss_weight (`float`, defaults to 0.0): weight w of a term `-log` (share of a region
+            caption's text-prompt attention over the image patches that falls inside its box), over the grounding
+            targets. It supervises where grounding looks, not only the box it outputs: with small patches (4 px
+            on 64 px images) the text prompt otherwise spreads its attention (0.23 of it inside the box) and the
+            box head never leaves the mean box (see the README's ablations). Needs a one-layer Prompter.
         region_head (`str`, defaults to `"prompter"`): how boxes become region embeddings: the Prompter, or
             `"roi_align"` (the paper's ablation: `roi_align_samples`² bilinear samples on the patch grid, mean, LN,
             projection). Grounding always uses the Prompter's text path.
@@ -173,6 +178,7 @@ class CLOCConfig(PreTrainedConfig):
     region_text_filter_threshold: float = 0.9
     grounding_loss: str = "mse"
     grounding_unique_only: bool = True
+    grounding_attention_loss_weight: float = 0.0
     region_head: str = "prompter"
     roi_align_samples: int = 7
     initializer_factor: float = 1.0
@@ -203,6 +209,15 @@ class CLOCConfig(PreTrainedConfig):
         if self.roi_align_samples < 1:
             raise ValueError(f"roi_align_samples must be >= 1, got {self.roi_align_samples}")
         vision, prompter = self.vision_config, self.prompter_config
+        if not self.grounding_attention_loss_weight >= 0 or self.grounding_attention_loss_weight == float("inf"):
+            raise ValueError(
+                f"grounding_attention_loss_weight must be finite and >= 0, got {self.grounding_attention_loss_weight}"
+            )
+        if self.grounding_attention_loss_weight > 0 and prompter is not None and prompter.num_hidden_layers != 1:
+            raise ValueError(
+                "grounding_attention_loss_weight > 0 supervises the attention of a one-layer Prompter; "
+                f"prompter_config.num_hidden_layers is {prompter.num_hidden_layers}"
+            )
         if vision is not None and prompter is not None:
             if vision.hidden_size % 4 != 0:
                 raise ValueError(f"vision_config.hidden_size ({vision.hidden_size}) must be a multiple of 4 (box PE)")

@@ -32,7 +32,10 @@ class CLOCOutput(ModelOutput):
     is False). With region captions: region_text_embeds (`[B, R, D]`, normalised caption embeddings),
     predicted_boxes (`[B, R, 4]`, grounding of each caption), grounding_mask (`[B, R]`, the captions the box
     loss uses) and region_caption_keys (`[B, R]` int64, equal for captions with identical tokens: what the
-    `"exact"` near-duplicate filter compares). These are the features `loss_from_features` takes.
+    `"exact"` near-duplicate filter compares). With `grounding_attention_loss_weight > 0`:
+    grounding_attention_mass (`[B, R]`, the share of each caption's text-prompt attention over the image patches
+    that falls inside its own box) and loss_grounding_attention (mean `-log` of it over the grounding targets).
+    These are the features `loss_from_features` takes.
     """
 
     loss: torch.Tensor | None = None
@@ -49,6 +52,8 @@ class CLOCOutput(ModelOutput):
     predicted_boxes: torch.Tensor | None = None
     grounding_mask: torch.Tensor | None = None
     region_caption_keys: torch.Tensor | None = None
+    grounding_attention_mass: torch.Tensor | None = None
+    loss_grounding_attention: torch.Tensor | None = None
 
 
 def _fill_masked_boxes(boxes: torch.Tensor, box_mask: torch.Tensor) -> torch.Tensor:
@@ -258,6 +263,12 @@ class CLOCPrompter(nn.Module):
         """Attention of each prompt over the image tokens `[B, R, 1+N]` (CLS first), averaged over heads and the
         region's prompt tokens: the share of each region's attention row that goes to each image token (the rest
         goes to its own prompt tokens). One-layer Prompters only (the diagnostics of what a prompt reads)."""
+        return self.attention_over_image(prompts, image_tokens, boxes)
+
+    def attention_over_image(
+        self, prompts: torch.Tensor, image_tokens: torch.Tensor, boxes: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`image_attention` with gradients (what the grounding attention loss supervises)."""
         if len(self.layers) != 1:
             raise ValueError("image_attention reads the one-layer Prompter; this one has several layers")
         batch, regions, num_prompt, width = prompts.shape
@@ -673,6 +684,7 @@ class CLOCModel(CLOCPreTrainedModel):
         text_embeds = nn.functional.normalize(self.get_text_features(input_ids, attention_mask).pooler_output, dim=-1)
         logits_per_text = self._logit_scale() * text_embeds @ image_embeds.t()
         region_embeds = region_text_embeds = predicted_boxes = grounding_mask = region_caption_keys = None
+        attention_mass = None
         if input_boxes is not None:
             box_mask = _check_boxes(input_boxes, box_mask, image_tokens.shape[0])
             region_embeds = self._box_embeddings(image_tokens, input_boxes, box_mask)
@@ -680,6 +692,10 @@ class CLOCModel(CLOCPreTrainedModel):
                 region_text_embeds, predicted_boxes, grounding_mask, region_caption_keys = (
                     self._region_caption_outputs(image_tokens, box_mask, region_input_ids, region_attention_mask)
                 )
+                if self.config.grounding_attention_loss_weight > 0:
+                    attention_mass = self.grounding_attention_mass(
+                        image_tokens, region_text_embeds, _fill_masked_boxes(input_boxes, box_mask)
+                    ) * box_mask.to(region_text_embeds.dtype)
         output = CLOCOutput(
             logits_per_image=logits_per_text.t(),
             logits_per_text=logits_per_text,
@@ -691,9 +707,16 @@ class CLOCModel(CLOCPreTrainedModel):
             predicted_boxes=predicted_boxes,
             grounding_mask=grounding_mask,
             region_caption_keys=region_caption_keys,
+            grounding_attention_mass=attention_mass,
         )
         if return_loss:
-            output.loss, output.loss_clip, output.loss_region, output.loss_grounding = self.loss_from_features(
+            (
+                output.loss,
+                output.loss_clip,
+                output.loss_region,
+                output.loss_grounding,
+                output.loss_grounding_attention,
+            ) = self.loss_from_features(
                 image_embeds,
                 text_embeds,
                 region_embeds,
@@ -703,6 +726,7 @@ class CLOCModel(CLOCPreTrainedModel):
                 predicted_boxes,
                 grounding_mask,
                 region_caption_keys,
+                grounding_attention_mass=attention_mass,
             )
         return output
 
@@ -720,6 +744,16 @@ class CLOCModel(CLOCPreTrainedModel):
             if other_embeds is None:
                 keep.fill_diagonal_(True)
         return keep
+
+    def grounding_attention_mass(
+        self, image_tokens: torch.Tensor, caption_embeds: torch.Tensor, boxes: torch.Tensor
+    ) -> torch.Tensor:
+        """`[B, R]`: the share of each caption's text-prompt attention over the image patches (CLS and the prompt
+        itself left out) that falls inside `boxes`, weighting each patch by its covered area."""
+        attention = self.prompter.attention_over_image(self.prompter.text_prompts(caption_embeds), image_tokens)
+        patches = attention[..., 1:]
+        patches = patches / patches.sum(-1, keepdim=True).clamp(min=torch.finfo(patches.dtype).tiny)
+        return (patches * box_patch_overlap(boxes.to(patches.dtype), patches.shape[-1])).sum(-1)
 
     def _region_caption_outputs(self, image_tokens, box_mask, region_input_ids, region_attention_mask):
         """Normalised caption embeddings `[B, R, D]`, grounded boxes `[B, R, 4]`, the grounding target mask and the
@@ -752,19 +786,23 @@ class CLOCModel(CLOCPreTrainedModel):
         region_caption_keys: torch.Tensor | None = None,
         gatherer=None,
         local_loss: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """`(loss, loss_clip, loss_region, loss_grounding)` from `forward`'s outputs, over the global batch.
+        grounding_attention_mass: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """`(loss, loss_clip, loss_region, loss_grounding, loss_grounding_attention)` from `forward`'s outputs,
+        over the global batch.
 
-        `L = L_CLIP + lambda (L_region + L_grounding)`: image-caption InfoNCE; region-caption InfoNCE over every
-        valid region of the global batch with near-duplicate captions removed from the softmax (identical
-        `region_caption_keys` for `region_text_filter="exact"`, cosine > threshold for `"cosine"`); mean box
-        error (`grounding_loss`) over grounding targets; lambda = `region_loss_weight` x the fraction of the
-        global batch's images that have regions. `gatherer` / `local_loss` as in `contrastive_loss`; all
-        processes must pass regions (possibly none valid) or none.
+        `L = L_CLIP + lambda (L_region + L_grounding + w L_attention)`: image-caption InfoNCE; region-caption
+        InfoNCE over every valid region of the global batch with near-duplicate captions removed from the softmax
+        (identical `region_caption_keys` for `region_text_filter="exact"`, cosine > threshold for `"cosine"`);
+        mean box error (`grounding_loss`) over grounding targets; with `grounding_attention_mass` and
+        w = `grounding_attention_loss_weight` > 0, the mean `-log` of each grounding target's attention share
+        inside its box; lambda = `region_loss_weight` x the fraction of the global batch's images that have
+        regions. `gatherer` / `local_loss` as in `contrastive_loss`; all processes must pass regions (possibly
+        none valid) or none.
         """
         loss_clip = contrastive_loss(image_embeds, text_embeds, self._logit_scale(), gatherer, local_loss)
         if region_embeds is None or region_text_embeds is None:
-            return loss_clip, loss_clip, None, None
+            return loss_clip, loss_clip, None, None, None
         world = 1 if gatherer is None else gatherer.world_size
         counts = torch.stack(
             [
@@ -776,7 +814,7 @@ class CLOCModel(CLOCPreTrainedModel):
         ).to(image_embeds.dtype)
         counts = counts if gatherer is None else gatherer.all_reduce_sum(counts)
         if counts[0] == 0:
-            return loss_clip, loss_clip, None, None
+            return loss_clip, loss_clip, None, None, None
         region_scale = self.region_logit_scale.exp().clamp(max=self.config.logit_scale_max)
         exact = self.config.region_text_filter == "exact"
         if exact and region_caption_keys is None:
@@ -797,8 +835,21 @@ class CLOCModel(CLOCPreTrainedModel):
         summed = error[grounding_mask].sum()
         # Local sum over the global count; x world because DDP averages the processes' gradients.
         loss_grounding = summed * world / (4 * counts[2].clamp(min=1))
+        local = loss_region + loss_grounding
+        loss_attention = None
+        attention_weight = self.config.grounding_attention_loss_weight
+        if attention_weight > 0:
+            if grounding_attention_mass is None:
+                raise ValueError(
+                    "grounding_attention_loss_weight > 0 needs grounding_attention_mass (returned by forward with "
+                    "input_boxes and region_input_ids)"
+                )
+            # 1e-6 keeps -log finite for a caption that looks entirely outside its box.
+            summed = -torch.log(grounding_attention_mass[grounding_mask] + 1e-6).sum()
+            loss_attention = summed * world / counts[2].clamp(min=1)
+            local = local + attention_weight * loss_attention
         weight = self.config.region_loss_weight * counts[1] / counts[3]
-        return loss_clip + weight * (loss_region + loss_grounding), loss_clip, loss_region, loss_grounding
+        return loss_clip + weight * local, loss_clip, loss_region, loss_grounding, loss_attention
 
 
 @dataclass

@@ -298,3 +298,38 @@ def test_prompter_init_default_scales_with_width():
     width = config.vision_config.hidden_size
     std = float(model.prompter.layers[0].q_proj.weight.detach().std())
     assert abs(std - 1.7 / width**0.5) < 0.25 * 1.7 / width**0.5
+
+
+def test_grounding_attention_loss_is_minus_log_of_the_text_prompt_mass_inside_the_box():
+    """By hand from `image_attention`: each caption's patch attention (CLS left out, renormalised) weighted by the
+    box's cover of each patch; the loss is the mean `-log` over grounding targets, added inside lambda, and its
+    gradient reaches the Prompter's query projection."""
+    model = tiny_cloc_model(seed=5)
+    model.config.grounding_attention_loss_weight = 0.5
+    inputs = batch()
+    out = model(**inputs, return_loss=True)
+    prompter = model.prompter
+    with torch.no_grad():
+        tokens = model.get_image_tokens(inputs["pixel_values"])
+        attention = prompter.image_attention(prompter.text_prompts(out.region_text_embeds), tokens)[..., 1:]
+        cover = box_patch_overlap(inputs["input_boxes"], attention.shape[-1])
+        mass = (attention / attention.sum(-1, keepdim=True) * cover).sum(-1)
+    valid = inputs["box_mask"]
+    torch.testing.assert_close(out.grounding_attention_mass[valid], mass[valid])
+    assert torch.all(out.grounding_attention_mass[~valid] == 0)
+    expected_term = -torch.log(mass[out.grounding_mask] + 1e-6).mean()
+    torch.testing.assert_close(out.loss_grounding_attention, expected_term)
+    torch.testing.assert_close(
+        out.loss, out.loss_clip + (2 / 3) * (out.loss_region + out.loss_grounding + 0.5 * expected_term)
+    )
+    out.loss_grounding_attention.backward()
+    assert prompter.layers[0].q_proj.weight.grad.abs().sum() > 0
+
+
+def test_grounding_attention_loss_needs_a_one_layer_prompter():
+    from modeling_cloc import CLOCConfig
+
+    with pytest.raises(ValueError, match="one-layer Prompter"):
+        CLOCConfig(prompter_config={"num_hidden_layers": 2}, grounding_attention_loss_weight=1.0)
+    with pytest.raises(ValueError, match="grounding_attention_loss_weight must be finite"):
+        CLOCConfig(grounding_attention_loss_weight=float("nan"))

@@ -134,6 +134,7 @@ class CLOCObjective:
         "predicted_boxes",
         "grounding_mask",
         "region_caption_keys",
+        "grounding_attention_mass",
     )
 
     def forward_kwargs(self) -> dict:
@@ -148,12 +149,14 @@ class CLOCObjective:
 
     def loss(self, model, features, gatherer=None, local_loss=False) -> tuple[torch.Tensor, dict]:
         """`(L_CLIP + lambda (L_region + L_grounding), parts)`."""
-        loss, loss_clip, loss_region, loss_grounding = model.loss_from_features(
+        loss, loss_clip, loss_region, loss_grounding, loss_attention = model.loss_from_features(
             **{k: features[k] for k in self._keys}, gatherer=gatherer, local_loss=local_loss
         )
         parts = {"loss_clip": loss_clip.detach()}
         if loss_region is not None:
             parts.update(loss_region=loss_region.detach(), loss_grounding=loss_grounding.detach())
+        if loss_attention is not None:
+            parts["loss_grounding_attention"] = loss_attention.detach()
         return loss, parts
 
 
