@@ -109,7 +109,8 @@ def _image_reference(image, root: Path | None, row: str):
 
 @dataclass
 class SourceRow:
-    """One input row: a key for messages, the image (bytes, file path or PIL image) and its texts."""
+    """One input row: a key for messages, the image (bytes, PIL image, a `LocalImage` read only from inside the
+    input folder, or a `RefusedImage`) and its texts."""
 
     key: str
     image: object
