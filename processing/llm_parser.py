@@ -46,6 +46,9 @@ EXAMPLES = [
     ("two white plates", {"objects": [{"name": "plates", "attributes": ["two", "white"]}], "relations": []}),
 ]
 RETRY_SUFFIX = " Reply with the JSON object only."
+# A scene graph nests objects two deep ({"objects": [{...}]}); a reply nested far deeper is not one, and Python's
+# JSON reader would hit the recursion limit on it (RecursionError, which the retry and fallback do not catch).
+MAX_REPLY_DEPTH = 16
 
 
 def build_prompt(caption: str, strict: bool = False) -> str:
@@ -74,14 +77,16 @@ def extract_scene_graph(reply: str) -> SceneGraph:
                 in_string = False
         elif char == '"':
             in_string = True
-        elif char == "{":
+        elif char in "{[":
             depth += 1
-        elif char == "}":
+            if depth > MAX_REPLY_DEPTH:
+                raise ValueError(f"reply JSON is nested more than {MAX_REPLY_DEPTH} levels deep; not a scene graph")
+        elif char in "}]":
             depth -= 1
             if depth == 0:
                 try:
                     data = json.loads(reply[start : position + 1])
-                except json.JSONDecodeError as error:
+                except (json.JSONDecodeError, RecursionError) as error:  # depth is bounded above; kept as a guard
                     raise ValueError(f"reply JSON does not parse: {error}") from None
                 return SceneGraph.from_dict(data)
     raise ValueError("reply JSON is truncated (unbalanced braces)")

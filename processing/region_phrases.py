@@ -13,7 +13,7 @@ several times costlier than caption mode.
 
 import re
 
-from .rule_parser import load_spacy
+from .rule_parser import caption_preview, caption_problem, load_spacy
 
 # Words that describe the web file, not the scene (the OWLv2 paper's filter list: stock, photo, image, picture,
 # wallpaper, jpg, png, ...; extended by us with plurals, other file types and stock-photo sites).
@@ -42,9 +42,12 @@ def _stop_words() -> frozenset:
 
 
 def _check_text(text, name: str) -> str:
+    problem = caption_problem(text, allow_empty=True)
+    if problem is None:
+        return text
     if not isinstance(text, str):
-        raise TypeError(f"{name} must be a string, got {type(text).__name__}")
-    return text
+        raise TypeError(f"{name} {problem}")
+    raise ValueError(f"{name} {caption_preview(text)} {problem}")
 
 
 def _check_cap(value: int, name: str) -> int:

@@ -13,7 +13,8 @@ are read off the word sequence instead: the small spaCy model tags colour words 
 them. Every graph leaves through `canonicalize_scene_graph` (one predicate spelling, repeated mentions merged).
 
 A caption in which no object is found becomes one node holding the whole caption (documented fallback).
-Empty or whitespace-only captions raise `ValueError`; non-strings raise `TypeError`.
+Empty or whitespace-only captions, captions over `MAX_CAPTION_CHARS` characters and captions that do not encode as
+UTF-8 (lone surrogates) raise `ValueError` naming the caption; non-strings raise `TypeError`.
 """
 
 from functools import lru_cache
@@ -66,12 +67,44 @@ def load_spacy(model: str = SPACY_MODEL):
         raise ImportError(f"spaCy model {model!r} is not installed: {_INSTALL_HINT}") from error
 
 
-def _check_caption(caption, index: int) -> str:
+# Longer than any real caption (~2,000 words); spaCy takes ~0.35 s per 10,000 characters and refuses texts over
+# 1,000,000 with an error that names nothing, so a stray document in a caption column is refused up front.
+MAX_CAPTION_CHARS = 10_000
+
+
+def caption_preview(caption: str, length: int = 40) -> str:
+    """A short printable form of a caption for error messages (repr, so control characters and surrogates show)."""
+    return repr(caption[:length]) + ("..." if len(caption) > length else "")
+
+
+def caption_problem(caption, allow_empty: bool = False) -> str | None:
+    """Why `caption` cannot be parsed or stored, or None when it can.
+
+    A caption must be a string of at most `MAX_CAPTION_CHARS` characters that encodes as UTF-8 (a lone surrogate,
+    e.g. from a mis-decoded file, crashes spaCy and JSON writers); unless `allow_empty`, it must not be blank.
+    """
     if not isinstance(caption, str):
-        raise TypeError(f"caption {index} must be a string, got {type(caption).__name__}")
+        return f"must be a string, got {type(caption).__name__}"
+    if not allow_empty and not caption.strip():
+        return "is empty or whitespace"
+    if len(caption) > MAX_CAPTION_CHARS:
+        return f"has {len(caption):,} characters, more than the {MAX_CAPTION_CHARS:,} a caption may have"
+    try:
+        caption.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return f"is not valid Unicode: lone surrogate {caption[error.start]!r} at position {error.start}"
+    return None
+
+
+def _check_caption(caption, index: int, allow_empty: bool = False) -> str:
+    problem = caption_problem(caption, allow_empty)
+    if problem is None:
+        return caption
+    if not isinstance(caption, str):
+        raise TypeError(f"caption {index} {problem}")
     if not caption.strip():
-        raise ValueError(f"caption {index} is empty or whitespace")
-    return caption
+        raise ValueError(f"caption {index} {problem}")
+    raise ValueError(f"caption {index} {caption_preview(caption)} {problem}")
 
 
 class RuleSceneGraphParser:

@@ -63,6 +63,20 @@ class SceneObject:
     name: str
     attributes: tuple[str, ...] = ()
 
+    def __post_init__(self):
+        # A string is a sequence of characters: `SceneObject("cube", "red")` would read as "r e d cube".
+        if isinstance(self.attributes, (str, bytes)):
+            raise TypeError(
+                f"SceneObject {self.name!r}: attributes must be a list or tuple of strings, got the string "
+                f"{self.attributes!r}; write attributes=({self.attributes!r},)"
+            )
+        if not isinstance(self.attributes, (list, tuple)):
+            raise TypeError(
+                f"SceneObject {self.name!r}: attributes must be a list or tuple of strings, "
+                f"got {type(self.attributes).__name__}"
+            )
+        object.__setattr__(self, "attributes", tuple(self.attributes))  # frozen and hashable, as from_dict makes it
+
     @property
     def text(self) -> str:
         """Node text fed to the text tower: attributes then name ("red cube")."""
@@ -86,8 +100,22 @@ class SceneGraph:
     relations: tuple[SceneRelation, ...] = field(default_factory=tuple)
 
     def __post_init__(self):
-        object.__setattr__(self, "objects", tuple(self.objects))
-        object.__setattr__(self, "relations", tuple(self.relations))
+        for part, kind in (("objects", SceneObject), ("relations", SceneRelation)):
+            value = getattr(self, part)
+            # A string or dict would be iterated into characters or keys; say what is expected instead.
+            if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+                raise TypeError(
+                    f"scene graph: {part!r} must be a list or tuple of {kind.__name__}, got {type(value).__name__}"
+                    + ("; use SceneGraph.from_dict for the JSON form" if isinstance(value, dict) else "")
+                )
+            value = tuple(value)
+            for i, item in enumerate(value):
+                if not isinstance(item, kind):
+                    raise TypeError(
+                        f"scene graph: {part}[{i}] must be a {kind.__name__}, got {type(item).__name__} "
+                        "(SceneGraph.from_dict reads the JSON form)"
+                    )
+            object.__setattr__(self, part, value)
         if not self.objects:
             raise ValueError("scene graph: 'objects' is empty; a graph needs at least one object")
         for i, obj in enumerate(self.objects):

@@ -8,7 +8,11 @@ and at most 32 boxes, scores stored; (4) rows written in the format the CLOC tra
 
 Scale (reading and writing shards: `processing/vesl_data.py`): process `p` of `P` takes input shards
 `i % P == p` (Accelerate `PartialState`); each output shard appears atomically, and a rerun with the same options
-skips the finished ones. Unreadable images are counted and skipped, never fatal.
+skips the finished ones; every shard records the settings it was made with, and a rerun under other settings is
+refused. Unreadable images are counted and skipped, never fatal; so are rows whose image path lies outside the input
+folder or names something other than a regular file under `MAX_IMAGE_BYTES`, and rows whose text is too long or not
+UTF-8 (counted as `refused_files` and `bad_captions`, the first few named in the log). An `--output_dir` that is,
+contains or lies inside the input is refused before anything is written.
 """
 
 import json
@@ -27,12 +31,16 @@ from .region_phrases import (
     alt_text_ngrams,
     extract_region_phrases_batch,
 )
+from .rule_parser import caption_preview, caption_problem
 from .vesl_data import (
     OUTPUT_FORMATS,
     InputShard,
+    RefusedFile,
     ShardWriter,
     SourceRow,
     VeslStats,
+    check_committed_shards,
+    check_output_apart,
     finalize_output,
     list_input_shards,
     open_source_image,
@@ -336,11 +344,22 @@ class VeslArguments:
             )
         if Path(self.output_dir).is_file():
             raise ValueError(f"--output_dir {self.output_dir} is a file")
+        check_output_apart(self.input, self.output_dir)
 
     def output_settings(self) -> dict:
         """The options that decide the output (a resumed run must use the same ones)."""
         ignored = {"output_dir", "batch_size", "device", "disable_tqdm"}
         return {k: v for k, v in asdict(self).items() if k not in ignored}
+
+
+def _text_problem(row: SourceRow) -> str | None:
+    """Why a row's caption or alt-text cannot be used, or None. Checked before the image is read: the texts go to
+    spaCy, the tokenizer and JSON, where a 1M-character or lone-surrogate text would stop the whole run."""
+    for name, text in (("caption", row.text), ("alt_text", row.alt_text)):
+        problem = caption_problem(text, allow_empty=True)
+        if problem is not None:
+            return f"{name} {caption_preview(text)} {problem}"
+    return None
 
 
 class Annotator:
@@ -389,15 +408,28 @@ class Annotator:
     def annotate_shard(self, shard: InputShard, output_dir: Path, progress=None) -> VeslStats:
         """Process one input shard into one committed output shard; returns its stats."""
         stats = VeslStats()
-        writer = ShardWriter(output_dir, shard.index, self.args.output_format)
+        writer = ShardWriter(output_dir, shard.index, self.args.output_format, self.args.output_settings())
         logged = 0
         try:
             batch = []
             for row in shard.rows():
                 if progress is not None:
                     progress.update(1)
+                problem = _text_problem(row)
+                if problem is not None:
+                    stats.bad_captions += 1
+                    if logged < _MAX_LOGGED_BAD_IMAGES:
+                        logger.warning(f"shard {shard.index} ({shard.name}), {row.key}: {problem}; row skipped")
+                        logged += 1
+                    continue
                 try:
                     image, data, extension = open_source_image(row.image)
+                except RefusedFile as error:  # names the row and the path
+                    stats.refused_files += 1
+                    if logged < _MAX_LOGGED_BAD_IMAGES:
+                        logger.warning(f"shard {shard.index} ({shard.name}): {error}; row skipped")
+                        logged += 1
+                    continue
                 except Exception as error:  # PIL raises many types for corrupt files
                     stats.unreadable_images += 1
                     if logged < _MAX_LOGGED_BAD_IMAGES:
@@ -420,7 +452,15 @@ class Annotator:
 def _check_config(output_dir: Path, settings: dict) -> None:
     path = output_dir / CONFIG_FILE
     if path.is_file():
-        previous = json.loads(path.read_text())
+        try:
+            previous = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(
+                f"{path} is not valid JSON ({error}); it records the run's settings: restore it, or use a new output "
+                "folder"
+            ) from None
+        if not isinstance(previous, dict):
+            raise ValueError(f"{path} must hold a JSON object of settings, got {type(previous).__name__}")
         changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
         if changed:
             raise ValueError(
@@ -444,13 +484,17 @@ def annotate(args: VeslArguments, detector=None, captioner=None, max_shards: int
     on_cpu = (args.device or "").startswith("cpu") or not torch.accelerator.is_available()
     state = PartialState(cpu=on_cpu)
     output_dir = Path(args.output_dir)
+    check_output_apart(args.input, args.output_dir)  # again: `args` may have been changed since it was made
     shards = list_input_shards(args.input, args.rows_per_shard, args.split, args.image_column, args.text_column)
+    settings = args.output_settings()
     if state.is_main_process:
+        # Shards carry their settings: stale ones are refused even when vesl_config.json is gone, before writing.
+        check_committed_shards(output_dir, args.output_format, settings)
         output_dir.mkdir(parents=True, exist_ok=True)
-        _check_config(output_dir, args.output_settings())
+        _check_config(output_dir, settings)
     state.wait_for_everyone()
     mine = [s for s in shards if s.index % state.num_processes == state.process_index]
-    todo = [s for s in mine if not shard_is_done(output_dir, s.index, args.output_format)]
+    todo = [s for s in mine if not shard_is_done(output_dir, s.index, args.output_format, settings)]
     if todo:
         device = torch.device(args.device) if args.device else state.device
         dtype = DTYPES[args.dtype]
@@ -498,7 +542,7 @@ def annotate(args: VeslArguments, detector=None, captioner=None, max_shards: int
     state.wait_for_everyone()
     summary = None
     if state.is_main_process:
-        summary = finalize_output(output_dir, len(shards), args.output_format)
+        summary = finalize_output(output_dir, len(shards), args.output_format, settings)
         if summary is not None:
             print(json.dumps(summary, indent=2))
     state.wait_for_everyone()

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
@@ -27,13 +28,89 @@ OUTPUT_FORMATS = ("imagefolder", "webdataset")
 KEPT_IMAGE_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # the extensions the CLOC loader reads
 STATS_FILE = "stats.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Far above any photo (a 100-megapixel PNG is ~300 MB only when uncompressed noise); a row naming a larger file, a
+# device or a FIFO is refused before reading, so one bad row cannot exhaust memory or block the run.
+MAX_IMAGE_BYTES = 256 * 2**20
 
 # ------------------------------------------------------------------------------------------------------ inputs
 
 
+class RefusedFile(ValueError):
+    """A row's image file that VESL will not read: outside the input, not a regular file, or over the size cap."""
+
+
+@dataclass(frozen=True)
+class LocalImage:
+    """An image file named by an input row, read only from inside `root` (the resolved input folder)."""
+
+    root: Path | None  # None: the input has no local folder (a Hub id), so no path may be read
+    name: str
+    row: str  # where the row is, for messages ("metadata.jsonl line 4")
+
+
+@dataclass(frozen=True)
+class RefusedImage:
+    """An image already refused while reading the input (e.g. a tar member over the size cap)."""
+
+    reason: str
+
+
+def read_image_file(root: Path | None, name: str, row: str = "row", max_bytes: int | None = None) -> bytes:
+    """The bytes of image file `name` (relative to `root`), or `RefusedFile` naming the row and path.
+
+    The path is resolved (symlinks followed) and must lie inside `root`, so "../x.png", an absolute path or a
+    symlink pointing out of the folder is refused; the file must be a regular file of at most `max_bytes`
+    (a device such as /dev/zero, a FIFO or a folder is refused without blocking). A missing file raises
+    `FileNotFoundError` (an unreadable image, as before). `max_bytes` defaults to `MAX_IMAGE_BYTES`.
+    """
+    max_bytes = MAX_IMAGE_BYTES if max_bytes is None else max_bytes
+    if root is None:
+        raise RefusedFile(f"{row}: image path {name!r} refused: this input has no local folder to read files from")
+    if not name or "\0" in name:
+        raise RefusedFile(f"{row}: image path {name!r} refused: empty or contains a NUL character")
+    root = Path(root).resolve()
+    path = (root / name).resolve()
+    if not path.is_relative_to(root):
+        lexical = Path(os.path.normpath(root / name))  # ".." collapsed, symlinks not followed
+        why = "is a symlink pointing" if lexical.is_relative_to(root) else "lies"
+        raise RefusedFile(f"{row}: image path {name!r} refused: it {why} outside the input folder {root} ({path})")
+    # O_NONBLOCK: opening a FIFO must not wait for a writer; O_NOFOLLOW: the resolved path has no symlink left, so
+    # one appearing now is refused rather than followed out of the folder.
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    try:
+        info = os.fstat(descriptor)  # of what was opened, not of the name, which could have been swapped since
+        if not stat.S_ISREG(info.st_mode):
+            raise RefusedFile(
+                f"{row}: image path {name!r} refused: {path} is not a regular file (a device, FIFO or folder)"
+            )
+        if info.st_size > max_bytes:
+            raise RefusedFile(
+                f"{row}: image path {name!r} refused: {path} has {info.st_size:,} bytes, over the {max_bytes:,} cap"
+            )
+        with os.fdopen(descriptor, "rb", closefd=False) as handle:
+            data = handle.read(max_bytes + 1)  # the file may have grown since fstat
+    finally:
+        os.close(descriptor)
+    if len(data) > max_bytes:
+        raise RefusedFile(f"{row}: image path {name!r} refused: {path} has more than {max_bytes:,} bytes")
+    return data
+
+
+def _image_reference(image, root: Path | None, row: str):
+    """A dataset row's image as bytes when it holds them, else a `LocalImage` to be read from inside `root`."""
+    if isinstance(image, dict):
+        if image.get("bytes"):
+            return image["bytes"]
+        image = image.get("path")
+    if isinstance(image, (str, os.PathLike)):
+        return LocalImage(root, os.fspath(image), row)
+    return image
+
+
 @dataclass
 class SourceRow:
-    """One input row: a key for messages, the image (bytes, file path or PIL image) and its texts."""
+    """One input row: a key for messages, the image (bytes, PIL image, a `LocalImage` read only from inside the
+    input folder, or a `RefusedImage`) and its texts."""
 
     key: str
     image: object
@@ -67,6 +144,7 @@ def _row_from_fields(key: str, image, fields_: dict, text_column: str) -> Source
 
 def _imagefolder_shards(folder: Path, rows_per_shard: int, text_column: str) -> list[InputShard]:
     metadata = folder / "metadata.jsonl"
+    root = folder.resolve()
     with open(metadata) as handle:
         num_rows = sum(1 for line in handle if line.strip())
     if num_rows == 0:
@@ -83,7 +161,8 @@ def _imagefolder_shards(folder: Path, rows_per_shard: int, text_column: str) -> 
                 name = row.get("file_name")
                 if not isinstance(name, str):
                     raise ValueError(f"{metadata}, line {number + 1}: no 'file_name'")
-                yield _row_from_fields(name, str(folder / name), row, text_column)
+                image = LocalImage(root, name, f"{metadata}, line {number + 1}")
+                yield _row_from_fields(name, image, row, text_column)
 
     shards = []
     for index, start in enumerate(range(0, num_rows, rows_per_shard)):
@@ -99,6 +178,9 @@ def _tar_rows(path: str, text_column: str) -> Iterator[SourceRow]:
         image = next((parts[e] for e in ("jpg", "jpeg", "png", "webp") if e in parts), None)
         image = image if image is not None else next((v for e, v in parts.items() if e not in ("json", "txt")), None)
         fields_ = {}
+        for text_part in ("json", "txt"):
+            if isinstance(parts.get(text_part), RefusedImage):
+                logger.warning(parts.pop(text_part).reason + "; texts left empty")
         if "json" in parts:
             try:
                 fields_ = json.loads(parts["json"])
@@ -121,6 +203,10 @@ def _tar_rows(path: str, text_column: str) -> Iterator[SourceRow]:
                     yield sample(key, parts)
                     parts = {}
                 key = member_key
+                if member.size > MAX_IMAGE_BYTES:  # declared size: refused before reading, like a large file
+                    reason = f"{path}: sample {key!r}: member {member.name!r} has {member.size:,} bytes, over the cap"
+                    parts[extension.lower()] = RefusedImage(reason)
+                    continue
                 parts[extension.lower()] = archive.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError) as error:
         # A damaged archive (e.g. cut short by a failed copy) ends the shard, keeping the samples read so far.
@@ -130,9 +216,10 @@ def _tar_rows(path: str, text_column: str) -> Iterator[SourceRow]:
         yield sample(key, parts)
 
 
-def _dataset_rows(dataset, prefix: str, image_column: str, text_column: str) -> Iterator[SourceRow]:
+def _dataset_rows(dataset, prefix: str, image_column: str, text_column: str, root: Path | None) -> Iterator[SourceRow]:
     for number, row in enumerate(dataset):
-        yield _row_from_fields(f"{prefix}{number:07d}", row.get(image_column), row, text_column)
+        key = f"{prefix}{number:07d}"
+        yield _row_from_fields(key, _image_reference(row.get(image_column), root, f"row {key}"), row, text_column)
 
 
 def _undecoded(dataset, image_column: str, where: str):
@@ -191,7 +278,7 @@ def list_input_shards(
             shards = []
             for index, start in enumerate(range(0, len(dataset), rows_per_shard)):
                 part = dataset.select(range(start, min(start + rows_per_shard, len(dataset))))
-                reader = partial(_dataset_rows, part, f"row{start}+", image_column, text_column)
+                reader = partial(_dataset_rows, part, f"row{start}+", image_column, text_column, path.resolve())
                 shards.append(InputShard(index, f"rows {start}-{start + len(part) - 1}", reader, len(part)))
             return shards
         files = [str(path)] if path.suffix == ".parquet" else sorted(glob.glob(str(path / "*.parquet")))
@@ -210,24 +297,57 @@ def list_input_shards(
             raise ValueError(f"--input {source}: could not be loaded as a dataset ({error})") from error
     dataset = _undecoded(dataset, image_column, source)
     count = dataset.num_shards
+    # Rows that name an image file instead of holding its bytes may only name files inside the input's folder.
+    if files:
+        root = Path(os.path.commonpath([str(Path(f).resolve().parent) for f in files]))
+    else:
+        root = path.resolve() if path.is_dir() else None
 
     def file_rows(index: int) -> Iterator[SourceRow]:
         part = dataset.shard(num_shards=count, index=index)
-        return _dataset_rows(part, f"file{index}-", image_column, text_column)
+        return _dataset_rows(part, f"file{index}-", image_column, text_column, root)
 
     return [InputShard(i, f"data file {i} of {count}", partial(file_rows, i)) for i in range(count)]
 
 
+def input_paths(source: str) -> list[Path]:
+    """The local files or folders an `--input` reads (the glob's matches, or the path), resolved; [] for a Hub id."""
+    if any(c in source for c in "*?["):
+        return [Path(m).resolve() for m in sorted(glob.glob(source))]
+    path = Path(source)
+    return [path.resolve()] if path.exists() else []
+
+
+def check_output_apart(source: str, output_dir: str) -> None:
+    """Refuse an `--output_dir` that is, contains or lies inside the input: VESL writes `metadata.jsonl`, shards and
+    image folders there, which would overwrite the input or be read back as input on the next run."""
+    output = Path(output_dir).resolve()
+    for location in input_paths(source):
+        if output == location or location.is_relative_to(output) or output.is_relative_to(location):
+            relation = (
+                "is" if output == location else ("contains" if location.is_relative_to(output) else "lies inside")
+            )
+            raise ValueError(
+                f"--output_dir {output_dir} {relation} the input {location} (--input {source}); VESL would "
+                "overwrite or re-read its own input there: choose an output folder outside the input"
+            )
+
+
 def open_source_image(image) -> tuple[Image.Image, bytes, str]:
     """The RGB image, plus bytes and extension to store it with: the original file when it is JPEG/PNG/WebP
-    (no re-encoding), PNG otherwise. Raises on an unreadable image (the caller counts and skips it)."""
+    (no re-encoding), PNG otherwise. Raises on an unreadable image (the caller counts and skips it), and
+    `RefusedFile` for a file outside the input, not regular or too large (`LocalImage`, `read_image_file`)."""
     if isinstance(image, dict):
         image = image.get("bytes") or image.get("path")
+    if isinstance(image, RefusedImage):
+        raise RefusedFile(image.reason)
     if isinstance(image, Image.Image):
         data = None
         opened = image
     else:
-        if isinstance(image, (str, os.PathLike)):
+        if isinstance(image, LocalImage):
+            data = read_image_file(image.root, image.name, image.row)
+        elif isinstance(image, (str, os.PathLike)):  # a path given by the caller directly, not by an input row
             with open(image, "rb") as handle:
                 data = handle.read()
         elif isinstance(image, (bytes, bytearray)):
@@ -253,6 +373,8 @@ class VeslStats:
 
     images: int = 0
     unreadable_images: int = 0
+    refused_files: int = 0  # image paths outside the input, not regular files or over MAX_IMAGE_BYTES
+    bad_captions: int = 0  # input texts over MAX_CAPTION_CHARS or not UTF-8 (lone surrogates)
     skipped_without_text: int = 0
     empty_generated_captions: int = 0
     images_without_regions: int = 0
@@ -311,8 +433,9 @@ def _add_to_tar(archive: tarfile.TarFile, name: str, data: bytes) -> None:
 class ShardWriter:
     """Writes one output shard under temporary names; `commit()` moves it into place, `abort()` removes it."""
 
-    def __init__(self, output_dir: Path, index: int, output_format: str):
+    def __init__(self, output_dir: Path, index: int, output_format: str, settings: dict | None = None):
         self.output_dir, self.index, self.format = Path(output_dir), index, output_format
+        self.settings = settings or {}
         self.name = f"{index:05d}"
         self.suffix = f".tmp-{os.getpid()}"
         self.count = 0
@@ -348,8 +471,11 @@ class ShardWriter:
             self.rows.append({"file_name": f"images/{self.name}/{key}.{extension}", **record})
 
     def commit(self, stats: VeslStats) -> None:
-        """Stats first, then the shard's data; the data file's presence marks the shard finished."""
-        write_atomically(self.output_dir / "stats" / f"{self.name}.json", json.dumps(asdict(stats)))
+        """Stats and settings first, then the shard's data; the data file's presence marks the shard finished."""
+        # The settings travel with the shard, so a rerun under other options cannot take it for its own even when
+        # vesl_config.json is gone (`shard_is_done`).
+        record = {"settings": self.settings, "stats": asdict(stats)}
+        write_atomically(self.output_dir / "stats" / f"{self.name}.json", json.dumps(record))
         if self.format == "webdataset":
             self.archive.close()
             os.replace(self.partial, self.final)
@@ -368,23 +494,66 @@ class ShardWriter:
             shutil.rmtree(self.partial, ignore_errors=True)
 
 
-def shard_is_done(output_dir: Path, index: int, output_format: str) -> bool:
-    """Whether output shard `index` was committed (its stats and data file exist)."""
+def read_shard_record(output_dir: Path, name: str) -> dict:
+    """A committed shard's `{"settings", "stats"}` record (`stats/<name>.json`); a clear error when unreadable."""
+    path = Path(output_dir) / "stats" / f"{name}.json"
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: shard record is not valid JSON ({error}); delete it to redo shard {name}") from None
+    if not (
+        isinstance(record, dict) and isinstance(record.get("settings"), dict) and isinstance(record.get("stats"), dict)
+    ):
+        raise ValueError(
+            f"{path}: shard {name} does not record the settings it was made with (an older VESL version or a "
+            "hand-edited file), so it cannot be reused safely; use a new output folder"
+        )
+    return record
+
+
+def _check_shard_settings(output_dir: Path, name: str, record: dict, settings: dict) -> None:
+    made_with = record["settings"]
+    changed = sorted(k for k in set(made_with) | set(settings) if made_with.get(k) != settings.get(k))
+    if changed:
+        raise ValueError(
+            f"--output_dir {output_dir}: shard {name} was made with different settings (differs in {changed}); "
+            "use a new output folder or the same options to resume"
+        )
+
+
+def shard_is_done(output_dir: Path, index: int, output_format: str, settings: dict | None = None) -> bool:
+    """Whether output shard `index` was committed (its stats and data file exist). With `settings`, a committed
+    shard made under other settings raises `ValueError` instead of being reused."""
     name = f"{index:05d}"
     data = Path(output_dir) / (f"{name}.tar" if output_format == "webdataset" else f"annotations/{name}.jsonl")
-    return data.is_file() and (Path(output_dir) / "stats" / f"{name}.json").is_file()
+    if not (data.is_file() and (Path(output_dir) / "stats" / f"{name}.json").is_file()):
+        return False
+    if settings is not None:
+        _check_shard_settings(output_dir, name, read_shard_record(output_dir, name), settings)
+    return True
 
 
-def finalize_output(output_dir: Path, num_shards: int, output_format: str) -> dict | None:
+def check_committed_shards(output_dir: Path, output_format: str, settings: dict) -> None:
+    """Every committed shard in `output_dir` (any index) was made with `settings`; `ValueError` naming the first that
+    was not. Run before anything is written, so a stale folder is refused untouched."""
+    for path in sorted((Path(output_dir) / "stats").glob("*.json")):
+        if path.stem.isdigit():
+            shard_is_done(output_dir, int(path.stem), output_format, settings)
+
+
+def finalize_output(
+    output_dir: Path, num_shards: int, output_format: str, settings: dict | None = None
+) -> dict | None:
     """When every shard is done: total stats into `stats.json` (and, for imagefolder, all rows into
-    `metadata.jsonl`); returns the summary, or None (with a warning) while shards are missing."""
-    missing = [i for i in range(num_shards) if not shard_is_done(output_dir, i, output_format)]
+    `metadata.jsonl`); returns the summary, or None (with a warning) while shards are missing. With `settings`,
+    a shard made under other settings raises `ValueError`."""
+    missing = [i for i in range(num_shards) if not shard_is_done(output_dir, i, output_format, settings)]
     if missing:
         logger.warning(f"{len(missing)} of {num_shards} shards unfinished (first: {missing[0]}); rerun to resume")
         return None
     total = VeslStats()
     for index in range(num_shards):
-        total = total.merge(VeslStats(**json.loads((output_dir / "stats" / f"{index:05d}.json").read_text())))
+        total = total.merge(VeslStats(**read_shard_record(output_dir, f"{index:05d}")["stats"]))
     if output_format == "imagefolder":
         temporary = output_dir / f".metadata.jsonl.tmp-{os.getpid()}"
         with open(temporary, "w") as out:

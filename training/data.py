@@ -18,6 +18,7 @@ from datasets import Features, Image, List, Value
 from PIL import Image as PILImage
 
 from processing.dataset_parsing import SCENE_GRAPH_FEATURE
+from processing.rule_parser import caption_preview, caption_problem
 from processing.scene_graph import SceneGraph
 
 SKIPPED_KEY = "skipped_rows"  # per-batch count of rows dropped by on_bad_sample="skip"
@@ -238,6 +239,10 @@ class TrainingCollator:
         caption = row.get("caption")
         if not isinstance(caption, str) or not caption.strip():
             raise BadSample(f"{where}: empty caption")
+        # Too long to parse, or not UTF-8 (a lone surrogate): a bad row here, not a crash later in the parser.
+        problem = caption_problem(caption)
+        if problem is not None:
+            raise BadSample(f"{where}: caption {caption_preview(caption)} {problem}")
         prepared = {"image": open_image(row, where), "caption": caption}
         if self.hard_negatives:
             prepared["negative"] = pick_hard_negative(row.get("negatives"), index, where)
