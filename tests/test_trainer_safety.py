@@ -362,3 +362,26 @@ def test_a_cold_datasets_cache_and_a_warm_one_train_the_same_weights(data, tmp_p
         assert result.returncode == 0, result.stderr[-3000:]
         weights.append(load_file(out / "model.safetensors"))
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_a_pickled_checkpoint_of_an_older_trainer_is_refused_by_name(tmp_path):
+    from training.checkpoint import incomplete_reason, read_training_state
+
+    folder = tmp_path / "checkpoint_4"
+    folder.mkdir()
+    for name in ("model.safetensors", "model_config.json", "custom_checkpoint_0.pkl", "random_states_0.pkl"):
+        (folder / name).write_bytes(planted_pickle(tmp_path / "executed"))
+    assert "pickled state" in incomplete_reason(folder)
+    with pytest.raises(CheckpointError, match=r"checkpoint_4 holds pickled state .* never read"):
+        read_training_state(folder)
+    assert not (tmp_path / "executed").exists()
+
+
+def test_a_lone_surrogate_in_metadata_is_a_bad_line(tmp_path):
+    data = write_dataset(tmp_path / "data", rows=2)
+    lines = (data / "metadata.jsonl").read_text().splitlines()
+    lines[1] = lines[1].replace('"a ', '"\\ud800 ', 1)
+    (data / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(MetadataError, match=r"line 2: a string is not valid Unicode \(surrogates not allowed"):
+        load_image_text_dataset(str(data))
+    assert len(load_image_text_dataset(str(data), on_bad_sample="skip")) == 1

@@ -10,6 +10,9 @@ writes and reads the same state with formats that cannot run code:
   the scheduler and grad-scaler states and the batch shape of the run), `rng_state_<process>.json` (Python, NumPy
   and torch generators of each process) and `model_config.json` (checked by the trainer).
 
+The data sampler needs no file: its order follows from the seed and the epoch, and the position in the epoch is
+in the progress counters.
+
 A checkpoint is written into a hidden temporary folder and renamed into place once every file is written, so a
 `checkpoint_<step>` folder is always complete; `latest` still skips any folder that misses a file (one written
 by a killed older version, say).

@@ -135,6 +135,11 @@ def _check_metadata_row(row) -> dict:
     for key, value in row.items():  # fields outside data.md are kept as strings (numbers written as JSON)
         if key not in FIELD_FEATURES and key != "file_name" and value is not None and not isinstance(value, str):
             row[key] = json.dumps(value)
+    try:  # JSON's "\ud800" escapes decode to lone surrogates, which Arrow (UTF-8) cannot hold
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as error:
+        bad = error.object[error.start : error.end]
+        raise ValueError(f"a string is not valid Unicode ({error.reason}: {bad!r})") from None
     return row
 
 
