@@ -385,3 +385,24 @@ def test_a_lone_surrogate_in_metadata_is_a_bad_line(tmp_path):
     with pytest.raises(MetadataError, match=r"line 2: a string is not valid Unicode \(surrogates not allowed"):
         load_image_text_dataset(str(data))
     assert len(load_image_text_dataset(str(data), on_bad_sample="skip")) == 1
+
+
+def test_output_dir_equal_to_the_clip_folder_or_the_eval_data_is_refused(tmp_path):
+    from transformers import CLIPConfig, CLIPModel
+
+    from tests.factories import clip_vocab_text_config, tiny_vision_config
+
+    data = write_dataset(tmp_path / "data", rows=4)
+    clip = tmp_path / "clip"
+    CLIPModel(
+        CLIPConfig(text_config=clip_vocab_text_config(), vision_config=tiny_vision_config(), projection_dim=24)
+    ).save_pretrained(clip)
+    before = sorted(p.name for p in clip.iterdir())
+    with pytest.raises(ValueError, match=r"--output_dir .* is --init_from"):
+        train_clip.main(["--train_data", str(data), "--output_dir", str(clip), "--init_from", str(clip)])
+    assert sorted(p.name for p in clip.iterdir()) == before
+    evaluation = write_dataset(tmp_path / "eval", rows=2)
+    with pytest.raises(ValueError, match=r"--output_dir .* is inside --eval_data"):
+        train_clip.main(
+            ["--train_data", str(data), "--output_dir", str(evaluation / "o"), "--eval_data", str(evaluation)]
+        )

@@ -298,11 +298,14 @@ def _input_paths(args: "TrainingArguments") -> dict[str, Path]:
 
 
 def check_output_dir(args: "TrainingArguments") -> None:
-    """`ValueError` when `--output_dir` is an input folder, or one contains the other: the final model card,
-    config and checkpoints would overwrite or be mixed into the data (checked before anything is written)."""
+    """`ValueError` when `--output_dir` is an input folder, or it and a data folder contain one another: the final
+    model card, config and checkpoints would overwrite or be mixed into the inputs (checked before any write)."""
     output = Path(args.output_dir).resolve()
     for flag, path in _input_paths(args).items():
-        if output == path or output.is_relative_to(path) or path.is_relative_to(output):
+        # A data folder must not even share a tree with the output (new files would join the data, or the data
+        # would be uploaded with the model); a CLIP folder is only protected from being overwritten.
+        nested = flag != "init_from" and (output.is_relative_to(path) or path.is_relative_to(output))
+        if output == path or nested:
             relation = "is" if output == path else "is inside" if output.is_relative_to(path) else "contains"
             raise ValueError(
                 f"--output_dir {args.output_dir} {relation} --{flag} {getattr(args, flag)}: the trainer would "
