@@ -385,6 +385,9 @@ def test_a_lone_surrogate_in_metadata_is_a_bad_line(tmp_path):
     with pytest.raises(MetadataError, match=r"line 2: a string is not valid Unicode \(surrogates not allowed"):
         load_image_text_dataset(str(data))
     assert len(load_image_text_dataset(str(data), on_bad_sample="skip")) == 1
+    (data / "metadata.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join([lines[0], "{bad"]).encode())
+    with pytest.raises(MetadataError, match=r"line 2: Expecting property name"):  # line 1 (with a BOM) is fine
+        load_image_text_dataset(str(data))
 
 
 def test_output_dir_equal_to_the_clip_folder_or_the_eval_data_is_refused(tmp_path):

@@ -158,7 +158,8 @@ def read_metadata(folder: Path, on_bad_sample: str = "error") -> tuple[list[dict
             if not raw.strip():
                 continue
             try:
-                row = _check_metadata_row(json.loads(raw.decode("utf-8")))
+                # utf-8-sig on line 1: editors on Windows write a byte-order mark that JSON does not allow
+                row = _check_metadata_row(json.loads(raw.decode("utf-8-sig" if number == 1 else "utf-8")))
             except ValueError as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
                 if on_bad_sample == "error":
                     raise MetadataError(f"{metadata}, line {number}: {error}") from None
