@@ -165,7 +165,7 @@ def read_metadata(folder: Path, on_bad_sample: str = "error") -> tuple[list[dict
                     raise MetadataError(f"{metadata}, line {number}: {error}") from None
                 skipped += 1
                 continue
-            row["image"] = {"path": str(folder / row.pop("file_name")), "bytes": None}
+            row["image"] = {"path": str(folder.absolute() / row.pop("file_name")), "bytes": None}
             rows.append(row)
     return rows, skipped
 
