@@ -2,13 +2,19 @@
 loaded with `datasets` under explicit features and collated through the model's processor.
 
 Bad rows (unreadable image, malformed regions or scene graph) are an error naming the row, or are skipped and
-counted with `on_bad_sample="skip"`.
+counted with `on_bad_sample="skip"`. A `metadata.jsonl` line that breaks the types of `data.md` (not JSON, a bbox
+that is not 4 numbers, ...) is such a bad row too, found when the dataset is loaded.
+
+Image files are read only inside the dataset folder (after resolving symlinks), only if they are regular files
+(a FIFO or device would block or never end) and only up to `MAX_IMAGE_BYTES`.
 """
 
 import glob
 import io
 import json
 import math
+import os
+import stat
 import tarfile
 from pathlib import Path
 
@@ -22,6 +28,7 @@ from processing.rule_parser import caption_preview, caption_problem
 from processing.scene_graph import SceneGraph
 
 SKIPPED_KEY = "skipped_rows"  # per-batch count of rows dropped by on_bad_sample="skip"
+MAX_IMAGE_BYTES = 256 * 1024 * 1024  # an image file larger than this is a bad row, not a memory exhaustion
 
 REGION_FEATURE = List({"bbox": List(Value("float32"), length=4), "text": Value("string"), "score": Value("float32")})
 NEGATIVES_FEATURE = {
@@ -43,22 +50,163 @@ def _features_for(columns) -> Features:
     return Features({"image": Image(decode=False), **fields})
 
 
-def load_image_text_dataset(path: str, split: str = "train", streaming: bool = False):
+class MetadataError(ValueError):
+    """A `metadata.jsonl` line that breaks the `data.md` format; the message names the file and line."""
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_regions_types(regions) -> list[dict]:
+    if not isinstance(regions, list):
+        raise ValueError(f"regions {regions!r} is not a list")
+    checked = []
+    for index, region in enumerate(regions):
+        if not isinstance(region, dict):
+            raise ValueError(f"region {index} {region!r} is not an object")
+        bbox = region.get("bbox")
+        if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+            raise ValueError(f"region {index}: bbox {bbox!r} is not 4 numbers")
+        if region.get("text") is not None and not isinstance(region["text"], str):
+            raise ValueError(f"region {index}: text {region['text']!r} is not a string")
+        if region.get("score") is not None and not _is_number(region["score"]):
+            raise ValueError(f"region {index}: score {region['score']!r} is not a number")
+        checked.append({"bbox": bbox, "text": region.get("text"), "score": region.get("score")})
+    return checked
+
+
+def _check_scene_graph_types(graph) -> dict:
+    if not isinstance(graph, dict):
+        raise ValueError(f"scene_graph {graph!r} is not an object")
+    objects, relations = graph.get("objects") or [], graph.get("relations") or []
+    if not isinstance(objects, list) or not isinstance(relations, list):
+        raise ValueError("scene_graph objects and relations must be lists")
+    checked_objects = []
+    for index, item in enumerate(objects):
+        attributes = item.get("attributes") if isinstance(item, dict) else None
+        if (
+            not isinstance(item, dict)
+            or not isinstance(item.get("name"), str)
+            or not isinstance(attributes or [], list)
+            or not all(isinstance(a, str) for a in attributes or [])
+        ):
+            raise ValueError(f"scene_graph object {index} {item!r} needs a name string and a list of attributes")
+        checked_objects.append({"name": item["name"], "attributes": list(attributes or [])})
+    checked_relations = []
+    for index, relation in enumerate(relations):
+        if not isinstance(relation, dict):
+            raise ValueError(f"scene_graph relation {index} {relation!r} is not an object")
+        subject, predicate, target = relation.get("subject"), relation.get("predicate"), relation.get("object")
+        # Missing or out-of-range indices are the collator's per-row check; only what Arrow cannot hold is refused.
+        if not all(
+            v is None or (isinstance(v, int) and not isinstance(v, bool) and abs(v) < 2**31) for v in (subject, target)
+        ):
+            raise ValueError(f"scene_graph relation {index}: subject/object {subject!r}/{target!r} are not indices")
+        if predicate is not None and not isinstance(predicate, str):
+            raise ValueError(f"scene_graph relation {index}: predicate {predicate!r} is not a string")
+        checked_relations.append({"subject": subject, "predicate": predicate, "object": target})
+    return {"objects": checked_objects, "relations": checked_relations}
+
+
+def _check_metadata_row(row) -> dict:
+    """The row with its fields in their `data.md` types (regions and scene-graph entries keep only the schema's
+    keys), or `ValueError` saying what breaks the format. Values (box order, relation indices) are checked later,
+    per row, by the collator."""
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+    name = row.get("file_name")
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"file_name {name!r} is not a file name")
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ValueError(f"file_name {name!r} is not a path inside the dataset folder")
+    for text in ("caption", "alt_text"):
+        if row.get(text) is not None and not isinstance(row[text], str):
+            raise ValueError(f"{text} {row[text]!r} is not a string")
+    row = dict(row)
+    if row.get("regions") is not None:
+        row["regions"] = _check_regions_types(row["regions"])
+    if row.get("scene_graph") is not None:
+        row["scene_graph"] = _check_scene_graph_types(row["scene_graph"])
+    negatives = row.get("negatives")
+    if negatives is not None and (
+        not isinstance(negatives, dict) or not all(v is None or isinstance(v, str) for v in negatives.values())
+    ):
+        raise ValueError(f"negatives {negatives!r} is not an object of caption strings")
+    for key, value in row.items():  # fields outside data.md are kept as strings (numbers written as JSON)
+        if key not in FIELD_FEATURES and key != "file_name" and value is not None and not isinstance(value, str):
+            row[key] = json.dumps(value)
+    try:  # JSON's "\ud800" escapes decode to lone surrogates, which Arrow (UTF-8) cannot hold
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as error:
+        bad = error.object[error.start : error.end]
+        raise ValueError(f"a string is not valid Unicode ({error.reason}: {bad!r})") from None
+    return row
+
+
+def read_metadata(folder: Path, on_bad_sample: str = "error") -> tuple[list[dict], int]:
+    """The rows of `folder/metadata.jsonl` checked against `data.md`, and the number of bad lines skipped.
+
+    A bad line (not JSON, a field of the wrong type) raises `MetadataError` naming the file and line, or with
+    `on_bad_sample="skip"` is dropped and counted. Each row gets `image = {"path", "bytes": None}`.
+    """
+    if on_bad_sample not in ("error", "skip"):
+        raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
+    metadata = folder / "metadata.jsonl"
+    rows, skipped = [], 0
+    with open(metadata, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                # utf-8-sig on line 1: editors on Windows write a byte-order mark that JSON does not allow
+                row = _check_metadata_row(json.loads(raw.decode("utf-8-sig" if number == 1 else "utf-8")))
+            except ValueError as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                if on_bad_sample == "error":
+                    raise MetadataError(f"{metadata}, line {number}: {error}") from None
+                skipped += 1
+                continue
+            row["image"] = {"path": str(folder.absolute() / row.pop("file_name")), "bytes": None}
+            rows.append(row)
+    return rows, skipped
+
+
+def _from_metadata(folder: Path, split: str, streaming: bool, on_bad_sample: str):
+    """`(dataset, skipped)` of an imagefolder, built from the checked `metadata.jsonl` rows.
+
+    Columns are every `data.md` field that any row has, typed by the schema (never inferred from the first row),
+    and the dataset lives in memory: no `datasets` cache, so a run cannot depend on whether one exists.
+    """
+    rows, skipped = read_metadata(folder, on_bad_sample)
+    if not rows:
+        raise ValueError(f"{folder / 'metadata.jsonl'} is empty: no rows" + (f" ({skipped} bad)" if skipped else ""))
+    present = set().union(*(row.keys() for row in rows)) - {"image"}
+    columns = [c for c in FIELD_FEATURES if c in present] + sorted(present - set(FIELD_FEATURES))
+    features = _features_for(columns)
+    table = {name: [row.get(name) for row in rows] for name in features}
+    dataset = datasets.Dataset.from_dict(table, features=features, split=datasets.Split(split))
+    if skipped:
+        print(f"{folder / 'metadata.jsonl'}: skipped {skipped} bad lines (--on_bad_sample skip)")
+    return (dataset.to_iterable_dataset() if streaming else dataset), skipped
+
+
+def load_image_text_dataset(path: str, split: str = "train", streaming: bool = False, on_bad_sample: str = "error"):
     """A `datasets` dataset of rows `{"image": {"bytes"/"path"}, "caption", ...}` from any of the three layouts.
 
     Images stay undecoded (the collator opens them, so an unreadable file is a per-row error, not a crash inside
-    `datasets`). Raises `ValueError` for a missing path, an empty dataset or a missing `caption` column.
+    `datasets`). Raises `ValueError` for a missing path, an empty dataset or a missing `caption` column; a bad
+    `metadata.jsonl` line is an error naming it, or skipped with `on_bad_sample="skip"` (`load_training_data`
+    also returns the count).
     """
+    return load_training_data(path, split, streaming, on_bad_sample)[0]
+
+
+def load_training_data(path: str, split: str = "train", streaming: bool = False, on_bad_sample: str = "error"):
+    """`(dataset, skipped)`: `load_image_text_dataset`'s dataset and the number of bad metadata lines skipped."""
     folder = Path(path)
+    skipped = 0
     if folder.is_dir() and (folder / "metadata.jsonl").is_file():
-        with open(folder / "metadata.jsonl") as handle:
-            first = handle.readline().strip()
-        if not first:
-            raise ValueError(f"{folder / 'metadata.jsonl'} is empty: no rows")
-        columns = list(json.loads(first))
-        dataset = datasets.load_dataset(
-            "imagefolder", data_dir=str(folder), split=split, features=_features_for(columns), streaming=streaming
-        )
+        dataset, skipped = _from_metadata(folder, split, streaming, on_bad_sample)
     elif files := _data_files(path, ".parquet"):
         dataset = datasets.load_dataset("parquet", data_files=files, split="train", streaming=streaming)
         dataset = dataset.cast_column("image", Image(decode=False))
@@ -77,7 +225,17 @@ def load_image_text_dataset(path: str, split: str = "train", streaming: bool = F
     columns = dataset.column_names or (list(dataset.features) if dataset.features else None)
     if columns is not None and "caption" not in columns:
         raise ValueError(f"--train_data {path}: no 'caption' column (columns: {columns})")
-    return dataset
+    return dataset, skipped
+
+
+def data_root(path: str) -> Path | None:
+    """The folder whose files a dataset's rows may read: the dataset folder, or the folder of its Parquet or
+    shard files (None when `path` names nothing local)."""
+    folder = Path(path)
+    if folder.is_dir():
+        return folder.resolve()
+    files = _data_files(path, ".parquet") or _data_files(path, ".tar")
+    return Path(files[0]).resolve().parent if files else None
 
 
 def _data_files(path: str, suffix: str) -> list[str]:
@@ -166,16 +324,39 @@ class BadSample(ValueError):
     """A row that breaks the dataset format; the message names the row."""
 
 
-def open_image(row: dict, where: str) -> PILImage.Image:
-    """The row's image as RGB, or `BadSample` naming the row."""
+def read_image_file(path: str | Path, root: Path | None = None, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
+    """The bytes of an image file, or `ValueError` saying why it is not read: outside `root` once symlinks are
+    resolved, not a regular file (a FIFO would block, a device never end), or larger than `max_bytes`."""
+    resolved = Path(os.path.realpath(path))
+    if root is not None and not resolved.is_relative_to(Path(os.path.realpath(root))):
+        raise ValueError(f"image path {str(path)!r} resolves to {str(resolved)!r}, outside the dataset folder {root}")
+    # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer before fstat can refuse it.
+    descriptor = os.open(resolved, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(descriptor, "rb") as handle:
+        info = os.fstat(handle.fileno())  # of the opened file itself, so a swap after the checks above is caught
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"image path {str(path)!r} is not a regular file")
+        if info.st_size > max_bytes:
+            raise ValueError(f"image file {str(path)!r} has {info.st_size} bytes, over the limit of {max_bytes}")
+        data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ValueError(f"image file {str(path)!r} is over the limit of {max_bytes} bytes")
+    return data
+
+
+def open_image(row: dict, where: str, root: Path | None = None) -> PILImage.Image:
+    """The row's image as RGB, or `BadSample` naming the row. A path is read with `read_image_file`'s checks
+    (inside `root` when given, a regular file, under `MAX_IMAGE_BYTES`)."""
     image = row.get("image")
     try:
         if isinstance(image, PILImage.Image):
             return image.convert("RGB")
         if image is None:
             raise ValueError("no image")
-        source = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
-        with PILImage.open(source) as opened:
+        data = image["bytes"] if image.get("bytes") else read_image_file(image["path"], root)
+        if len(data) > MAX_IMAGE_BYTES:
+            raise ValueError(f"{len(data)} image bytes, over the limit of {MAX_IMAGE_BYTES}")
+        with PILImage.open(io.BytesIO(data)) as opened:
             return opened.convert("RGB")
     except Exception as error:  # PIL raises many types for corrupt files
         raise BadSample(f"{where}: unreadable image ({error})") from None
@@ -216,7 +397,7 @@ class TrainingCollator:
     """Rows -> model inputs through the family's processor (`clip`, `occlip` or `cloc`).
 
     `on_bad_sample="skip"` drops bad rows and counts them in the batch (`SKIPPED_KEY`, which the trainer pops);
-    `"error"` raises `BadSample` naming the row.
+    `"error"` raises `BadSample` naming the row. With `root`, image paths must resolve inside that folder.
     OC-CLIP uses a row's cached `scene_graph` when present and parses the caption otherwise.
     """
 
@@ -227,6 +408,7 @@ class TrainingCollator:
         on_bad_sample: str = "error",
         max_regions: int | None = None,
         hard_negatives: bool = False,
+        root: Path | None = None,
     ):
         if on_bad_sample not in ("error", "skip"):
             raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
@@ -234,6 +416,7 @@ class TrainingCollator:
             raise ValueError(f"hard negatives are a CLIP baseline; the {family} collator does not take them")
         self.processor, self.family, self.on_bad_sample = processor, family, on_bad_sample
         self.max_regions, self.hard_negatives = max_regions, hard_negatives
+        self.root = root  # image paths must resolve inside it (the dataset folder)
 
     def _prepare(self, row: dict, where: str, index: int) -> dict:
         caption = row.get("caption")
@@ -243,7 +426,7 @@ class TrainingCollator:
         problem = caption_problem(caption)
         if problem is not None:
             raise BadSample(f"{where}: caption {caption_preview(caption)} {problem}")
-        prepared = {"image": open_image(row, where), "caption": caption}
+        prepared = {"image": open_image(row, where, self.root), "caption": caption}
         if self.hard_negatives:
             prepared["negative"] = pick_hard_negative(row.get("negatives"), index, where)
         if self.family == "occlip":

@@ -11,7 +11,6 @@ import itertools
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +33,26 @@ from modeling_occlip import OCCLIPConfig, OCCLIPModel
 from processing import CLOCProcessor, OCCLIPProcessor
 from processing.clip_tokenizer import bundled_clip_tokenizer
 
-from .data import SKIPPED_KEY, IndexedRows, IndexedStream, TrainingCollator, load_image_text_dataset, open_image
+from .checkpoint import (
+    CONFIG_FILE,
+    CheckpointError,
+    latest_complete,
+    load_training_state,
+    read_json,
+    read_training_state,
+    save_training_state,
+    write_checksums,
+)
+from .data import (
+    SKIPPED_KEY,
+    IndexedRows,
+    IndexedStream,
+    TrainingCollator,
+    data_root,
+    load_image_text_dataset,
+    load_training_data,
+    open_image,
+)
 from .distributed import FeatureGatherer
 from .evaluation import ImageTextScorer, evaluate_regions, evaluate_rows
 from .model_card import write_model_card
@@ -43,7 +61,8 @@ from .step import ContrastiveTrainingModule, forward_backward
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 TOWER_PREFIXES = ("text_model.", "vision_model.", "visual_projection.", "text_projection.")
-CONFIG_FILE = "model_config.json"  # written into each checkpoint, checked on resume
+# The options that fix which rows each step sees: a resume with other values would silently train on other batches.
+RUN_SHAPE_KEYS = ("per_device_train_batch_size", "gradient_accumulation_steps", "num_processes")
 
 
 @dataclass
@@ -109,7 +128,7 @@ class TrainingArguments:
 
 
 class TrainingProgress:
-    """Steps and epochs done and rows skipped, saved with every checkpoint (`register_for_checkpointing`)."""
+    """Steps and epochs done and rows skipped, saved with every checkpoint (as JSON, `training.checkpoint`)."""
 
     def __init__(self):
         self.step, self.epoch, self.batches_in_epoch, self.skipped = 0, 0, 0, 0
@@ -119,8 +138,13 @@ class TrainingProgress:
         return dict(vars(self))
 
     def load_state_dict(self, state: dict) -> None:
-        """Counters from `state_dict`."""
-        vars(self).update(state)
+        """Counters from `state_dict` (each a non-negative int, else `CheckpointError`)."""
+        names = ("step", "epoch", "batches_in_epoch", "skipped")
+        if not isinstance(state, dict) or any(
+            not isinstance(state.get(n), int) or isinstance(state.get(n), bool) or state[n] < 0 for n in names
+        ):
+            raise CheckpointError(f"malformed progress counters {state!r}: expected non-negative ints {names}")
+        vars(self).update({n: state[n] for n in names})
 
 
 MODEL_CLASSES = {"clip": CLIPModel, "occlip": OCCLIPModel, "cloc": CLOCModel}
@@ -236,22 +260,128 @@ def clamp_logit_scales(model, objective) -> None:
             getattr(model, name).clamp_(0, limit)
 
 
-def _checkpoints(output_dir: Path) -> list[Path]:
-    """Checkpoint folders under `OUT/checkpoints`, oldest first."""
-    found = [p for p in (output_dir / "checkpoints").glob("checkpoint_*") if p.name.split("_")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("_")[-1]))
-
-
 def _latest_checkpoint(output_dir: Path) -> Path | None:
-    found = _checkpoints(output_dir)
-    return found[-1] if found else None
+    """The newest complete checkpoint under `OUT/checkpoints` (a half-written newer one is passed over, with a
+    warning naming it)."""
+    found, skipped = latest_complete(output_dir / "checkpoints")
+    for reason in skipped:
+        print(f"--resume_from_checkpoint latest: passing over an incomplete checkpoint: {reason}")
+    return found
+
+
+def _check_run_shape(checkpoint: Path, saved: dict, current: dict) -> None:
+    """Refuse a resume whose batch shape differs from the checkpoint's: its step counter and sampler position
+    would then point at other rows, and the result would silently differ from an uninterrupted run."""
+    differences = [f"{k} {saved.get(k)} (now {current[k]})" for k in RUN_SHAPE_KEYS if saved.get(k) != current[k]]
+    if differences:
+        raise CheckpointError(
+            f"cannot resume from {checkpoint}: it was saved with {', '.join(differences)}; resume with the same "
+            "batch size, accumulation and number of processes, or start a new --output_dir"
+        )
+
+
+def _input_paths(args: "TrainingArguments") -> dict[str, Path]:
+    """The local folders this run reads from, by flag (a glob or file pattern gives its folder)."""
+    found = {}
+    for flag in ("train_data", "eval_data", "init_from"):
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        path = Path(value)
+        if any(c in value for c in "*?["):  # a glob: the folder before the first wildcard
+            path = Path(*[part for part in itertools.takewhile(lambda p: not any(c in p for c in "*?["), path.parts)])
+        elif path.is_file():
+            path = path.parent
+        if path.exists():
+            found[flag] = path.resolve()
+    return found
+
+
+def check_output_dir(args: "TrainingArguments") -> None:
+    """`ValueError` when `--output_dir` is an input folder, or it and a data folder contain one another: the final
+    model card, config and checkpoints would overwrite or be mixed into the inputs (checked before any write)."""
+    output = Path(args.output_dir).resolve()
+    for flag, path in _input_paths(args).items():
+        # A data folder must not even share a tree with the output (new files would join the data, or the data
+        # would be uploaded with the model); a CLIP folder is only protected from being overwritten.
+        nested = flag != "init_from" and (output.is_relative_to(path) or path.is_relative_to(output))
+        if output == path or nested:
+            relation = "is" if output == path else "is inside" if output.is_relative_to(path) else "contains"
+            raise ValueError(
+                f"--output_dir {args.output_dir} {relation} --{flag} {getattr(args, flag)}: the trainer would "
+                "write its model, card and checkpoints into its input; choose a separate --output_dir"
+            )
+
+
+def _positive_int(args, name: str, allow_none: bool = False) -> None:
+    value = getattr(args, name)
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"--{name} must be a positive integer, got {value!r}")
+
+
+def validate_arguments(args: "TrainingArguments") -> None:
+    """`ValueError` naming the option for values that would train nothing, divide by zero or diverge at once."""
+    for name in ("max_steps", "checkpointing_steps", "checkpoints_total_limit", "eval_steps"):
+        _positive_int(args, name, allow_none=True)  # --max_steps 0 once meant "every epoch"
+    for name in ("num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
+        _positive_int(args, name)
+    for name in ("learning_rate", "backbone_learning_rate"):
+        value = getattr(args, name)
+        if value is None and name == "backbone_learning_rate":
+            continue
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"--{name} must be a finite number > 0, got {value!r}")
+    if not math.isfinite(args.weight_decay) or args.weight_decay < 0:
+        raise ValueError(f"--weight_decay must be a finite number >= 0, got {args.weight_decay!r}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be in [0, 1), got {getattr(args, name)!r}")
+    if args.max_grad_norm is not None and (not math.isfinite(args.max_grad_norm) or args.max_grad_norm < 0):
+        raise ValueError(f"--max_grad_norm must be a finite number >= 0 (0: no clipping), got {args.max_grad_norm!r}")
+    if not isinstance(args.warmup_steps, int) or args.warmup_steps < 0:
+        raise ValueError(f"--warmup_steps must be an integer >= 0, got {args.warmup_steps!r}")
+    if args.on_bad_sample not in ("error", "skip"):
+        raise ValueError(f"--on_bad_sample must be 'error' or 'skip', got {args.on_bad_sample!r}")
+
+
+def check_finite_loss(step: int, loss: torch.Tensor, parts: dict, accelerator: Accelerator | None = None) -> None:
+    """`FloatingPointError` naming the step and every loss part when the loss is not finite on any process (all
+    processes agree, so none waits on a collective the others left)."""
+    values = torch.stack([loss.detach().float(), *(p.detach().float() for p in parts.values())])
+    finite = torch.isfinite(values).all().float()
+    if accelerator is not None and accelerator.num_processes > 1:
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    if finite.item() != 1:
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in zip(["loss", *parts], values.tolist()))
+        raise FloatingPointError(
+            f"step {step}: the loss is not finite on some process ({shown} here); stopping without saving. "
+            "Lower --learning_rate or --backbone_learning_rate, or check the data"
+        )
+
+
+def check_finite_weights(model, step: int) -> None:
+    """`FloatingPointError` naming the tensors when any weight is not finite (such a model is never saved)."""
+    bad = [
+        name
+        for name, tensor in model.state_dict().items()
+        if tensor.is_floating_point() and not tensor.isfinite().all()
+    ]
+    if bad:
+        raise FloatingPointError(
+            f"step {step}: {len(bad)} weight tensors are not finite ({', '.join(bad[:5])}"
+            f"{', ...' if len(bad) > 5 else ''}); refusing to save them"
+        )
 
 
 def _check_resume_config(checkpoint: Path, config: dict) -> None:
     saved_file = checkpoint / CONFIG_FILE
     if not saved_file.is_file():
         raise ValueError(f"{checkpoint} is not a checkpoint of this trainer (no {CONFIG_FILE})")
-    saved = json.loads(saved_file.read_text())
+    saved = read_json(saved_file)
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{saved_file}: expected a JSON object")
     ignored = {"transformers_version", "_name_or_path", "architectures", "auto_map", "dtype", "torch_dtype"}
     differences = sorted(k for k in set(saved) | set(config) if k not in ignored and saved.get(k) != config.get(k))
     if differences:
@@ -269,6 +399,8 @@ def train(args: TrainingArguments, family: str) -> dict:
     """Train a `family` model (`clip`, `occlip`, `cloc`) as `args` says; returns the final metrics."""
     if args.hard_negatives and family != "clip":
         raise ValueError(f"--hard_negatives is the CLIP baseline's option; {family} trains without hard negatives")
+    validate_arguments(args)
+    check_output_dir(args)  # before anything is written
     objective = CLIPObjective(hard_negatives=True) if args.hard_negatives else OBJECTIVES[family]
     output_dir = Path(args.output_dir)
     if family == "occlip" and args.on_bad_sample == "skip" and accelerator_processes() > 1:
@@ -291,11 +423,15 @@ def train(args: TrainingArguments, family: str) -> dict:
     model = apply_finetune_mode(model, args, objective)
     model_config = json.loads(base_model(model).config.to_json_string(use_diff=False))
 
-    dataset = load_image_text_dataset(args.train_data, streaming=args.streaming)
+    dataset, skipped_at_load = load_training_data(
+        args.train_data, streaming=args.streaming, on_bad_sample=args.on_bad_sample
+    )
     evaluation_rows = None
     if args.eval_data is not None:  # read (and checked) before training, not at the first evaluation
         evaluation_rows = load_evaluation_rows(args.eval_data, args.eval_max_samples)
-    collator = TrainingCollator(processor, family, args.on_bad_sample, args.max_regions, args.hard_negatives)
+    collator = TrainingCollator(
+        processor, family, args.on_bad_sample, args.max_regions, args.hard_negatives, root=data_root(args.train_data)
+    )
     if args.streaming:
         if not args.max_steps:
             raise ValueError("--streaming needs --max_steps (a streamed dataset has no length)")
@@ -332,8 +468,13 @@ def train(args: TrainingArguments, family: str) -> dict:
     else:
         module, optimizer, loader = accelerator.prepare(module, optimizer, loader)
     progress = TrainingProgress()
-    # The scheduler stays out of `prepare` (which would step it once per process) but is saved with the state.
-    accelerator.register_for_checkpointing(scheduler, progress)
+    # The scheduler stays out of `prepare` (which would step it once per process); it is saved with the progress
+    # counters as JSON (`training.checkpoint`: resume reads no pickle).
+    run_shape = {
+        "per_device_train_batch_size": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "num_processes": accelerator.num_processes,
+    }
     gatherer = FeatureGatherer()
 
     if args.resume_from_checkpoint:
@@ -344,8 +485,17 @@ def train(args: TrainingArguments, family: str) -> dict:
         )
         if checkpoint is None or not checkpoint.is_dir():
             raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no checkpoint found")
+        state = read_training_state(checkpoint)  # refuses incomplete and pickled (older) checkpoints
         _check_resume_config(checkpoint, model_config)
-        accelerator.load_state(str(checkpoint))
+        _check_run_shape(checkpoint, state.get("run_shape") or {}, run_shape)
+        load_training_state(accelerator, checkpoint, module, optimizer)
+        try:
+            scheduler.load_state_dict(state["scheduler"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(f"{checkpoint}: malformed scheduler state ({error})") from None
+        progress.load_state_dict(state.get("progress"))  # its count already holds the bad metadata lines
+    elif accelerator.is_main_process:  # every process reads all of metadata.jsonl: count its bad lines once
+        progress.skipped += skipped_at_load
     if accelerator.is_main_process:
         accelerator.init_trackers("training", config={k: v for k, v in asdict(args).items() if v is not None})
 
@@ -382,6 +532,7 @@ def train(args: TrainingArguments, family: str) -> dict:
                 accelerator.no_sync,
                 accelerator.autocast,
             )
+            check_finite_loss(progress.step + 1, loss, parts, accelerator)
             if args.max_grad_norm:
                 accelerator.clip_grad_norm_(module.parameters(), args.max_grad_norm)
             optimizer.step()
@@ -409,7 +560,22 @@ def train(args: TrainingArguments, family: str) -> dict:
                 history.append({"step": progress.step, **evaluated})
                 evaluated_step = progress.step
             if args.checkpointing_steps and progress.step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, output_dir, progress.step, model_config, args.checkpoints_total_limit)
+                state = {
+                    "progress": progress.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "run_shape": run_shape,
+                }
+                check_finite_weights(accelerator.unwrap_model(module), progress.step)
+                save_checkpoint(
+                    accelerator,
+                    module,
+                    optimizer,
+                    output_dir,
+                    progress.step,
+                    state,
+                    model_config,
+                    args.checkpoints_total_limit,
+                )
         else:
             break
         progress.epoch += 1
@@ -424,6 +590,7 @@ def train(args: TrainingArguments, family: str) -> dict:
     if metrics["skipped_rows"] and accelerator.is_main_process:
         print(f"skipped {metrics['skipped_rows']} bad rows (--on_bad_sample skip)")
     accelerator.wait_for_everyone()
+    check_finite_weights(accelerator.unwrap_model(module), progress.step)
     if accelerator.is_main_process:
         save_final(accelerator.unwrap_model(module).model, processor, output_dir, args, family, metrics)
         # Records of this run (after a resume: from the resumed step on).
@@ -437,13 +604,14 @@ def train(args: TrainingArguments, family: str) -> dict:
 def load_evaluation_rows(path: str, max_samples: int) -> list[dict]:
     """The first `max_samples` rows of `--eval_data`, images opened (a bad row is an error naming it)."""
     rows = list(itertools.islice(iter(load_image_text_dataset(path)), max_samples))
+    root = data_root(path)
     if not rows:
         raise ValueError(f"--eval_data {path}: no rows")
     for index, row in enumerate(rows):
         caption = row.get("caption")
         if not isinstance(caption, str) or not caption.strip():
             raise ValueError(f"--eval_data {path}: row {index} has an empty caption")
-        row["image"] = open_image(row, f"--eval_data {path}: row {index}")
+        row["image"] = open_image(row, f"--eval_data {path}: row {index}", root)
     return rows
 
 
@@ -487,23 +655,24 @@ def _next_micro_batches(accelerator: Accelerator, batches, count: int) -> list |
 
 
 def save_checkpoint(
-    accelerator: Accelerator, output_dir: Path, step: int, model_config: dict, total_limit: int | None = None
+    accelerator: Accelerator,
+    module,
+    optimizer,
+    output_dir: Path,
+    step: int,
+    state: dict,
+    model_config: dict,
+    total_limit: int | None = None,
 ) -> Path:
-    """`accelerator.save_state` into `OUT/checkpoints/checkpoint_<step>` with the model config (checked on
-    resume); keeps the newest `total_limit` checkpoints.
+    """The resumable state at `OUT/checkpoints/checkpoint_<step>`, written atomically without pickle
+    (`training.checkpoint.save_training_state`) with the model config (checked on resume); keeps the newest
+    `total_limit` checkpoints.
 
     Named by step rather than by accelerate's automatic counter, whose existence check before its barrier races
     between processes.
     """
     folder = output_dir / "checkpoints" / f"checkpoint_{step}"
-    accelerator.save_state(str(folder))
-    if accelerator.is_main_process:
-        (folder / CONFIG_FILE).write_text(json.dumps(model_config, indent=2, sort_keys=True))
-        if total_limit:
-            for old in _checkpoints(output_dir)[:-total_limit]:
-                shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return folder
+    return save_training_state(accelerator, folder, module, optimizer, state, model_config, total_limit)
 
 
 def save_final(model, processor, output_dir: Path, args: TrainingArguments, family: str, metrics: dict) -> None:
@@ -515,6 +684,10 @@ def save_final(model, processor, output_dir: Path, args: TrainingArguments, fami
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
     write_model_card(output_dir, model, family, args, metrics)
+    # safetensors has no checksum: a `<file>.sha256` (sha256sum format) lets a user detect flipped bytes.
+    write_checksums(output_dir)
+    if (output_dir / "adapter").is_dir():
+        write_checksums(output_dir / "adapter")
 
 
 def push_to_hub(folder: Path, repo_id: str) -> str:
