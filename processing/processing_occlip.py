@@ -7,6 +7,7 @@ from transformers.processing_utils import ProcessorMixin
 from transformers.utils import logging
 
 from .clip_tokenizer import bundled_clip_tokenizer
+from .images import to_rgb_list
 from .rule_parser import RuleSceneGraphParser
 from .scene_graph import SceneGraph, canonicalize_scene_graph
 
@@ -181,7 +182,8 @@ class OCCLIPProcessor(ProcessorMixin):
             raise ValueError("OCCLIPProcessor needs images=, scene_graphs= or both.")
         data = {}
         if images is not None:
-            data.update(self.image_processor(images, return_tensors="pt", **kwargs))
+            # The shared rule: 8-bit RGB, odd modes and extreme aspect ratios refused by name.
+            data.update(self.image_processor(to_rgb_list(images), return_tensors="pt", **kwargs))
         if scene_graphs is not None:
             data.update(self.encode_graphs(self.prepare_graphs(scene_graphs)))
         return BatchFeature(data=data, tensor_type=return_tensors)

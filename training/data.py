@@ -18,6 +18,7 @@ from datasets import Features, Image, List, Value
 from PIL import Image as PILImage
 
 from processing.dataset_parsing import SCENE_GRAPH_FEATURE
+from processing.images import to_rgb
 from processing.scene_graph import SceneGraph
 
 SKIPPED_KEY = "skipped_rows"  # per-batch count of rows dropped by on_bad_sample="skip"
@@ -170,12 +171,12 @@ def open_image(row: dict, where: str) -> PILImage.Image:
     image = row.get("image")
     try:
         if isinstance(image, PILImage.Image):
-            return image.convert("RGB")
+            return to_rgb(image)  # the processors' rule, so training and inference see the same pixels
         if image is None:
             raise ValueError("no image")
         source = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
         with PILImage.open(source) as opened:
-            return opened.convert("RGB")
+            return to_rgb(opened)
     except Exception as error:  # PIL raises many types for corrupt files
         raise BadSample(f"{where}: unreadable image ({error})") from None
 

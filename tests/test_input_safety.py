@@ -1,0 +1,236 @@
+"""Issue 14: bad inputs to the processors and the models are refused by name or handled correctly, never silently
+misread (image modes, float/integer pixels, cropped boxes, extreme aspect ratios, URLs, mismatched batches)."""
+
+import logging
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import CLIPImageProcessorPil
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+from processing import CLOCProcessor, OCCLIPProcessor
+from processing.images import MAX_ASPECT_RATIO, to_rgb
+from training.data import open_image
+
+
+def small_image_processor(size: int = 32) -> CLIPImageProcessorPil:
+    return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def cloc_processor(size: int = 32) -> CLOCProcessor:
+    return CLOCProcessor(small_image_processor(size))
+
+
+def occlip_processor(size: int = 32) -> OCCLIPProcessor:
+    return OCCLIPProcessor(small_image_processor(size))
+
+
+def gradient(height: int = 40, width: int = 60, seed: int = 0) -> np.ndarray:
+    """A mid-range uint8 RGB test picture (values 40..215, so saturation shows)."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(40, 216, size=(height, width, 3), dtype=np.uint8)
+
+
+def pixels(processor, image) -> torch.Tensor:
+    return processor(images=[image])["pixel_values"][0]
+
+
+# ---------------------------------------------------------------------------------------------- item 8: boxes
+
+
+@pytest.mark.parametrize("size, box", [((400, 200), [0, 0, 100, 200]), ((640, 480), [0, 0, 80, 480])])
+def test_box_with_less_than_one_visible_pixel_is_masked_with_a_warning(size, box, caplog):
+    with caplog.at_level(logging.WARNING):
+        out = CLOCProcessor()(images=[Image.new("RGB", size)], input_boxes=[[box, [150, 0, 250, 200]]])
+    assert out["box_mask"].tolist() == [[False, True]]
+    assert "image 0, box 0" in caplog.text and "less than one pixel visible" in caplog.text
+
+
+def test_box_shrunk_below_a_pixel_by_the_resize_is_masked(caplog):
+    # 640 x 640 -> 32 x 32: a 10-px-wide box becomes half a pixel.
+    with caplog.at_level(logging.WARNING):
+        out = cloc_processor()(images=[Image.new("RGB", (640, 640))], input_boxes=[[[0, 0, 10, 640], [0, 0, 40, 40]]])
+    assert out["box_mask"].tolist() == [[False, True]]
+    assert "image 0, box 0" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------- numpy, strings
+
+
+def test_cloc_processor_takes_numpy_arrays_and_tensors_like_pil():
+    array = gradient()
+    boxes = [[[10, 5, 30, 25]]]
+    proc = cloc_processor()
+    reference = proc(images=[Image.fromarray(array)], input_boxes=boxes)
+    for image in (array, np.moveaxis(array, -1, 0), torch.from_numpy(array).permute(2, 0, 1)):
+        out = proc(images=[image], input_boxes=boxes)
+        assert out["original_sizes"].tolist() == [[40, 60]]
+        torch.testing.assert_close(out["pixel_values"], reference["pixel_values"])
+        torch.testing.assert_close(out["input_boxes"], reference["input_boxes"])
+
+
+@pytest.mark.parametrize("make", [cloc_processor, occlip_processor])
+def test_strings_paths_and_urls_are_refused_without_opening_anything(make, tmp_path, monkeypatch):
+    path = tmp_path / "picture.png"
+    Image.fromarray(gradient()).save(path)
+    opened = []
+    monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(a) or pytest.fail("Image.open was called"))
+    for source in (str(path), path, "https://example.com/cat.png"):
+        with pytest.raises(ValueError, match="image 0: got .*never opened"):
+            make()(images=source)
+    assert not opened
+
+
+# ---------------------------------------------------------------------------------------------- item 11: aspect
+
+
+@pytest.mark.parametrize("make", [cloc_processor, occlip_processor])
+@pytest.mark.parametrize("size", [(int(MAX_ASPECT_RATIO) + 10, 1), (1, int(MAX_ASPECT_RATIO) + 10), (8000, 1)])
+def test_extreme_aspect_ratio_is_refused_before_resizing(make, size, monkeypatch):
+    processor = make()
+    resized = []
+    monkeypatch.setattr(processor.image_processor, "resize", lambda *a, **k: resized.append(1) or pytest.fail())
+    with pytest.raises(ValueError, match=r"image 0: image of size .* has aspect ratio \d+:1, above 50:1"):
+        processor(images=[Image.new("L", size)])
+    assert not resized
+
+
+def test_moderate_aspect_ratio_still_works():
+    out = cloc_processor()(images=[Image.new("RGB", (400, 10))])
+    assert out["pixel_values"].shape == (1, 3, 32, 32)
+
+
+# ---------------------------------------------------------------------------------------------- item 10: modes
+
+
+@pytest.mark.parametrize("make", [cloc_processor, occlip_processor])
+def test_float_images_in_unit_range_are_not_rescaled_twice(make):
+    array = gradient()
+    reference = pixels(make(), Image.fromarray(array))
+    unit = array.astype(np.float32) / 255
+    for image in (unit, unit.astype(np.float64), torch.from_numpy(unit).permute(2, 0, 1)):
+        torch.testing.assert_close(pixels(make(), image), reference)
+
+
+@pytest.mark.parametrize("make", [cloc_processor, occlip_processor])
+def test_float_images_outside_unit_range_are_refused(make):
+    with pytest.raises(
+        ValueError, match=r"image 0: float image values span \[.*\]; float images must lie in \[0, 1\]"
+    ):
+        make()(images=[gradient().astype(np.float32)])
+    with pytest.raises(ValueError, match="image 1: float image holds NaN"):
+        make()(images=[gradient(), np.full((40, 60, 3), np.nan, dtype=np.float32)])
+
+
+def test_sixteen_bit_images_are_scaled_not_saturated():
+    gray = gradient()[..., 0]
+    reference = pixels(cloc_processor(), Image.fromarray(gray))
+    sixteen = gray.astype(np.uint16) * 257
+    for image in (Image.fromarray(sixteen), sixteen, sixteen.astype(">u2")):
+        if isinstance(image, Image.Image):
+            assert image.mode == "I;16"
+        torch.testing.assert_close(pixels(cloc_processor(), image), reference)
+
+
+def test_float_mode_f_in_unit_range_matches_eight_bit():
+    gray = gradient()[..., 0]
+    image = Image.fromarray(gray.astype(np.float32) / 255)
+    assert image.mode == "F"
+    torch.testing.assert_close(pixels(occlip_processor(), image), pixels(occlip_processor(), Image.fromarray(gray)))
+
+
+def test_ambiguous_and_mask_inputs_are_refused_by_name():
+    with pytest.raises(ValueError, match="PIL mode 'I'.*ambiguous"):
+        to_rgb(Image.fromarray(np.full((8, 8), 1000, dtype=np.int32)))
+    with pytest.raises(ValueError, match="bool array is a mask"):
+        to_rgb(np.zeros((8, 8), dtype=bool))
+    with pytest.raises(ValueError, match=r"int64 image values span \[0, 1000\]"):
+        to_rgb(np.array([[0, 1000], [3, 4]], dtype=np.int64))
+    with pytest.raises(ValueError, match="holds no pixel"):
+        to_rgb(np.zeros((0, 5, 3), dtype=np.uint8))
+
+
+def test_rgba_gives_the_same_pixels_in_training_and_in_the_processor():
+    rgb = gradient()
+    alpha = np.zeros((40, 60, 1), dtype=np.uint8)
+    alpha[:, :30] = 255  # left half opaque, right half fully transparent (its colour must not show)
+    rgba = Image.fromarray(np.concatenate([rgb, alpha], axis=-1), mode="RGBA")
+    trained = np.asarray(open_image({"image": rgba}, "row 0"))
+    assert (trained[:, 30:] == 255).all() and (trained[:, :30] == rgb[:, :30]).all()
+    torch.testing.assert_close(pixels(cloc_processor(), rgba), pixels(cloc_processor(), Image.fromarray(trained)))
+
+
+def test_training_reader_uses_the_same_rule_for_encoded_files(tmp_path):
+    gray = gradient()[..., 0]
+    path = tmp_path / "sixteen.png"
+    Image.fromarray(gray.astype(np.uint16) * 257).save(path)
+    opened = np.asarray(open_image({"image": {"bytes": path.read_bytes(), "path": None}}, "row 0"))
+    assert (opened[..., 0] == gray).all()
+
+
+# ---------------------------------------------------------------------------------------------- property test
+
+MODES = ("L", "RGB", "RGBA", "P", "I;16", "I", "F", "LA")
+
+
+def random_image(rng: random.Random, mode: str) -> tuple[Image.Image, Image.Image | None]:
+    """An image of `mode` made from a mid-range 8-bit truth, and that truth as RGB (None: the mode is refused)."""
+    width, height = rng.randint(1, 90), rng.randint(1, 90)
+    if rng.random() < 0.15:  # sometimes an extreme strip
+        width = rng.randint(int(MAX_ASPECT_RATIO) + 1, 400) * height
+    truth = np.asarray(gradient(height, width, seed=rng.randint(0, 10**6)))
+    gray = truth[..., 0]
+    alpha = np.asarray(gradient(height, width, seed=rng.randint(0, 10**6)))[..., :1]
+    white = np.full_like(truth, 255)
+
+    def over_white(colour):
+        a = alpha.astype(np.float64) / 255
+        return np.round(colour * a + white * (1 - a)).astype(np.uint8)
+
+    if mode == "L":
+        return Image.fromarray(gray), Image.fromarray(gray).convert("RGB")
+    if mode == "RGB":
+        return Image.fromarray(truth), Image.fromarray(truth)
+    if mode == "RGBA":
+        return Image.fromarray(np.concatenate([truth, alpha], -1), mode="RGBA"), Image.fromarray(over_white(truth))
+    if mode == "P":
+        image = Image.fromarray(truth).quantize(16)
+        return image, image.convert("RGB")
+    if mode == "I;16":
+        return Image.fromarray(gray.astype(np.uint16) * 257), Image.fromarray(gray).convert("RGB")
+    if mode == "I":
+        return Image.fromarray(gray.astype(np.int32)), None
+    if mode == "F":
+        return Image.fromarray(gray.astype(np.float32) / 255), Image.fromarray(gray).convert("RGB")
+    gray3 = np.repeat(gray[..., None], 3, -1)
+    image = Image.fromarray(np.concatenate([gray[..., None], alpha], -1), mode="LA")
+    return image, Image.fromarray(over_white(gray3))
+
+
+@pytest.mark.parametrize("make", [cloc_processor, occlip_processor])
+def test_random_modes_and_sizes_give_clip_range_pixels_or_a_clear_error(make):
+    rng = random.Random(14)
+    processor = make()
+    low = (0 - np.array(OPENAI_CLIP_MEAN)) / np.array(OPENAI_CLIP_STD)
+    high = (1 - np.array(OPENAI_CLIP_MEAN)) / np.array(OPENAI_CLIP_STD)
+    outcomes = {"ok": 0, "refused": 0}
+    for case in range(60):
+        mode = MODES[case % len(MODES)]
+        image, truth = random_image(rng, mode)
+        extreme = max(image.size) / min(image.size) > MAX_ASPECT_RATIO
+        if truth is None or extreme:
+            with pytest.raises(ValueError, match="image 0: (PIL mode 'I'|image of size)"):
+                processor(images=[image])
+            outcomes["refused"] += 1
+            continue
+        values = pixels(processor, image)
+        assert values.dtype == torch.float32, mode
+        for channel in range(3):
+            assert low[channel] - 1e-4 <= values[channel].min() and values[channel].max() <= high[channel] + 1e-4
+        # The same picture as the 8-bit truth: nothing saturated, nothing darkened (one level of rounding allowed).
+        torch.testing.assert_close(values, pixels(processor, truth), atol=0.05, rtol=0, msg=f"mode {mode}")
+        outcomes["ok"] += 1
+    assert outcomes["ok"] >= 30 and outcomes["refused"] >= 5
