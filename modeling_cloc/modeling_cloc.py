@@ -481,7 +481,11 @@ def _tokens_of_layer(vision_outputs, layer: int) -> torch.Tensor:
     return vision_outputs.last_hidden_state if layer == -1 else vision_outputs.hidden_states[layer]
 
 
-def _check_boxes(boxes: torch.Tensor, box_mask: torch.Tensor | None, batch: int) -> torch.Tensor:
+def _check_boxes(
+    boxes: torch.Tensor, box_mask: torch.Tensor | None, batch: int, image_size: int | None = None
+) -> torch.Tensor:
+    """Validated `box_mask` for normalised boxes `[batch, R, 4]`; with `image_size`, valid boxes must also be at
+    least one input pixel wide and high (a thinner box covers no patch: the processor masks such boxes)."""
     if not isinstance(boxes, torch.Tensor) or boxes.dim() != 3 or boxes.shape[-1] != 4 or boxes.shape[0] != batch:
         shape = tuple(boxes.shape) if isinstance(boxes, torch.Tensor) else type(boxes).__name__
         raise ValueError(f"boxes has shape {shape}, expected [{batch}, regions, 4] (normalised x0, y0, x1, y1)")
@@ -503,7 +507,63 @@ def _check_boxes(boxes: torch.Tensor, box_mask: torch.Tensor | None, batch: int)
             f"image {image}, box {box}: {boxes[image, box].tolist()} is not a normalised box with 0 <= x0 < x1 <= 1 "
             "and 0 <= y0 < y1 <= 1 (the processor normalises pixel boxes)"
         )
+    if image_size is not None:
+        # Tolerance: a box the processor kept as exactly one pixel must pass after float32 rounding.
+        sides = (boxes[..., 2:] - boxes[..., :2]) * image_size
+        thin = box_mask & (sides < 1 - 1e-3).any(-1)
+        if thin.any():
+            image, box = thin.nonzero()[0].tolist()
+            width, height = sides[image, box].tolist()
+            raise ValueError(
+                f"image {image}, box {box}: {boxes[image, box].tolist()} is {width:.3g} x {height:.3g} pixels of the "
+                f"{image_size}-px input; boxes must be at least one pixel wide and high. Mask it (box_mask=False) or "
+                "enlarge it (the processor masks such boxes)."
+            )
     return box_mask
+
+
+def _check_pixel_values(pixel_values: torch.Tensor, vision, any_size: bool = False) -> None:
+    """Shape, batch and dtype of `pixel_values` for a vision config, with errors that say what to do; `any_size`
+    (CLIP's `interpolate_pos_encoding`) lets the height and width differ from the config's `image_size`."""
+    if not isinstance(pixel_values, torch.Tensor):
+        raise ValueError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}.")
+    expected = (vision.num_channels, vision.image_size, vision.image_size)
+    shape = tuple(pixel_values.shape)
+    if pixel_values.dim() != 4 or shape[1:] != expected and not (any_size and shape[1] == expected[0]):
+        raise ValueError(
+            f"pixel_values has shape {tuple(pixel_values.shape)}, expected [batch, {expected[0]}, {expected[1]}, "
+            f"{expected[2]}] for this model (image_size={vision.image_size}); resize the images with the processor."
+        )
+    if pixel_values.shape[0] == 0:
+        raise ValueError("pixel_values holds no image.")
+    if not pixel_values.is_floating_point():
+        # Raw 0-255 integers would run through the towers as if normalised, giving a silently wrong answer.
+        raise ValueError(
+            f"pixel_values has dtype {pixel_values.dtype}; the model takes normalised float pixels (the processor's "
+            "output), not raw 0-255 values."
+        )
+
+
+def _check_caption_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, text) -> None:
+    """`input_ids` `[captions, tokens]` of integer ids inside the vocabulary; `attention_mask` of the same shape."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a [captions, tokens] tensor, got {shape}.")
+    if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}.")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}: no caption or no token.")
+    if input_ids.shape[1] > text.max_position_embeddings:
+        raise ValueError(
+            f"input_ids has {input_ids.shape[1]} tokens per caption, more than the text tower's "
+            f"max_position_embeddings ({text.max_position_embeddings}); tokenize with truncation=True."
+        )
+    if input_ids.min() < 0 or input_ids.max() >= text.vocab_size:
+        raise ValueError(f"input_ids holds token ids outside the vocabulary [0, {text.vocab_size}).")
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}, expected {tuple(input_ids.shape)} (as input_ids)."
+        )
 
 
 class CLOCModel(CLOCPreTrainedModel):
@@ -575,6 +635,7 @@ class CLOCModel(CLOCPreTrainedModel):
         """As CLIP: `pooler_output` is the projected, unnormalised image embedding; `last_hidden_state` holds the
         last layer's tokens (CLS first, before the post-LayerNorm). Hidden states come too when the Prompter reads
         another layer (`prompter_config.vision_feature_layer`)."""
+        _check_pixel_values(pixel_values, self.config.vision_config, kwargs.get("interpolate_pos_encoding", False))
         if self.config.prompter_config.vision_feature_layer != -1:
             kwargs["output_hidden_states"] = True
         outputs = self.vision_model(pixel_values=pixel_values, return_dict=True, **kwargs)
@@ -614,7 +675,8 @@ class CLOCModel(CLOCPreTrainedModel):
         `image_tokens` (`get_image_tokens(pixel_values)`) can be cached and reused for any prompts.
         """
         image_tokens = self._image_tokens(pixel_values, image_tokens)
-        return self._box_embeddings(image_tokens, boxes, _check_boxes(boxes, box_mask, image_tokens.shape[0]))
+        box_mask = _check_boxes(boxes, box_mask, image_tokens.shape[0], self.config.vision_config.image_size)
+        return self._box_embeddings(image_tokens, boxes, box_mask)
 
     def _box_embeddings(self, image_tokens: torch.Tensor, boxes: torch.Tensor, box_mask: torch.Tensor) -> torch.Tensor:
         """Region embeddings of already validated boxes (zero where masked)."""
@@ -667,6 +729,7 @@ class CLOCModel(CLOCPreTrainedModel):
         With `region_input_ids` (one caption per box) the region-caption embeddings and grounded boxes are computed
         too; `return_loss` then adds the region and grounding terms (see `loss_from_features`).
         """
+        self._check_forward_inputs(pixel_values, input_ids, attention_mask, input_boxes, box_mask, return_loss)
         vision = self.get_image_features(pixel_values)
         image_tokens = self._prompter_tokens(vision)
         image_embeds = nn.functional.normalize(vision.pooler_output, dim=-1)
@@ -705,6 +768,20 @@ class CLOCModel(CLOCPreTrainedModel):
                 region_caption_keys,
             )
         return output
+
+    def _check_forward_inputs(self, pixel_values, input_ids, attention_mask, input_boxes, box_mask, return_loss):
+        """`forward`'s checks, before any tower runs, so a bad input is named instead of failing inside them."""
+        if pixel_values is None or input_ids is None:
+            raise ValueError("CLOCModel.forward needs pixel_values and input_ids.")
+        _check_pixel_values(pixel_values, self.config.vision_config)
+        _check_caption_ids(input_ids, attention_mask, self.config.text_config)
+        num_images, num_captions = pixel_values.shape[0], input_ids.shape[0]
+        if return_loss and num_images != num_captions:
+            raise ValueError(
+                f"the loss pairs image k with caption k, but got {num_images} images and {num_captions} captions."
+            )
+        if input_boxes is not None:
+            _check_boxes(input_boxes, box_mask, num_images, self.config.vision_config.image_size)
 
     def _logit_scale(self) -> torch.Tensor:
         return self.logit_scale.exp().clamp(max=self.config.logit_scale_max)
@@ -850,6 +927,12 @@ class CLOCVisionModel(CLIPVisionModel):
     ) -> CLOCVisionOutput:
         """CLIP's vision forward; with `boxes` also `region_hidden_states` `[B, R, D_v]` and `region_embeds`."""
         return_dict = kwargs.pop("return_dict", None)
+        if isinstance(pixel_values, torch.Tensor) and not pixel_values.is_floating_point():
+            # CLIP's embeddings cast to float, so raw 0-255 integers would otherwise pass silently.
+            raise ValueError(
+                f"pixel_values has dtype {pixel_values.dtype}; the model takes normalised float pixels (the "
+                "processor's output), not raw 0-255 values."
+            )
         layer = None if self.prompter is None else self.config.build_prompter_config().vision_feature_layer
         if boxes is not None and layer not in (None, -1):
             kwargs["output_hidden_states"] = True  # the Prompter reads an earlier layer
@@ -862,7 +945,7 @@ class CLOCVisionModel(CLIPVisionModel):
                     "(CLOCVisionModel.from_pretrained(cloc_folder)) or set CLOCVisionConfig.prompter_config."
                 )
             image_tokens = _tokens_of_layer(outputs, layer)
-            box_mask = _check_boxes(boxes, box_mask, image_tokens.shape[0])
+            box_mask = _check_boxes(boxes, box_mask, image_tokens.shape[0], self.config.image_size)
             result.region_hidden_states, result.region_embeds = self.prompter.embed_boxes(
                 image_tokens, boxes, box_mask
             )

@@ -225,6 +225,12 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
             )
         if pixel_values.shape[0] == 0:
             raise ValueError("pixel_values holds no image.")
+        if not pixel_values.is_floating_point():
+            # Raw 0-255 integers would run through the towers as if normalised, giving a silently wrong answer.
+            raise ValueError(
+                f"pixel_values has dtype {pixel_values.dtype}; the model takes normalised float pixels (the "
+                "processor's output), not raw 0-255 values."
+            )
 
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> OCCLIPImageFeatures:
         """Per-image cache: global CLIP embedding (`pooler_output`) and folded binding keys/values."""

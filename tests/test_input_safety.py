@@ -11,8 +11,19 @@ from PIL import Image
 from transformers import CLIPImageProcessorPil
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+from modeling_cloc import CLOCVisionConfig, CLOCVisionModel
 from processing import CLOCProcessor, OCCLIPProcessor
 from processing.images import MAX_ASPECT_RATIO, to_rgb
+from tests.factories import (
+    PAD_ID,
+    encode_graphs,
+    example_graphs,
+    phrase_tokens,
+    random_pixels,
+    tiny_cloc_model,
+    tiny_occlip_model,
+    tiny_vision_config,
+)
 from training.data import open_image
 
 
@@ -234,3 +245,87 @@ def test_random_modes_and_sizes_give_clip_range_pixels_or_a_clear_error(make):
         torch.testing.assert_close(values, pixels(processor, truth), atol=0.05, rtol=0, msg=f"mode {mode}")
         outcomes["ok"] += 1
     assert outcomes["ok"] >= 30 and outcomes["refused"] >= 5
+
+
+# ---------------------------------------------------------------------------------------------- models' input checks
+
+
+def caption_ids(count: int) -> torch.Tensor:
+    return torch.tensor([phrase_tokens([5 + i, 7], 6) for i in range(count)])
+
+
+def cloc_inputs(images: int = 2, captions: int = 2, size: int = 32) -> dict:
+    ids = caption_ids(captions)
+    return dict(pixel_values=random_pixels(images, size=size), input_ids=ids, attention_mask=(ids != PAD_ID).long())
+
+
+@pytest.fixture(scope="module")
+def cloc():
+    return tiny_cloc_model()
+
+
+def test_cloc_loss_refuses_mismatched_batches(cloc):
+    # Used to return a loss (0.693) for 2 images and 1 caption.
+    with pytest.raises(ValueError, match="pairs image k with caption k, but got 2 images and 1 captions"):
+        cloc(**cloc_inputs(images=2, captions=1), return_loss=True)
+    assert cloc(**cloc_inputs(images=2, captions=1)).logits_per_image.shape == (2, 1)  # scoring stays allowed
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            dict(pixel_values=random_pixels(2, size=16)),
+            r"pixel_values has shape \(2, 3, 16, 16\), expected \[batch, 3",
+        ),
+        (dict(pixel_values=torch.zeros(0, 3, 32, 32)), "pixel_values holds no image"),
+        (dict(pixel_values=[[0.0]]), "pixel_values must be a torch.Tensor, got list"),
+        (dict(input_ids=None), "needs pixel_values and input_ids"),
+        (dict(pixel_values=None), "needs pixel_values and input_ids"),
+        (dict(input_ids=torch.tensor([98, 5, 99]), attention_mask=None), r"\[captions, tokens\] tensor, got \(3,\)"),
+        (dict(input_ids=torch.zeros(0, 6, dtype=torch.long), attention_mask=None), "no caption or no token"),
+        (dict(input_ids=caption_ids(2).float(), attention_mask=None), "integer token ids"),
+        (dict(input_ids=caption_ids(2) + 200, attention_mask=None), r"outside the vocabulary \[0, 100\)"),
+        (dict(attention_mask=torch.ones(2, 3, dtype=torch.long)), r"attention_mask has shape \(2, 3\), expected"),
+        (dict(input_ids=torch.full((2, 20), 5), attention_mask=None), "more than the text tower's max_position"),
+    ],
+)
+def test_cloc_forward_names_bad_inputs(cloc, change, message):
+    with pytest.raises(ValueError, match=message):
+        cloc(**{**cloc_inputs(), **change})
+
+
+def test_integer_pixel_values_are_refused_by_every_model(cloc):
+    raw = (random_pixels(2).clamp(-1, 1) * 127 + 128).to(torch.uint8)
+    message = r"pixel_values has dtype torch.(uint8|int64); the model takes normalised float pixels"
+    with pytest.raises(ValueError, match=message):
+        cloc(**{**cloc_inputs(), "pixel_values": raw})
+    with pytest.raises(ValueError, match=message):
+        cloc.get_image_features(raw.long())
+    with pytest.raises(ValueError, match=message):
+        tiny_occlip_model()(pixel_values=raw, **encode_graphs(example_graphs()[:2]))
+    vision = CLOCVisionModel(CLOCVisionConfig(**tiny_vision_config())).eval()
+    with pytest.raises(ValueError, match=message):
+        vision(pixel_values=raw)
+
+
+def test_cloc_model_refuses_boxes_thinner_than_one_input_pixel(cloc):
+    thin = torch.tensor([[[0.1, 0.1, 0.11, 0.5]], [[0.0, 0.0, 1.0, 1.0]]])  # 0.32 px wide at 32 px
+    with pytest.raises(ValueError, match=r"image 0, box 0: .* is 0.32 x 12.8 pixels of the 32-px input"):
+        cloc(**cloc_inputs(), input_boxes=thin)
+    with pytest.raises(ValueError, match="at least one pixel wide and high"):
+        cloc.get_region_features(pixel_values=random_pixels(2), boxes=thin)
+    masked = torch.tensor([[False], [True]])
+    assert cloc(**cloc_inputs(), input_boxes=thin, box_mask=masked).region_embeds.shape == (2, 1, 24)
+    one_pixel = torch.tensor([[[0.5, 0.5, 0.5 + 1 / 32, 0.5 + 1 / 32]], [[0.0, 0.0, 1.0, 1.0]]])
+    assert cloc.get_region_features(pixel_values=random_pixels(2), boxes=one_pixel).shape == (2, 1, 24)
+
+
+def test_processor_masked_sliver_reaches_the_model_without_error(cloc, caplog):
+    processor = cloc_processor()
+    out = processor(images=[Image.new("RGB", (640, 480)), Image.new("RGB", (64, 64))], text=["a", "b"],
+                    input_boxes=[[[0, 0, 80, 480]], [[0, 0, 2, 64]]])  # fmt: skip
+    assert out["box_mask"].tolist() == [[False], [True]]  # 2 px of 64 is exactly one pixel of 32: kept
+    inputs = {k: v for k, v in out.items() if k != "original_sizes"}
+    inputs["input_ids"] = inputs["input_ids"].clamp(max=99)  # the tiny model's 100-token vocabulary
+    assert cloc(**inputs).region_embeds.shape == (2, 1, 24)
