@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import CLIPImageProcessorPil
+from transformers import AutoModel, CLIPImageProcessorPil
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from modeling_cloc import CLOCVisionConfig, CLOCVisionModel
+from modeling_cloc import CLOCModel, CLOCVisionConfig, CLOCVisionModel
+from modeling_occlip import OCCLIPModel
 from processing import CLOCProcessor, OCCLIPProcessor
 from processing.images import MAX_ASPECT_RATIO, to_rgb
 from tests.factories import (
@@ -20,6 +21,7 @@ from tests.factories import (
     example_graphs,
     phrase_tokens,
     random_pixels,
+    tiny_clip_model,
     tiny_cloc_model,
     tiny_occlip_model,
     tiny_vision_config,
@@ -329,3 +331,41 @@ def test_processor_masked_sliver_reaches_the_model_without_error(cloc, caplog):
     inputs = {k: v for k, v in out.items() if k != "original_sizes"}
     inputs["input_ids"] = inputs["input_ids"].clamp(max=99)  # the tiny model's 100-token vocabulary
     assert cloc(**inputs).region_embeds.shape == (2, 1, 24)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("checkpoints")
+    tiny_occlip_model().save_pretrained(root / "occlip")
+    tiny_cloc_model().save_pretrained(root / "cloc")
+    tiny_clip_model().save_pretrained(root / "clip")
+    return root
+
+
+@pytest.mark.parametrize("model_class", [OCCLIPModel, CLOCModel])
+@pytest.mark.parametrize("folder, saved_type", [("occlip", "occlip"), ("cloc", "cloc")])
+def test_from_clip_refuses_a_trained_checkpoint(folders, model_class, folder, saved_type):
+    # Used to load the towers and replace the trained heads with random ones, with only a printed report.
+    with pytest.raises(ValueError, match=f"from_clip needs a CLIP checkpoint .* holds model_type '{saved_type}'"):
+        model_class.from_clip(folders / folder)
+
+
+@pytest.mark.parametrize(
+    "model_class, folder, missing",
+    [(CLOCModel, "occlip", "box_head.fc1.bias"), (OCCLIPModel, "cloc", "binding."), (CLOCModel, "clip", "prompter.")],
+)
+def test_from_pretrained_refuses_missing_weights_by_name(folders, model_class, folder, missing):
+    with pytest.raises(ValueError, match=f"not in the checkpoint and would start random: .*{missing}.*model_type '"):
+        model_class.from_pretrained(folders / folder)
+    model, info = model_class.from_pretrained(folders / folder, output_loading_info=True)  # opt-out: caller checks
+    assert any(key.startswith(missing) for key in info["missing_keys"])
+
+
+def test_complete_checkpoints_and_clip_starts_still_load(folders):
+    assert type(AutoModel.from_pretrained(folders / "occlip")) is OCCLIPModel
+    assert type(CLOCModel.from_pretrained(folders / "cloc")) is CLOCModel
+    assert type(OCCLIPModel.from_clip(folders / "clip")) is OCCLIPModel
+    assert type(CLOCModel.from_clip(str(folders / "clip"))) is CLOCModel
