@@ -140,9 +140,15 @@ def to_rgb(image, where: str = "image", max_aspect_ratio: float = MAX_ASPECT_RAT
     raise ValueError(f"{where}: got {type(image).__name__}; images must be PIL images, numpy arrays or torch tensors")
 
 
-def to_rgb_list(images, max_aspect_ratio: float = MAX_ASPECT_RATIO) -> list[Image.Image]:
+def to_rgb_list(images, max_aspect_ratio: float = MAX_ASPECT_RATIO, **image_kwargs) -> list[Image.Image]:
     """A processor's `images=` (one image, a list, or a batched `[B, ...]` array/tensor) as RGB PIL images;
-    errors name the image's index."""
+    errors name the image's index. `image_kwargs` are the overrides the caller passes on to the image processor."""
+    if image_kwargs.get("do_rescale") is False:
+        # The images are 8-bit by now, so skipping the 1/255 rescale would feed 0-255 values to the model.
+        raise ValueError(
+            "do_rescale=False: every image is converted to 8-bit RGB first (floats in [0, 1] are read as such), so "
+            "the image processor must rescale; drop do_rescale=False."
+        )
     if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
         images = list(images)
     elif not isinstance(images, (list, tuple)):

@@ -123,7 +123,8 @@ class CLOCProcessor(ProcessorMixin):
         """Preprocess images, image captions, boxes and region captions for `CLOCModel` (see the class doc)."""
         data = {}
         if images is not None:
-            images = to_rgb_list(images)  # the shared rule: 8-bit RGB, odd modes and extreme aspect ratios refused
+            # The shared rule: 8-bit RGB, odd modes and extreme aspect ratios refused by name.
+            images = to_rgb_list(images, **kwargs)
             data.update(self.image_processor(images, return_tensors="pt", **kwargs))
             data["original_sizes"] = torch.tensor([(image.height, image.width) for image in images])
         if text is not None:

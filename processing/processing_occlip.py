@@ -183,7 +183,7 @@ class OCCLIPProcessor(ProcessorMixin):
         data = {}
         if images is not None:
             # The shared rule: 8-bit RGB, odd modes and extreme aspect ratios refused by name.
-            data.update(self.image_processor(to_rgb_list(images), return_tensors="pt", **kwargs))
+            data.update(self.image_processor(to_rgb_list(images, **kwargs), return_tensors="pt", **kwargs))
         if scene_graphs is not None:
             data.update(self.encode_graphs(self.prepare_graphs(scene_graphs)))
         return BatchFeature(data=data, tensor_type=return_tensors)

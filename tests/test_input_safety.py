@@ -369,3 +369,10 @@ def test_complete_checkpoints_and_clip_starts_still_load(folders):
     assert type(CLOCModel.from_pretrained(folders / "cloc")) is CLOCModel
     assert type(OCCLIPModel.from_clip(folders / "clip")) is OCCLIPModel
     assert type(CLOCModel.from_clip(str(folders / "clip"))) is CLOCModel
+
+
+@pytest.mark.parametrize("make", [cloc_processor, occlip_processor])
+def test_do_rescale_false_is_refused_since_images_are_eight_bit_by_then(make):
+    # Used to return 0-255 values normalised as if they were [0, 1] (pixels around +-500).
+    with pytest.raises(ValueError, match="do_rescale=False: every image is converted to 8-bit RGB first"):
+        make()(images=[gradient().astype(np.float32) / 255], do_rescale=False)
