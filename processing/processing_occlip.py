@@ -163,13 +163,16 @@ class OCCLIPProcessor(ProcessorMixin):
         and its stored graph give the same tensors. Scoring takes any numbers of images and captions; with
         `paired=True` (training, `return_loss=True`) image k must go with caption k.
         """
+        if images is not None:
+            # The shared rule: 8-bit RGB, odd modes and extreme aspect ratios refused by name.
+            images = to_rgb_list(images, **kwargs)
         if paired:
             num_captions = None
             if text is not None:
                 num_captions = 1 if isinstance(text, str) else len(text)
             elif scene_graphs is not None:
                 num_captions = 1 if isinstance(scene_graphs, (dict, SceneGraph)) else len(scene_graphs)
-            num_images = None if images is None else (len(images) if isinstance(images, (list, tuple)) else 1)
+            num_images = None if images is None else len(images)
             if num_images is not None and num_captions is not None and num_images != num_captions:
                 raise ValueError(
                     f"paired=True needs one caption per image: got {num_images} images and {num_captions} captions"
@@ -182,8 +185,7 @@ class OCCLIPProcessor(ProcessorMixin):
             raise ValueError("OCCLIPProcessor needs images=, scene_graphs= or both.")
         data = {}
         if images is not None:
-            # The shared rule: 8-bit RGB, odd modes and extreme aspect ratios refused by name.
-            data.update(self.image_processor(to_rgb_list(images, **kwargs), return_tensors="pt", **kwargs))
+            data.update(self.image_processor(images, return_tensors="pt", **kwargs))
         if scene_graphs is not None:
             data.update(self.encode_graphs(self.prepare_graphs(scene_graphs)))
         return BatchFeature(data=data, tensor_type=return_tensors)

@@ -223,6 +223,49 @@ def random_image(rng: random.Random, mode: str) -> tuple[Image.Image, Image.Imag
     return image, Image.fromarray(over_white(gray3))
 
 
+ARRAY_KINDS = ("uint8 HWC", "uint16 HW", "float32 CHW tensor", "float64 HWC x255", "int64 HWC", "bool HW")
+
+
+def random_array(rng: random.Random, kind: str):
+    """An array or tensor of `kind` made from a mid-range 8-bit truth, and that truth as RGB (None: refused)."""
+    width, height = rng.randint(5, 90), rng.randint(5, 90)
+    truth = gradient(height, width, seed=rng.randint(0, 10**6))
+    gray = truth[..., 0]
+    if kind == "uint8 HWC":
+        return truth, Image.fromarray(truth)
+    if kind == "uint16 HW":
+        return gray.astype(np.uint16) * 257, Image.fromarray(gray).convert("RGB")
+    if kind == "float32 CHW tensor":
+        return torch.from_numpy(truth.astype(np.float32) / 255).permute(2, 0, 1), Image.fromarray(truth)
+    if kind == "float64 HWC x255":  # 0-255 floats: ambiguous with [0, 1], refused
+        return truth.astype(np.float64), None
+    if kind == "int64 HWC":
+        return truth.astype(np.int64), Image.fromarray(truth)
+    return gray > 128, None
+
+
+@pytest.mark.parametrize("make", [cloc_processor, occlip_processor])
+def test_random_arrays_give_clip_range_pixels_or_a_clear_error(make):
+    rng = random.Random(41)
+    processor = make()
+    for case in range(24):
+        kind = ARRAY_KINDS[case % len(ARRAY_KINDS)]
+        image, truth = random_array(rng, kind)
+        if truth is None:
+            with pytest.raises(ValueError, match="image 0: (float image values span|bool array is a mask)"):
+                processor(images=[image])
+            continue
+        torch.testing.assert_close(pixels(processor, image), pixels(processor, truth), atol=0.05, rtol=0, msg=kind)
+
+
+def test_a_batched_tensor_is_split_into_images():
+    batch = torch.from_numpy(np.stack([gradient(seed=1), gradient(seed=2)])).permute(0, 3, 1, 2).float() / 255
+    out = occlip_processor()(images=batch, text=["a red cube", "a blue ball"], paired=True)
+    assert out["pixel_values"].shape == (2, 3, 32, 32)
+    with pytest.raises(ValueError, match="got 2 images and 1 captions"):
+        occlip_processor()(images=batch, text=["a red cube"], paired=True)
+
+
 @pytest.mark.parametrize("make", [cloc_processor, occlip_processor])
 def test_random_modes_and_sizes_give_clip_range_pixels_or_a_clear_error(make):
     rng = random.Random(14)
