@@ -135,9 +135,12 @@ def _refuse_incomplete_load(name: str, model, info: dict, args: tuple, kwargs: d
     if not info["missing_keys"]:
         return
     source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
-    saved_type = PreTrainedConfig.get_config_dict(source, **_hub_kwargs(kwargs))[0].get("model_type")
+    try:
+        saved_type = PreTrainedConfig.get_config_dict(source, **_hub_kwargs(kwargs))[0].get("model_type")
+    except (OSError, TypeError, ValueError):  # weights passed without a config file: no model_type to name
+        saved_type = None
     expected, hint = type(model.config).model_type, ""  # the instance's model_type is the checkpoint's
-    if saved_type != expected:
+    if saved_type is not None and saved_type != expected:
         hint = (
             f" The checkpoint holds model_type {saved_type!r}, not {expected!r}: load it with "
             "AutoModel.from_pretrained, or start from a CLIP checkpoint with from_clip."
