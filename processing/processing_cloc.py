@@ -28,7 +28,8 @@ class CLOCProcessor(ProcessorMixin):
 
     `processor(images=..., text=..., input_boxes=[[[x0, y0, x1, y1], ...], ...], region_captions=[[...], ...])`
     returns `pixel_values`, `input_ids`, `attention_mask`, `input_boxes` (normalised, padded), `box_mask`,
-    `region_input_ids`, `region_attention_mask` and `original_sizes` (`[B, 2]` as height, width).
+    `region_input_ids`, `region_attention_mask` and `original_sizes` (`[B, 2]` as height, width). Images are PIL
+    images, numpy arrays or torch tensors, converted by the rule of `images.py` (strings and URLs are refused).
     """
 
     model_input_names = [

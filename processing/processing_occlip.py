@@ -161,7 +161,8 @@ class OCCLIPProcessor(ProcessorMixin):
         Captions come as `text=` (parsed into scene graphs by the offline spaCy rule parser) or, skipping the
         parser, as `scene_graphs=` (one JSON graph per caption); both reach the same canonical form, so a caption
         and its stored graph give the same tensors. Scoring takes any numbers of images and captions; with
-        `paired=True` (training, `return_loss=True`) image k must go with caption k.
+        `paired=True` (training, `return_loss=True`) image k must go with caption k. Images are PIL images, numpy
+        arrays or torch tensors, converted by the rule of `images.py` (strings and URLs are refused).
         """
         if images is not None:
             # The shared rule: 8-bit RGB, odd modes and extreme aspect ratios refused by name.
