@@ -24,6 +24,7 @@ from datasets import Features, Image, List, Value
 from PIL import Image as PILImage
 
 from processing.dataset_parsing import SCENE_GRAPH_FEATURE
+from processing.images import to_rgb
 from processing.rule_parser import caption_preview, caption_problem
 from processing.scene_graph import SceneGraph
 
@@ -350,14 +351,14 @@ def open_image(row: dict, where: str, root: Path | None = None) -> PILImage.Imag
     image = row.get("image")
     try:
         if isinstance(image, PILImage.Image):
-            return image.convert("RGB")
+            return to_rgb(image)  # the processors' rule, so training and inference see the same pixels
         if image is None:
             raise ValueError("no image")
         data = image["bytes"] if image.get("bytes") else read_image_file(image["path"], root)
         if len(data) > MAX_IMAGE_BYTES:
             raise ValueError(f"{len(data)} image bytes, over the limit of {MAX_IMAGE_BYTES}")
         with PILImage.open(io.BytesIO(data)) as opened:
-            return opened.convert("RGB")
+            return to_rgb(opened)
     except Exception as error:  # PIL raises many types for corrupt files
         raise BadSample(f"{where}: unreadable image ({error})") from None
 
