@@ -23,6 +23,7 @@ from PIL import Image
 
 from . import files
 from .files import RefusedFile, read_image_file
+from .images import to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -320,7 +321,7 @@ def open_source_image(image) -> tuple[Image.Image, bytes, str]:
             raise ValueError(f"no image (got {type(image).__name__})")
         opened = Image.open(io.BytesIO(data))
     extension = KEPT_IMAGE_FORMATS.get(opened.format or "")
-    rgb = opened.convert("RGB")  # decodes the whole file, so a truncated one fails here
+    rgb = to_rgb(opened)  # the trainer's rule; decodes the whole file, so a truncated one fails here
     if data is None or extension is None:
         buffer = io.BytesIO()
         rgb.save(buffer, format="PNG")
