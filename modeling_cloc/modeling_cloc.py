@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import CLIPVisionConfig
+from transformers import CLIPVisionConfig, PreTrainedConfig
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
@@ -355,12 +355,74 @@ class CLOCBoxHead(nn.Module):
         return self.fc2(self.activation_fn(self.fc1(self.norm(hidden)))).sigmoid()
 
 
+def _refuse_missing_weights(info: dict, what: str, source, hint: str = "") -> None:
+    """Raise, naming them, if a load left weights missing (they would silently start random)."""
+    missing = sorted(info["missing_keys"])
+    if missing:
+        shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
+        raise ValueError(
+            f"{what}.from_pretrained({str(source)!r}): these weights are not in the checkpoint and would start "
+            f"random: {shown}.{hint} Pass output_loading_info=True to load anyway and inspect missing_keys."
+        )
+
+
+def _load_clip(clip, target: str) -> CLIPModel:
+    """`clip` itself, or the `CLIPModel` of a CLIP checkpoint folder or Hub id. Another model type (a trained
+    OC-CLIP or CLOC folder, whose heads would be dropped for fresh ones) or missing tower weights are refused."""
+    if isinstance(clip, CLIPModel):
+        return clip
+    model_type = PreTrainedConfig.get_config_dict(clip)[0].get("model_type")
+    if model_type is not None and model_type != "clip":
+        raise ValueError(
+            f"{target}.from_clip needs a CLIP checkpoint (model_type 'clip'), but {str(clip)!r} holds model_type "
+            f"{model_type!r}: its own heads would be dropped and new ones start random. Load a trained checkpoint "
+            f"with {target}.from_pretrained or AutoModel.from_pretrained."
+        )
+    clip_model, info = CLIPModel.from_pretrained(clip, output_loading_info=True)
+    _refuse_missing_weights(info, "CLIPModel", clip)
+    return clip_model
+
+
+def _refuse_incomplete_load(name: str, model, info: dict, args: tuple, kwargs: dict) -> None:
+    """After `from_pretrained`: weights missing from the checkpoint are an error naming them (and the checkpoint's
+    model_type when it is another), not random heads with only a printed report."""
+    if not info["missing_keys"]:
+        return
+    source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+    try:
+        saved_type = PreTrainedConfig.get_config_dict(source, **_hub_kwargs(kwargs))[0].get("model_type")
+    except (OSError, TypeError, ValueError):  # weights passed without a config file: no model_type to name
+        saved_type = None
+    expected, hint = type(model.config).model_type, ""  # the instance's model_type is the checkpoint's
+    if saved_type is not None and saved_type != expected:
+        hint = (
+            f" The checkpoint holds model_type {saved_type!r}, not {expected!r}: load it with "
+            "AutoModel.from_pretrained, or start from a CLIP checkpoint with from_clip."
+        )
+    _refuse_missing_weights(info, name, source, hint)
+
+
+def _hub_kwargs(kwargs: dict) -> dict:
+    keys = ("cache_dir", "revision", "subfolder", "local_files_only", "token")
+    return {key: kwargs[key] for key in keys if key in kwargs}
+
+
 class CLOCPreTrainedModel(CLIPPreTrainedModel):
     """Weights initialisation and flags shared by the CLOC models."""
 
     config: CLOCConfig
     base_model_prefix = "cloc"
     _no_split_modules = ["CLIPTextEmbeddings", "CLIPEncoderLayer", "CLIPVisionEmbeddings", "CLOCPrompter"]
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' `from_pretrained`, but weights missing from the checkpoint (e.g. a folder of another model
+        type) are an error naming them; with `output_loading_info=True` they are left to the caller."""
+        if kwargs.pop("output_loading_info", False):
+            return super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        _refuse_incomplete_load(cls.__name__, model, info, args, kwargs)
+        return model
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -492,7 +554,11 @@ def _tokens_of_layer(vision_outputs, layer: int) -> torch.Tensor:
     return vision_outputs.last_hidden_state if layer == -1 else vision_outputs.hidden_states[layer]
 
 
-def _check_boxes(boxes: torch.Tensor, box_mask: torch.Tensor | None, batch: int) -> torch.Tensor:
+def _check_boxes(
+    boxes: torch.Tensor, box_mask: torch.Tensor | None, batch: int, image_size: int | None = None
+) -> torch.Tensor:
+    """Validated `box_mask` for normalised boxes `[batch, R, 4]`; with `image_size`, valid boxes must also be at
+    least one input pixel wide and high (a thinner box covers no patch: the processor masks such boxes)."""
     if not isinstance(boxes, torch.Tensor) or boxes.dim() != 3 or boxes.shape[-1] != 4 or boxes.shape[0] != batch:
         shape = tuple(boxes.shape) if isinstance(boxes, torch.Tensor) else type(boxes).__name__
         raise ValueError(f"boxes has shape {shape}, expected [{batch}, regions, 4] (normalised x0, y0, x1, y1)")
@@ -514,7 +580,63 @@ def _check_boxes(boxes: torch.Tensor, box_mask: torch.Tensor | None, batch: int)
             f"image {image}, box {box}: {boxes[image, box].tolist()} is not a normalised box with 0 <= x0 < x1 <= 1 "
             "and 0 <= y0 < y1 <= 1 (the processor normalises pixel boxes)"
         )
+    if image_size is not None:
+        # Tolerance: a box the processor kept as exactly one pixel must pass after float32 rounding.
+        sides = (boxes[..., 2:] - boxes[..., :2]) * image_size
+        thin = box_mask & (sides < 1 - 1e-3).any(-1)
+        if thin.any():
+            image, box = thin.nonzero()[0].tolist()
+            width, height = sides[image, box].tolist()
+            raise ValueError(
+                f"image {image}, box {box}: {boxes[image, box].tolist()} is {width:.3g} x {height:.3g} pixels of the "
+                f"{image_size}-px input; boxes must be at least one pixel wide and high. Mask it (box_mask=False) or "
+                "enlarge it (the processor masks such boxes)."
+            )
     return box_mask
+
+
+def _check_pixel_values(pixel_values: torch.Tensor, vision, any_size: bool = False) -> None:
+    """Shape, batch and dtype of `pixel_values` for a vision config, with errors that say what to do; `any_size`
+    (CLIP's `interpolate_pos_encoding`) lets the height and width differ from the config's `image_size`."""
+    if not isinstance(pixel_values, torch.Tensor):
+        raise ValueError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}.")
+    expected = (vision.num_channels, vision.image_size, vision.image_size)
+    shape = tuple(pixel_values.shape)
+    if pixel_values.dim() != 4 or shape[1:] != expected and not (any_size and shape[1] == expected[0]):
+        raise ValueError(
+            f"pixel_values has shape {tuple(pixel_values.shape)}, expected [batch, {expected[0]}, {expected[1]}, "
+            f"{expected[2]}] for this model (image_size={vision.image_size}); resize the images with the processor."
+        )
+    if pixel_values.shape[0] == 0:
+        raise ValueError("pixel_values holds no image.")
+    if not pixel_values.is_floating_point():
+        # Raw 0-255 integers would run through the towers as if normalised, giving a silently wrong answer.
+        raise ValueError(
+            f"pixel_values has dtype {pixel_values.dtype}; the model takes normalised float pixels (the processor's "
+            "output), not raw 0-255 values."
+        )
+
+
+def _check_caption_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, text) -> None:
+    """`input_ids` `[captions, tokens]` of integer ids inside the vocabulary; `attention_mask` of the same shape."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a [captions, tokens] tensor, got {shape}.")
+    if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}.")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}: no caption or no token.")
+    if input_ids.shape[1] > text.max_position_embeddings:
+        raise ValueError(
+            f"input_ids has {input_ids.shape[1]} tokens per caption, more than the text tower's "
+            f"max_position_embeddings ({text.max_position_embeddings}); tokenize with truncation=True."
+        )
+    if input_ids.min() < 0 or input_ids.max() >= text.vocab_size:
+        raise ValueError(f"input_ids holds token ids outside the vocabulary [0, {text.vocab_size}).")
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}, expected {tuple(input_ids.shape)} (as input_ids)."
+        )
 
 
 class CLOCModel(CLOCPreTrainedModel):
@@ -552,8 +674,7 @@ class CLOCModel(CLOCPreTrainedModel):
         The Prompter's (and the RoI head's) output LayerNorm and projection start from CLIP's post-LayerNorm and
         visual projection (spec `prompter_init_from_clip`), so a region embedding starts in CLIP's joint space.
         """
-        if not isinstance(clip, CLIPModel):
-            clip = CLIPModel.from_pretrained(clip)
+        clip = _load_clip(clip, "CLOCModel")
         config = CLOCConfig(
             text_config=clip.config.text_config.to_dict(),
             vision_config=clip.config.vision_config.to_dict(),
@@ -586,6 +707,7 @@ class CLOCModel(CLOCPreTrainedModel):
         """As CLIP: `pooler_output` is the projected, unnormalised image embedding; `last_hidden_state` holds the
         last layer's tokens (CLS first, before the post-LayerNorm). Hidden states come too when the Prompter reads
         another layer (`prompter_config.vision_feature_layer`)."""
+        _check_pixel_values(pixel_values, self.config.vision_config, kwargs.get("interpolate_pos_encoding", False))
         if self.config.prompter_config.vision_feature_layer != -1:
             kwargs["output_hidden_states"] = True
         outputs = self.vision_model(pixel_values=pixel_values, return_dict=True, **kwargs)
@@ -625,7 +747,8 @@ class CLOCModel(CLOCPreTrainedModel):
         `image_tokens` (`get_image_tokens(pixel_values)`) can be cached and reused for any prompts.
         """
         image_tokens = self._image_tokens(pixel_values, image_tokens)
-        return self._box_embeddings(image_tokens, boxes, _check_boxes(boxes, box_mask, image_tokens.shape[0]))
+        box_mask = _check_boxes(boxes, box_mask, image_tokens.shape[0], self.config.vision_config.image_size)
+        return self._box_embeddings(image_tokens, boxes, box_mask)
 
     def _box_embeddings(self, image_tokens: torch.Tensor, boxes: torch.Tensor, box_mask: torch.Tensor) -> torch.Tensor:
         """Region embeddings of already validated boxes (zero where masked)."""
@@ -678,6 +801,7 @@ class CLOCModel(CLOCPreTrainedModel):
         With `region_input_ids` (one caption per box) the region-caption embeddings and grounded boxes are computed
         too; `return_loss` then adds the region and grounding terms (see `loss_from_features`).
         """
+        self._check_forward_inputs(pixel_values, input_ids, attention_mask, input_boxes, box_mask, return_loss)
         vision = self.get_image_features(pixel_values)
         image_tokens = self._prompter_tokens(vision)
         image_embeds = nn.functional.normalize(vision.pooler_output, dim=-1)
@@ -729,6 +853,20 @@ class CLOCModel(CLOCPreTrainedModel):
                 grounding_attention_mass=attention_mass,
             )
         return output
+
+    def _check_forward_inputs(self, pixel_values, input_ids, attention_mask, input_boxes, box_mask, return_loss):
+        """`forward`'s checks, before any tower runs, so a bad input is named instead of failing inside them."""
+        if pixel_values is None or input_ids is None:
+            raise ValueError("CLOCModel.forward needs pixel_values and input_ids.")
+        _check_pixel_values(pixel_values, self.config.vision_config)
+        _check_caption_ids(input_ids, attention_mask, self.config.text_config)
+        num_images, num_captions = pixel_values.shape[0], input_ids.shape[0]
+        if return_loss and num_images != num_captions:
+            raise ValueError(
+                f"the loss pairs image k with caption k, but got {num_images} images and {num_captions} captions."
+            )
+        if input_boxes is not None:
+            _check_boxes(input_boxes, box_mask, num_images, self.config.vision_config.image_size)
 
     def _logit_scale(self) -> torch.Tensor:
         return self.logit_scale.exp().clamp(max=self.config.logit_scale_max)
@@ -901,6 +1039,12 @@ class CLOCVisionModel(CLIPVisionModel):
     ) -> CLOCVisionOutput:
         """CLIP's vision forward; with `boxes` also `region_hidden_states` `[B, R, D_v]` and `region_embeds`."""
         return_dict = kwargs.pop("return_dict", None)
+        if isinstance(pixel_values, torch.Tensor) and not pixel_values.is_floating_point():
+            # CLIP's embeddings cast to float, so raw 0-255 integers would otherwise pass silently.
+            raise ValueError(
+                f"pixel_values has dtype {pixel_values.dtype}; the model takes normalised float pixels (the "
+                "processor's output), not raw 0-255 values."
+            )
         layer = None if self.prompter is None else self.config.build_prompter_config().vision_feature_layer
         if boxes is not None and layer not in (None, -1):
             kwargs["output_hidden_states"] = True  # the Prompter reads an earlier layer
@@ -913,7 +1057,7 @@ class CLOCVisionModel(CLIPVisionModel):
                     "(CLOCVisionModel.from_pretrained(cloc_folder)) or set CLOCVisionConfig.prompter_config."
                 )
             image_tokens = _tokens_of_layer(outputs, layer)
-            box_mask = _check_boxes(boxes, box_mask, image_tokens.shape[0])
+            box_mask = _check_boxes(boxes, box_mask, image_tokens.shape[0], self.config.image_size)
             result.region_hidden_states, result.region_embeds = self.prompter.embed_boxes(
                 image_tokens, boxes, box_mask
             )

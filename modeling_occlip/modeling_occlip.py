@@ -10,7 +10,7 @@ from os import PathLike
 
 import torch
 from torch import nn
-from transformers import CLIPVisionConfig
+from transformers import CLIPVisionConfig, PreTrainedConfig
 from transformers import initialization as init
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import PrefixChange
@@ -101,12 +101,74 @@ class OCCLIPRerankOutput(ModelOutput):
     global_logits: torch.Tensor | None = None
 
 
+def _refuse_missing_weights(info: dict, what: str, source, hint: str = "") -> None:
+    """Raise, naming them, if a load left weights missing (they would silently start random)."""
+    missing = sorted(info["missing_keys"])
+    if missing:
+        shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
+        raise ValueError(
+            f"{what}.from_pretrained({str(source)!r}): these weights are not in the checkpoint and would start "
+            f"random: {shown}.{hint} Pass output_loading_info=True to load anyway and inspect missing_keys."
+        )
+
+
+def _load_clip(clip, target: str) -> CLIPModel:
+    """`clip` itself, or the `CLIPModel` of a CLIP checkpoint folder or Hub id. Another model type (a trained
+    OC-CLIP or CLOC folder, whose heads would be dropped for fresh ones) or missing tower weights are refused."""
+    if isinstance(clip, CLIPModel):
+        return clip
+    model_type = PreTrainedConfig.get_config_dict(clip)[0].get("model_type")
+    if model_type is not None and model_type != "clip":
+        raise ValueError(
+            f"{target}.from_clip needs a CLIP checkpoint (model_type 'clip'), but {str(clip)!r} holds model_type "
+            f"{model_type!r}: its own heads would be dropped and new ones start random. Load a trained checkpoint "
+            f"with {target}.from_pretrained or AutoModel.from_pretrained."
+        )
+    clip_model, info = CLIPModel.from_pretrained(clip, output_loading_info=True)
+    _refuse_missing_weights(info, "CLIPModel", clip)
+    return clip_model
+
+
+def _refuse_incomplete_load(name: str, model, info: dict, args: tuple, kwargs: dict) -> None:
+    """After `from_pretrained`: weights missing from the checkpoint are an error naming them (and the checkpoint's
+    model_type when it is another), not random heads with only a printed report."""
+    if not info["missing_keys"]:
+        return
+    source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+    try:
+        saved_type = PreTrainedConfig.get_config_dict(source, **_hub_kwargs(kwargs))[0].get("model_type")
+    except (OSError, TypeError, ValueError):  # weights passed without a config file: no model_type to name
+        saved_type = None
+    expected, hint = type(model.config).model_type, ""  # the instance's model_type is the checkpoint's
+    if saved_type is not None and saved_type != expected:
+        hint = (
+            f" The checkpoint holds model_type {saved_type!r}, not {expected!r}: load it with "
+            "AutoModel.from_pretrained, or start from a CLIP checkpoint with from_clip."
+        )
+    _refuse_missing_weights(info, name, source, hint)
+
+
+def _hub_kwargs(kwargs: dict) -> dict:
+    keys = ("cache_dir", "revision", "subfolder", "local_files_only", "token")
+    return {key: kwargs[key] for key in keys if key in kwargs}
+
+
 class OCCLIPPreTrainedModel(CLIPPreTrainedModel):
     """Weights initialisation and flags shared by the OC-CLIP models."""
 
     config: OCCLIPConfig
     base_model_prefix = "occlip"
     _no_split_modules = ["CLIPTextEmbeddings", "CLIPEncoderLayer", "CLIPVisionEmbeddings", "OCCLIPBindingModule"]
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' `from_pretrained`, but weights missing from the checkpoint (e.g. a folder of another model
+        type) are an error naming them; with `output_loading_info=True` they are left to the caller."""
+        if kwargs.pop("output_loading_info", False):
+            return super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        _refuse_incomplete_load(cls.__name__, model, info, args, kwargs)
+        return model
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -189,8 +251,7 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
         `clip` is a `CLIPModel` or a folder (or Hub id, where the Hub is reachable) that `CLIPModel.from_pretrained`
         loads. The binding module and structured similarity are new and freshly initialised.
         """
-        if not isinstance(clip, CLIPModel):
-            clip = CLIPModel.from_pretrained(clip)
+        clip = _load_clip(clip, "OCCLIPModel")
         clip_config = clip.config
         config = OCCLIPConfig(
             text_config=clip_config.text_config.to_dict(),
@@ -225,6 +286,12 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
             )
         if pixel_values.shape[0] == 0:
             raise ValueError("pixel_values holds no image.")
+        if not pixel_values.is_floating_point():
+            # Raw 0-255 integers would run through the towers as if normalised, giving a silently wrong answer.
+            raise ValueError(
+                f"pixel_values has dtype {pixel_values.dtype}; the model takes normalised float pixels (the "
+                "processor's output), not raw 0-255 values."
+            )
 
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> OCCLIPImageFeatures:
         """Per-image cache: global CLIP embedding (`pooler_output`) and folded binding keys/values."""

@@ -3,7 +3,9 @@
 Boxes follow SAM's convention: `input_boxes[image][box] = [x0, y0, x1, y1]` in original pixels. They are mapped
 through the image processor's own geometry (shortest-edge resize with per-axis scales, then a centre crop at
 `(resized - crop) // 2`), clipped, and normalised to [0, 1] of the processed frame; `post_process_boxes` inverts
-the map. A box partly outside the image is clipped; one cropped away entirely is masked with a warning.
+the map. A box partly outside the image is clipped; one with less than one pixel left in the processed frame
+(cropped away, or shrunk below a pixel) is masked with a warning. Images go through `images.to_rgb` first (the
+rule shared with the trainer), so `original_sizes` and the pixels agree for every accepted input.
 """
 
 import math
@@ -16,19 +18,9 @@ from transformers.processing_utils import ProcessorMixin
 from transformers.utils import logging
 
 from .clip_tokenizer import bundled_clip_tokenizer
+from .images import to_rgb_list
 
 logger = logging.get_logger(__name__)
-
-
-def _image_size(image) -> tuple[int, int]:
-    """(height, width) of a PIL image, an HWC/CHW array or tensor."""
-    if hasattr(image, "size") and not callable(image.size) and len(image.size) == 2:
-        width, height = image.size
-        return height, width
-    shape = tuple(image.shape)
-    if len(shape) != 3:
-        raise ValueError(f"images must be PIL images or 3-D arrays, got shape {shape}")
-    return (shape[1], shape[2]) if shape[0] in (1, 3) and shape[-1] not in (1, 3) else (shape[0], shape[1])
 
 
 class CLOCProcessor(ProcessorMixin):
@@ -36,7 +28,8 @@ class CLOCProcessor(ProcessorMixin):
 
     `processor(images=..., text=..., input_boxes=[[[x0, y0, x1, y1], ...], ...], region_captions=[[...], ...])`
     returns `pixel_values`, `input_ids`, `attention_mask`, `input_boxes` (normalised, padded), `box_mask`,
-    `region_input_ids`, `region_attention_mask` and `original_sizes` (`[B, 2]` as height, width).
+    `region_input_ids`, `region_attention_mask` and `original_sizes` (`[B, 2]` as height, width). Images are PIL
+    images, numpy arrays or torch tensors, converted by the rule of `images.py` (strings and URLs are refused).
     """
 
     model_input_names = [
@@ -98,9 +91,13 @@ class CLOCProcessor(ProcessorMixin):
             y0, y1 = min(max(y0, 0.0), height), min(max(y1, 0.0), height)
             fx0, fx1 = min(max(x0 * sx - left, 0.0), frame_w), min(max(x1 * sx - left, 0.0), frame_w)
             fy0, fy1 = min(max(y0 * sy - top, 0.0), frame_h), min(max(y1 * sy - top, 0.0), frame_h)
-            if fx1 <= fx0 or fy1 <= fy0:
+            if fx1 - fx0 < 1 or fy1 - fy0 < 1:
+                # Under one processed pixel wide or high: no patch sees it, so it teaches noise (and a zero-width
+                # box would be refused by the model).
+                where = "lies outside" if fx1 <= fx0 or fy1 <= fy0 else "has less than one pixel visible in"
                 logger.warning(
-                    f"image {image_index}, box {box_index}: {list(box)} lies outside the processed frame; masked"
+                    f"image {image_index}, box {box_index}: {list(box)} {where} the processed frame "
+                    f"({fx1 - fx0:.3g} x {fy1 - fy0:.3g} px of {frame_w} x {frame_h}); masked"
                 )
                 normalized.append([0.0, 0.0, 1.0, 1.0])
                 valid.append(False)
@@ -127,9 +124,10 @@ class CLOCProcessor(ProcessorMixin):
         """Preprocess images, image captions, boxes and region captions for `CLOCModel` (see the class doc)."""
         data = {}
         if images is not None:
-            images = list(images) if isinstance(images, (list, tuple)) else [images]
+            # The shared rule: 8-bit RGB, odd modes and extreme aspect ratios refused by name.
+            images = to_rgb_list(images, **kwargs)
             data.update(self.image_processor(images, return_tensors="pt", **kwargs))
-            data["original_sizes"] = torch.tensor([_image_size(image) for image in images])
+            data["original_sizes"] = torch.tensor([(image.height, image.width) for image in images])
         if text is not None:
             data.update(self.tokenizer(text, padding=True, truncation=True, return_tensors="pt"))
         if input_boxes is not None:

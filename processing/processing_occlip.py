@@ -7,6 +7,7 @@ from transformers.processing_utils import ProcessorMixin
 from transformers.utils import logging
 
 from .clip_tokenizer import bundled_clip_tokenizer
+from .images import to_rgb_list
 from .rule_parser import RuleSceneGraphParser
 from .scene_graph import SceneGraph, canonicalize_scene_graph
 
@@ -160,15 +161,19 @@ class OCCLIPProcessor(ProcessorMixin):
         Captions come as `text=` (parsed into scene graphs by the offline spaCy rule parser) or, skipping the
         parser, as `scene_graphs=` (one JSON graph per caption); both reach the same canonical form, so a caption
         and its stored graph give the same tensors. Scoring takes any numbers of images and captions; with
-        `paired=True` (training, `return_loss=True`) image k must go with caption k.
+        `paired=True` (training, `return_loss=True`) image k must go with caption k. Images are PIL images, numpy
+        arrays or torch tensors, converted by the rule of `images.py` (strings and URLs are refused).
         """
+        if images is not None:
+            # The shared rule: 8-bit RGB, odd modes and extreme aspect ratios refused by name.
+            images = to_rgb_list(images, **kwargs)
         if paired:
             num_captions = None
             if text is not None:
                 num_captions = 1 if isinstance(text, str) else len(text)
             elif scene_graphs is not None:
                 num_captions = 1 if isinstance(scene_graphs, (dict, SceneGraph)) else len(scene_graphs)
-            num_images = None if images is None else (len(images) if isinstance(images, (list, tuple)) else 1)
+            num_images = None if images is None else len(images)
             if num_images is not None and num_captions is not None and num_images != num_captions:
                 raise ValueError(
                     f"paired=True needs one caption per image: got {num_images} images and {num_captions} captions"

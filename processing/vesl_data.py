@@ -12,7 +12,6 @@ import logging
 import os
 import re
 import shutil
-import stat
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
@@ -22,21 +21,18 @@ from pathlib import Path
 
 from PIL import Image
 
+from . import files
+from .files import RefusedFile, read_image_file
+from .images import to_rgb
+
 logger = logging.getLogger(__name__)
 
 OUTPUT_FORMATS = ("imagefolder", "webdataset")
 KEPT_IMAGE_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # the extensions the CLOC loader reads
 STATS_FILE = "stats.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-# Far above any photo (a 100-megapixel PNG is ~300 MB only when uncompressed noise); a row naming a larger file, a
-# device or a FIFO is refused before reading, so one bad row cannot exhaust memory or block the run.
-MAX_IMAGE_BYTES = 256 * 2**20
 
 # ------------------------------------------------------------------------------------------------------ inputs
-
-
-class RefusedFile(ValueError):
-    """A row's image file that VESL will not read: outside the input, not a regular file, or over the size cap."""
 
 
 @dataclass(frozen=True)
@@ -55,45 +51,14 @@ class RefusedImage:
     reason: str
 
 
-def read_image_file(root: Path | None, name: str, row: str = "row", max_bytes: int | None = None) -> bytes:
-    """The bytes of image file `name` (relative to `root`), or `RefusedFile` naming the row and path.
-
-    The path is resolved (symlinks followed) and must lie inside `root`, so "../x.png", an absolute path or a
-    symlink pointing out of the folder is refused; the file must be a regular file of at most `max_bytes`
-    (a device such as /dev/zero, a FIFO or a folder is refused without blocking). A missing file raises
-    `FileNotFoundError` (an unreadable image, as before). `max_bytes` defaults to `MAX_IMAGE_BYTES`.
-    """
-    max_bytes = MAX_IMAGE_BYTES if max_bytes is None else max_bytes
-    if root is None:
-        raise RefusedFile(f"{row}: image path {name!r} refused: this input has no local folder to read files from")
-    if not name or "\0" in name:
-        raise RefusedFile(f"{row}: image path {name!r} refused: empty or contains a NUL character")
-    root = Path(root).resolve()
-    path = (root / name).resolve()
-    if not path.is_relative_to(root):
-        lexical = Path(os.path.normpath(root / name))  # ".." collapsed, symlinks not followed
-        why = "is a symlink pointing" if lexical.is_relative_to(root) else "lies"
-        raise RefusedFile(f"{row}: image path {name!r} refused: it {why} outside the input folder {root} ({path})")
-    # O_NONBLOCK: opening a FIFO must not wait for a writer; O_NOFOLLOW: the resolved path has no symlink left, so
-    # one appearing now is refused rather than followed out of the folder.
-    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
-    try:
-        info = os.fstat(descriptor)  # of what was opened, not of the name, which could have been swapped since
-        if not stat.S_ISREG(info.st_mode):
-            raise RefusedFile(
-                f"{row}: image path {name!r} refused: {path} is not a regular file (a device, FIFO or folder)"
-            )
-        if info.st_size > max_bytes:
-            raise RefusedFile(
-                f"{row}: image path {name!r} refused: {path} has {info.st_size:,} bytes, over the {max_bytes:,} cap"
-            )
-        with os.fdopen(descriptor, "rb", closefd=False) as handle:
-            data = handle.read(max_bytes + 1)  # the file may have grown since fstat
-    finally:
-        os.close(descriptor)
-    if len(data) > max_bytes:
-        raise RefusedFile(f"{row}: image path {name!r} refused: {path} has more than {max_bytes:,} bytes")
-    return data
+def read_local_image(image: LocalImage) -> bytes:
+    """The bytes of a row's image file under `processing.files.read_image_file`'s rules; an input without a local
+    folder (a Hub dataset) may name no file at all."""
+    if image.root is None:
+        raise RefusedFile(
+            f"{image.row}: image path {image.name!r} refused: this input has no local folder to read files from"
+        )
+    return read_image_file(image.name, image.root, image.row)
 
 
 def _image_reference(image, root: Path | None, row: str):
@@ -203,7 +168,7 @@ def _tar_rows(path: str, text_column: str) -> Iterator[SourceRow]:
                     yield sample(key, parts)
                     parts = {}
                 key = member_key
-                if member.size > MAX_IMAGE_BYTES:  # declared size: refused before reading, like a large file
+                if member.size > files.MAX_IMAGE_BYTES:  # declared size: refused before reading, like a large file
                     reason = f"{path}: sample {key!r}: member {member.name!r} has {member.size:,} bytes, over the cap"
                     parts[extension.lower()] = RefusedImage(reason)
                     continue
@@ -336,7 +301,7 @@ def check_output_apart(source: str, output_dir: str) -> None:
 def open_source_image(image) -> tuple[Image.Image, bytes, str]:
     """The RGB image, plus bytes and extension to store it with: the original file when it is JPEG/PNG/WebP
     (no re-encoding), PNG otherwise. Raises on an unreadable image (the caller counts and skips it), and
-    `RefusedFile` for a file outside the input, not regular or too large (`LocalImage`, `read_image_file`)."""
+    `RefusedFile` for a file outside the input, not regular or too large (`LocalImage`, `read_local_image`)."""
     if isinstance(image, dict):
         image = image.get("bytes") or image.get("path")
     if isinstance(image, RefusedImage):
@@ -346,7 +311,7 @@ def open_source_image(image) -> tuple[Image.Image, bytes, str]:
         opened = image
     else:
         if isinstance(image, LocalImage):
-            data = read_image_file(image.root, image.name, image.row)
+            data = read_local_image(image)
         elif isinstance(image, (str, os.PathLike)):  # a path given by the caller directly, not by an input row
             with open(image, "rb") as handle:
                 data = handle.read()
@@ -356,7 +321,7 @@ def open_source_image(image) -> tuple[Image.Image, bytes, str]:
             raise ValueError(f"no image (got {type(image).__name__})")
         opened = Image.open(io.BytesIO(data))
     extension = KEPT_IMAGE_FORMATS.get(opened.format or "")
-    rgb = opened.convert("RGB")  # decodes the whole file, so a truncated one fails here
+    rgb = to_rgb(opened)  # the trainer's rule; decodes the whole file, so a truncated one fails here
     if data is None or extension is None:
         buffer = io.BytesIO()
         rgb.save(buffer, format="PNG")

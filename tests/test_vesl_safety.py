@@ -15,12 +15,13 @@ import pytest
 from PIL import Image
 
 from examples import vesl_annotate
-from processing import vesl_data
+from processing import files
+from processing.files import RefusedFile, read_image_file
 from processing.vesl_data import (
-    RefusedFile,
+    LocalImage,
     list_input_shards,
     open_source_image,
-    read_image_file,
+    read_local_image,
 )
 from tests.vesl_fixtures import IMAGES, folder_files, image_bytes, write_imagefolder, write_owlv2
 
@@ -101,15 +102,15 @@ def test_paths_outside_the_input_devices_and_fifos_are_refused_and_counted(hosti
     assert SECRET not in folder_files(out).values()  # nothing from outside the input was copied
     log = caplog.text  # the first five refusals are named with their row and path
     assert f"{hostile_folder / 'metadata.jsonl'}, line 2: image path '../secret.png' refused: it lies outside" in log
-    assert "line 4: image path 'outside_link.png' refused: it is a symlink pointing outside the input folder" in log
+    assert "line 4: image path 'outside_link.png' refused: it is a symlink pointing outside the dataset folder" in log
     assert "line 5: image path '/dev/zero' refused" in log
 
 
 @pytest.mark.parametrize(
     "name, message",
     [
-        ("../secret.png", r"line 3: image path '\.\./secret\.png' refused: it lies outside the input folder"),
-        ("outside_link.png", "it is a symlink pointing outside the input folder"),
+        ("../secret.png", r"line 3: image path '\.\./secret\.png' refused: it lies outside the dataset folder"),
+        ("outside_link.png", "it is a symlink pointing outside the dataset folder"),
         ("/dev/zero", "'/dev/zero' refused: it lies outside"),
         ("zero_link.png", "symlink pointing outside"),
         ("pipe.png", r"pipe\.png is not a regular file \(a device, FIFO or folder\)"),
@@ -119,23 +120,23 @@ def test_paths_outside_the_input_devices_and_fifos_are_refused_and_counted(hosti
 )
 def test_read_image_file_refuses(hostile_folder, name, message):
     with deadline(20), pytest.raises(RefusedFile, match=message):
-        read_image_file(hostile_folder, name, f"{hostile_folder}/metadata.jsonl, line 3")
+        read_image_file(name, hostile_folder, f"{hostile_folder}/metadata.jsonl, line 3")
 
 
 def test_read_image_file_size_cap_and_missing_file(hostile_folder):
-    assert read_image_file(hostile_folder, "good0.png") == (hostile_folder / "good0.png").read_bytes()
-    assert read_image_file(hostile_folder, "inside_link.png") == (hostile_folder / "good1.png").read_bytes()
+    assert read_image_file("good0.png", hostile_folder) == (hostile_folder / "good0.png").read_bytes()
+    assert read_image_file("inside_link.png", hostile_folder) == (hostile_folder / "good1.png").read_bytes()
     size = (hostile_folder / "good0.png").stat().st_size
     with pytest.raises(RefusedFile, match=rf"good0\.png has {size:,} bytes, over the 100 cap"):
-        read_image_file(hostile_folder, "good0.png", max_bytes=100)
+        read_image_file("good0.png", hostile_folder, max_bytes=100)
     with pytest.raises(FileNotFoundError):  # missing: an unreadable image, counted as before
-        read_image_file(hostile_folder, "missing.png")
+        read_image_file("missing.png", hostile_folder)
     with pytest.raises(RefusedFile, match="no local folder"):
-        read_image_file(None, "good0.png")
+        read_local_image(LocalImage(None, "good0.png", "row"))
 
 
 def test_oversized_files_and_tar_members_are_refused(hostile_folder, tmp_path, monkeypatch):
-    monkeypatch.setattr(vesl_data, "MAX_IMAGE_BYTES", 100)
+    monkeypatch.setattr(files, "MAX_IMAGE_BYTES", 100)
     (row,) = [r for r in list_input_shards(str(hostile_folder), rows_per_shard=20)[0].rows() if r.key == "good0.png"]
     with pytest.raises(RefusedFile, match="over the 100 cap"):
         open_source_image(row.image)

@@ -6,15 +6,13 @@ counted with `on_bad_sample="skip"`. A `metadata.jsonl` line that breaks the typ
 that is not 4 numbers, ...) is such a bad row too, found when the dataset is loaded.
 
 Image files are read only inside the dataset folder (after resolving symlinks), only if they are regular files
-(a FIFO or device would block or never end) and only up to `MAX_IMAGE_BYTES`.
+(a FIFO or device would block or never end) and only up to `processing.files.MAX_IMAGE_BYTES`.
 """
 
 import glob
 import io
 import json
 import math
-import os
-import stat
 import tarfile
 from pathlib import Path
 
@@ -23,12 +21,13 @@ import torch
 from datasets import Features, Image, List, Value
 from PIL import Image as PILImage
 
+from processing import files
 from processing.dataset_parsing import SCENE_GRAPH_FEATURE
+from processing.images import to_rgb
 from processing.rule_parser import caption_preview, caption_problem
 from processing.scene_graph import SceneGraph
 
 SKIPPED_KEY = "skipped_rows"  # per-batch count of rows dropped by on_bad_sample="skip"
-MAX_IMAGE_BYTES = 256 * 1024 * 1024  # an image file larger than this is a bad row, not a memory exhaustion
 
 REGION_FEATURE = List({"bbox": List(Value("float32"), length=4), "text": Value("string"), "score": Value("float32")})
 NEGATIVES_FEATURE = {
@@ -324,40 +323,20 @@ class BadSample(ValueError):
     """A row that breaks the dataset format; the message names the row."""
 
 
-def read_image_file(path: str | Path, root: Path | None = None, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
-    """The bytes of an image file, or `ValueError` saying why it is not read: outside `root` once symlinks are
-    resolved, not a regular file (a FIFO would block, a device never end), or larger than `max_bytes`."""
-    resolved = Path(os.path.realpath(path))
-    if root is not None and not resolved.is_relative_to(Path(os.path.realpath(root))):
-        raise ValueError(f"image path {str(path)!r} resolves to {str(resolved)!r}, outside the dataset folder {root}")
-    # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer before fstat can refuse it.
-    descriptor = os.open(resolved, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    with os.fdopen(descriptor, "rb") as handle:
-        info = os.fstat(handle.fileno())  # of the opened file itself, so a swap after the checks above is caught
-        if not stat.S_ISREG(info.st_mode):
-            raise ValueError(f"image path {str(path)!r} is not a regular file")
-        if info.st_size > max_bytes:
-            raise ValueError(f"image file {str(path)!r} has {info.st_size} bytes, over the limit of {max_bytes}")
-        data = handle.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise ValueError(f"image file {str(path)!r} is over the limit of {max_bytes} bytes")
-    return data
-
-
 def open_image(row: dict, where: str, root: Path | None = None) -> PILImage.Image:
-    """The row's image as RGB, or `BadSample` naming the row. A path is read with `read_image_file`'s checks
-    (inside `root` when given, a regular file, under `MAX_IMAGE_BYTES`)."""
+    """The row's image as RGB, or `BadSample` naming the row. A path is read with
+    `processing.files.read_image_file`'s checks (inside `root` when given, a regular file, under the size cap)."""
     image = row.get("image")
     try:
         if isinstance(image, PILImage.Image):
-            return image.convert("RGB")
+            return to_rgb(image)  # the processors' rule, so training and inference see the same pixels
         if image is None:
             raise ValueError("no image")
-        data = image["bytes"] if image.get("bytes") else read_image_file(image["path"], root)
-        if len(data) > MAX_IMAGE_BYTES:
-            raise ValueError(f"{len(data)} image bytes, over the limit of {MAX_IMAGE_BYTES}")
+        data = image["bytes"] if image.get("bytes") else files.read_image_file(image["path"], root, where)
+        if len(data) > files.MAX_IMAGE_BYTES:
+            raise ValueError(f"{len(data)} image bytes, over the limit of {files.MAX_IMAGE_BYTES}")
         with PILImage.open(io.BytesIO(data)) as opened:
-            return opened.convert("RGB")
+            return to_rgb(opened)
     except Exception as error:  # PIL raises many types for corrupt files
         raise BadSample(f"{where}: unreadable image ({error})") from None
 

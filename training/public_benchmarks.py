@@ -18,6 +18,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from processing.images import to_rgb
+
 from .evaluation import ImageTextScorer, pairwise_accuracy, winoground_scores
 
 
@@ -33,7 +35,7 @@ class PairwiseSample:
     def image(self) -> Image.Image:
         """The RGB image (cropped to `crop` when given)."""
         with Image.open(self.image_path) as opened:
-            image = opened.convert("RGB")
+            image = to_rgb(opened, str(self.image_path))
         return image.crop(self.crop) if self.crop else image
 
 
@@ -127,6 +129,6 @@ def evaluate_winoground(scorer: ImageTextScorer, examples: list[dict]) -> dict:
         images = []
         for path in example["images"]:
             with Image.open(path) as opened:
-                images.append(opened.convert("RGB"))
+                images.append(to_rgb(opened, str(path)))
         scores.append(scorer.similarity(images, example["captions"]))
     return winoground_scores(torch.stack(scores))
