@@ -264,6 +264,9 @@ def test_two_process_run_with_accumulation_resumes_and_loads(tmp_path):
         )
         assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint_2", "checkpoint_4"]
+    # One run of two processes, not two single-process runs (accelerate needs `cpu=True` to set up gloo on CPU).
+    state = json.loads((out / "checkpoints" / "checkpoint_4" / "trainer_state.json").read_text())
+    assert state["run_shape"]["num_processes"] == 2
     assert type(AutoModel.from_pretrained(out)).__name__ == "CLOCModel"
 
 

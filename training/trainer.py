@@ -410,6 +410,9 @@ def train(args: TrainingArguments, family: str) -> dict:
         # Cached-feature accumulation backpropagates feature gradients outside the fp16 loss scaler.
         raise ValueError("--mixed_precision fp16 does not combine with --gradient_accumulation_steps > 1; use bf16")
     accelerator = Accelerator(
+        # Accelerate sets up gloo for a CPU-only launch only when asked: without `cpu=True` every process of a
+        # `torchrun` on CPU would believe it is the only one (no DDP, no gathered loss, racing checkpoint writes).
+        cpu=accelerator_processes() > 1 and not torch.cuda.is_available(),
         mixed_precision=args.mixed_precision,
         log_with=args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir)),
