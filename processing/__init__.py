@@ -12,6 +12,7 @@ from modeling_occlip import OCCLIPConfig
 from .clip_tokenizer import bundled_clip_tokenizer
 from .dataset_parsing import add_scene_graphs
 from .llm_parser import LLMSceneGraphParser
+from .open_clip_conversion import cloc_from_open_clip, from_open_clip, occlip_from_open_clip
 from .processing_cloc import CLOCProcessor
 from .processing_occlip import OCCLIPProcessor
 from .region_phrases import alt_text_ngrams, extract_region_phrases
@@ -42,5 +43,8 @@ __all__ = [
     "bundled_clip_tokenizer",
     "canonical_predicate",
     "canonicalize_scene_graph",
+    "cloc_from_open_clip",
     "extract_region_phrases",
+    "from_open_clip",
+    "occlip_from_open_clip",
 ]
