@@ -141,3 +141,24 @@ def test_ground_phrases_in_original_pixels(model):
     assert boxes.shape == (2, 4) and (boxes[:, 0] >= 16).all() and (boxes[:, 2] <= 48).all()
     with pytest.raises(ValueError, match="phrases must be a non-empty list"):
         ground_phrases(model, proc, image, "")
+
+
+def test_readme_region_example_runs_on_a_tiny_saved_model(model, tmp_path):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "processing.region_tasks" in b]
+    assert len(blocks) == 1, "README needs one python example of processing.region_tasks"
+    model.save_pretrained(tmp_path / "cloc")
+    processor().save_pretrained(tmp_path / "cloc")
+    noise_image(400, 320).save(tmp_path / "street.jpg")
+    code = (
+        blocks[0].replace("path/to/cloc", str(tmp_path / "cloc")).replace("street.jpg", str(tmp_path / "street.jpg"))
+    )
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102  (the README's own example)
+    out, best = namespace["out"], namespace["best"]
+    assert len(out["labels"]) == 2 and all(label in ("car", "person", "tree") for label in out["labels"])
+    assert best["box"] == namespace["boxes"][best["index"]]
+    assert best["scores"].argmax().item() == best["index"]
