@@ -114,6 +114,9 @@ def test_coco_regions_refcoco_and_aro_from_the_command(saved_cloc, tmp_path, cap
     assert metrics == {"vg_relation": expected}
     per = expected["per_group"]
     assert expected["macro_accuracy"] == pytest.approx((per["on"] + per["under"]) / 2)
+    argv = ["--model_dir", str(saved_cloc), "--benchmark", "aro", "--data_dir", str(aro), "--aro_exclude", "under"]
+    assert main(argv + ["--output_file", str(out), "--no_progress"]) == 0
+    assert json.loads(out.read_text())["metrics"]["vg_relation"]["macro_accuracy"] == per["on"]
 
 
 def test_errors_name_the_problem(saved_cloc, tmp_path, capsys):

@@ -116,6 +116,10 @@ def test_aro_reports_the_macro_average_over_relations_and_attributes(tmp_path):
     assert metrics["accuracy"] == 0.75  # the plain mean over samples
     assert metrics["per_group"] == {"on": 1.0, "under": 0.0}
     assert metrics["macro_accuracy"] == 0.5  # each relation weighted alike, as ARO reports
+    left_out = evaluate_aro(RedScorer(), samples, exclude_groups=["under"])
+    assert (
+        left_out["macro_accuracy"] == 1.0 and left_out["accuracy"] == 0.75 and left_out["excluded_groups"] == ["under"]
+    )
     # VG-Attribution groups by the attribute pair.
     rows = [_aro_row("red.png", attributes=["red", "blue"])] + [_aro_row("blue.png", attributes=["white", "blue"])] * 2
     (tmp_path / "visual_genome_attribution.json").write_text(json.dumps(rows))

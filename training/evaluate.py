@@ -52,6 +52,9 @@ class EvaluateArguments:
     region_mode: str | None = field(
         default=None, metadata={"help": "model (CLOC's region head) or crop (crop and encode); default by family"}
     )
+    aro_exclude: list[str] | None = field(
+        default=None, metadata={"help": "ARO relations / attribute pairs left out of the macro average"}
+    )
     template: str = field(default="{}", metadata={"help": "prompt for COCO class names, e.g. 'a photo of a {}.'"})
     device: str | None = field(default=None, metadata={"help": "default: cuda when available, else cpu"})
     no_progress: bool = field(default=False, metadata={"help": "hide the progress bars"})
@@ -130,7 +133,9 @@ def run(args: EvaluateArguments) -> dict:
                 f"--data_dir {data_dir}: neither visual_genome_relation.json nor visual_genome_attribution.json"
             )
         metrics = {
-            name: pb.evaluate_aro(scorer, pb.load_aro(path, image_dir)[:limit], args.batch_size, progress)
+            name: pb.evaluate_aro(
+                scorer, pb.load_aro(path, image_dir)[:limit], args.batch_size, progress, args.aro_exclude or ()
+            )
             for name, path in found.items()
         }
     elif args.benchmark == "winoground":

@@ -349,16 +349,27 @@ def evaluate_pairwise(
 
 
 def evaluate_aro(
-    scorer: ImageTextScorer, samples: list[PairwiseSample], batch_size: int = 64, progress: bool = False
+    scorer: ImageTextScorer,
+    samples: list[PairwiseSample],
+    batch_size: int = 64,
+    progress: bool = False,
+    exclude_groups=(),
 ) -> dict:
     """ARO's metric: `macro_accuracy` (mean over relations / attribute pairs, as the ARO paper reports),
-    `per_group`, and the plain `accuracy` over samples."""
+    `per_group`, and the plain `accuracy` over samples. `exclude_groups` (e.g. the symmetric relations that ARO's
+    notebook drops from VG-Relation) are left out of `macro_accuracy` only."""
     if not samples:
         raise ValueError("no samples to evaluate")
     correct = _pairwise_correct(scorer, samples, batch_size, progress)
     metrics = {"accuracy": correct.float().mean().item(), "num_samples": len(samples)}
     if all(sample.group is not None for sample in samples):
         metrics.update(macro_accuracy(correct, [sample.group for sample in samples]))
+        kept = {g: v for g, v in metrics["per_group"].items() if g not in set(exclude_groups)}
+        if exclude_groups:
+            if not kept:
+                raise ValueError(f"exclude_groups {sorted(exclude_groups)} leave no group to average")
+            metrics["macro_accuracy"] = sum(kept.values()) / len(kept)
+            metrics["excluded_groups"] = sorted(set(exclude_groups) & set(metrics["per_group"]))
     return metrics
 
 
