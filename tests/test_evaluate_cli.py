@@ -109,6 +109,7 @@ def test_coco_regions_refcoco_and_aro_from_the_command(saved_cloc, tmp_path, cap
         main(["--model_dir", str(saved_cloc), "--benchmark", "aro", "--data_dir", str(aro), "--output_file", str(out)])
         == 0
     )
+    assert "pairs: 100%" in capsys.readouterr().err  # the progress bar
     metrics = json.loads(out.read_text())["metrics"]
     expected = pb.evaluate_aro(scorer, pb.load_aro(aro / "visual_genome_relation.json", aro / "images"))
     assert metrics == {"vg_relation": expected}
@@ -141,6 +142,7 @@ def test_python_dash_m_on_the_synthetic_benchmark(saved_cloc, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+    assert "grounding: 100%" in done.stderr  # the scorer's progress bars
     metrics = json.loads(out.read_text())["metrics"]
     expected = evaluate_synthetic(load_scorer(saved_cloc, "cpu"), tmp_path / "data" / "test_seen", region_mode="model")
     assert metrics == pytest.approx(expected)
