@@ -201,6 +201,10 @@ def test_coco_region_classification_format(tmp_path):
     ]
     metrics = evaluate_coco_regions(ColourRegionScorer(), images, classes, template="a {} thing", crop=True)
     assert metrics == {"top1": pytest.approx(2 / 3), "num_boxes": 3, "num_images": 2}
+    instances["images"][0].pop("file_name")
+    (tmp_path / "bad.json").write_text(json.dumps(instances))
+    with pytest.raises(ValueError, match="bad.json: image 2 has no 'file_name'"):
+        load_coco_regions(tmp_path / "bad.json", tmp_path / "val2017")
     del instances["categories"]
     (tmp_path / "bad.json").write_text(json.dumps(instances))
     with pytest.raises(ValueError, match=r"not a COCO instances file \(missing \['categories'\]\)"):

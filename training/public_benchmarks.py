@@ -208,6 +208,7 @@ def load_coco_regions(instances_file, image_dir, max_images: int | None = None) 
     missing = [k for k in ("images", "annotations", "categories") if k not in data]
     if missing:
         raise ValueError(f"{instances_file}: not a COCO instances file (missing {missing})")
+    _coco_ids(data, instances_file, ("images", "annotations", "categories"))
     categories = sorted(data["categories"], key=lambda c: c["id"])
     index_of = {c["id"]: i for i, c in enumerate(categories)}
     names = {image["id"]: image["file_name"] for image in data["images"]}
@@ -234,6 +235,20 @@ def load_coco_regions(instances_file, image_dir, max_images: int | None = None) 
     if not images:
         raise ValueError(f"{instances_file}: no non-crowd boxes")
     return images, [c["name"] for c in categories]
+
+
+def _coco_ids(data: dict, path, keys=("images", "annotations")) -> None:
+    """Every entry of the COCO lists `keys` is an object with an `id` (the annotation file's own fault otherwise)."""
+    for key in keys:
+        if not isinstance(data[key], list):
+            raise ValueError(f"{path}: '{key}' must be a list, got {type(data[key]).__name__}")
+        for number, entry in enumerate(data[key]):
+            if not isinstance(entry, dict) or "id" not in entry:
+                raise ValueError(f"{path}: {key}[{number}] is not an object with an 'id': {entry!r}"[:300])
+            if key == "images" and not isinstance(entry.get("file_name"), str):
+                raise ValueError(f"{path}: image {entry['id']!r} has no 'file_name'")
+            if key == "categories" and not isinstance(entry.get("name"), str):
+                raise ValueError(f"{path}: category {entry['id']!r} has no 'name'")
 
 
 def _coco_box(bbox, where: str) -> list[float]:
@@ -281,6 +296,7 @@ def load_refcoco(refs_file, instances_file, image_dir, split: str | None = "val"
     missing = [k for k in ("images", "annotations") if k not in data]
     if missing:
         raise ValueError(f"{instances_file}: not a COCO instances file (missing {missing})")
+    _coco_ids(data, instances_file)
     names = {image["id"]: image["file_name"] for image in data["images"]}
     boxes = {annotation["id"]: annotation.get("bbox") for annotation in data["annotations"]}
     image_dir = Path(image_dir)
