@@ -156,3 +156,49 @@ def test_console_script_is_declared():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     module, function = scripts["occlip-cloc-evaluate"].split(":")
     assert getattr(importlib.import_module(module), function) is main
+
+
+def test_sugarcrepe_and_winoground_on_a_saved_clip(tmp_path):
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
+
+    from processing.clip_tokenizer import bundled_clip_tokenizer
+
+    torch.manual_seed(0)
+    text = clip_vocab_text_config(max_position_embeddings=77)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=tiny_vision_config(), projection_dim=24)).save_pretrained(
+        tmp_path / "clip"
+    )
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor, bundled_clip_tokenizer()).save_pretrained(tmp_path / "clip")
+    scorer = load_scorer(tmp_path / "clip", "cpu")
+    assert scorer.family == "clip"
+
+    _image(tmp_path / "coco" / "a.jpg", (200, 30, 30))
+    _image(tmp_path / "coco" / "b.jpg", (30, 200, 30))
+    entries = {
+        "0": {"filename": "a.jpg", "caption": "a red wall", "negative_caption": "a green wall"},
+        "1": {"filename": "b.jpg", "caption": "a green field", "negative_caption": "a red field"},
+        "2": {"filename": "b.jpg", "caption": "a dog chases a cat", "negative_caption": "a cat chases a dog"},
+    }
+    (tmp_path / "sc").mkdir()
+    (tmp_path / "sc" / "replace_att.json").write_text(json.dumps(dict(list(entries.items())[:2])))
+    (tmp_path / "sc" / "swap_obj.json").write_text(json.dumps({"2": entries["2"]}))
+    out = tmp_path / "sc.json"
+    argv = ["--model_dir", str(tmp_path / "clip"), "--benchmark", "sugarcrepe", "--data_dir", str(tmp_path / "sc")]
+    assert main(argv + ["--image_dir", str(tmp_path / "coco"), "--output_file", str(out), "--no_progress"]) == 0
+    metrics = json.loads(out.read_text())["metrics"]
+    categories = pb.load_sugarcrepe(tmp_path / "sc", tmp_path / "coco")
+    expected = {name: pb.evaluate_pairwise(scorer, samples) for name, samples in categories.items()}
+    assert metrics == {**expected, "mean": pytest.approx((expected["replace_att"] + expected["swap_obj"]) / 2)}
+
+    wino = tmp_path / "winoground"
+    _image(wino / "images" / "ex_0_img_0.png", (200, 30, 30))
+    _image(wino / "images" / "ex_0_img_1.png", (30, 30, 200))
+    row = {"id": 0, "image_0": "ex_0_img_0", "image_1": "ex_0_img_1", "caption_0": "red", "caption_1": "blue"}
+    (wino / "examples.jsonl").write_text(json.dumps(row) + "\n")
+    out = tmp_path / "wino.json"
+    argv = ["--model_dir", str(tmp_path / "clip"), "--benchmark", "winoground", "--data_dir", str(wino)]
+    assert main(argv + ["--output_file", str(out), "--no_progress"]) == 0
+    assert json.loads(out.read_text())["metrics"] == pb.evaluate_winoground(scorer, pb.load_winoground(wino))
+    argv = ["--model_dir", str(tmp_path / "clip"), "--benchmark", "refcoco", "--data_dir", str(wino)]
+    assert main(argv + ["--image_dir", str(wino)]) == 2  # grounding needs CLOC
