@@ -142,7 +142,7 @@ def test_python_dash_m_on_the_synthetic_benchmark(saved_cloc, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "grounding: 100%" in done.stderr  # the scorer's progress bars
+    assert "grounding:" in done.stderr and "batch" in done.stderr  # the scorer's progress bars
     metrics = json.loads(out.read_text())["metrics"]
     expected = evaluate_synthetic(load_scorer(saved_cloc, "cpu"), tmp_path / "data" / "test_seen", region_mode="model")
     assert metrics == pytest.approx(expected)
