@@ -162,3 +162,29 @@ def test_readme_region_example_runs_on_a_tiny_saved_model(model, tmp_path):
     assert len(out["labels"]) == 2 and all(label in ("car", "person", "tree") for label in out["labels"])
     assert best["box"] == namespace["boxes"][best["index"]]
     assert best["scores"].argmax().item() == best["index"]
+
+
+@torch.no_grad()
+def test_classify_regions_with_the_roi_align_head():
+    from modeling_cloc import CLOCConfig, CLOCModel
+
+    torch.manual_seed(1)
+    config = CLOCConfig(
+        text_config=clip_vocab_text_config(),
+        vision_config=tiny_vision_config(),
+        region_head="roi_align",
+        projection_dim=24,
+    )
+    roi = CLOCModel(config).eval()
+    proc = processor()
+    image = noise_image(32, 32, seed=2)  # no resize, no crop: normalised = pixels / 32
+    boxes, classes = [[0, 0, 16, 16], [8, 8, 32, 24]], ["cat", "dog"]
+    result = classify_regions(roi, proc, image, boxes, classes)
+    pixels = proc.image_processor([image], return_tensors="pt")["pixel_values"]
+    regions = roi.get_region_features(pixel_values=pixels, boxes=torch.tensor([boxes]) / 32)[0]
+    text = torch.nn.functional.normalize(
+        roi.get_text_features(**proc.tokenizer(classes, padding=True, return_tensors="pt")).pooler_output, dim=-1
+    )
+    torch.testing.assert_close(
+        result["logits"], roi.region_logit_scale.exp() * regions @ text.t(), atol=1e-5, rtol=1e-5
+    )
