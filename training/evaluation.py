@@ -66,10 +66,17 @@ class ImageTextScorer:
     each box and encodes it as an image: the crop-and-encode CLIP baseline).
     """
 
-    def __init__(self, model, processor, family: str, batch_size: int = 64):
+    def __init__(self, model, processor, family: str, batch_size: int = 64, progress: bool = False):
         if family not in ("clip", "occlip", "cloc"):
             raise ValueError(f"family must be clip, occlip or cloc, got {family!r}")
         self.model, self.processor, self.family, self.batch_size = model.eval(), processor, family, batch_size
+        self.progress = progress  # a progress bar over each batched loop (the evaluation command turns it on)
+
+    def _starts(self, count: int, what: str):
+        from tqdm.auto import tqdm
+
+        steps = range(0, count, self.batch_size)
+        return tqdm(steps, desc=what, unit="batch", leave=False) if self.progress else steps
 
     @property
     def device(self) -> torch.device:
@@ -83,7 +90,7 @@ class ImageTextScorer:
     def encode_images(self, images):
         """Image features for `score` (normalised embeddings, or OC-CLIP's cached binding features)."""
         parts = []
-        for start in range(0, len(images), self.batch_size):
+        for start in self._starts(len(images), "images"):
             pixels = self._pixels(images[start : start + self.batch_size])
             if self.family == "occlip":
                 parts.append(self.model.get_image_features(pixels))
@@ -148,7 +155,7 @@ class ImageTextScorer:
         if self.family != "cloc":
             raise ValueError("region_scores needs a CLOC model (or crop=True for the crop-and-encode baseline)")
         rows = []
-        for start in range(0, len(images), self.batch_size):
+        for start in self._starts(len(images), "regions"):
             chunk = list(images[start : start + self.batch_size])
             inputs = self.processor(
                 images=chunk, input_boxes=[list(b) for b in boxes[start : start + self.batch_size]]
@@ -168,7 +175,7 @@ class ImageTextScorer:
         if self.family != "cloc":
             raise ValueError("grounding needs a CLOC model")
         results = []
-        for start in range(0, len(images), self.batch_size):
+        for start in self._starts(len(images), "grounding"):
             chunk = list(images[start : start + self.batch_size])
             texts = captions[start : start + self.batch_size]
             dummy = [[[0.0, 0.0, float(im.width), float(im.height)]] * len(t) for im, t in zip(chunk, texts)]
