@@ -13,6 +13,7 @@ from transformers import AutoModel, AutoProcessor, CLIPModel, CLIPProcessor
 import modeling_cloc  # noqa: F401  (registers the models for AutoModel)
 import modeling_occlip  # noqa: F401
 from examples import train_clip, train_cloc, train_occlip
+from modeling_cloc import CLOCModel
 from modeling_occlip import OCCLIPModel
 from processing.clip_tokenizer import bundled_clip_tokenizer
 from tests.factories import clip_vocab_text_config, random_pixels, tiny_vision_config
@@ -139,6 +140,37 @@ def test_lora_trains_only_adapters_and_saved_modules(data, clip_folder, tmp_path
             atol=1e-5,
             rtol=1e-5,
         )
+
+
+@pytest.mark.parametrize("family", ["occlip", "cloc"])
+def test_lora_adapter_on_the_base_model_reproduces_the_merged_model(family, data, clip_folder, tmp_path):
+    """The adapter holds the trained logit scales too (bare parameters, outside LoRA and modules_to_save)."""
+    from peft import PeftModel
+
+    run(family, data, tmp_path / "out", *from_clip(clip_folder, "lora", steps=3))
+    merged = AutoModel.from_pretrained(tmp_path / "out").eval()
+    set_seed(0)  # the trainer's starting model: same seed, same construction
+    start = {"occlip": OCCLIPModel, "cloc": CLOCModel}[family].from_clip(CLIPModel.from_pretrained(clip_folder))
+    scales = ["logit_scale", "region_logit_scale"] if family == "cloc" else ["logit_scale"]
+    assert all(not torch.equal(getattr(start, n), getattr(merged, n)) for n in scales)  # they trained
+    adapted = PeftModel.from_pretrained(start, tmp_path / "out" / "adapter").eval()
+    for name in scales:
+        assert torch.equal(getattr(adapted.base_model.model, name), getattr(merged, name)), name
+    ids = bundled_clip_tokenizer()(["a red square", "a blue square"], padding=True, return_tensors="pt")
+    pixels = random_pixels(2, seed=1)
+    with torch.no_grad():
+        if family == "cloc":
+            torch.testing.assert_close(
+                adapted(pixel_values=pixels, **ids).logits_per_image,
+                merged(pixel_values=pixels, **ids).logits_per_image,
+                atol=1e-5,
+                rtol=1e-5,
+            )
+        unmerged = adapted.merge_and_unload().state_dict()
+    end = merged.state_dict()
+    assert unmerged.keys() == end.keys()
+    for name in end:
+        torch.testing.assert_close(unmerged[name], end[name], atol=1e-5, rtol=1e-5, msg=name)
 
 
 def test_frozen_towers_stay_unchanged(data, clip_folder, tmp_path):

@@ -683,6 +683,7 @@ def save_final(model, processor, output_dir: Path, args: TrainingArguments, fami
     output_dir.mkdir(parents=True, exist_ok=True)
     if hasattr(model, "peft_config"):
         model.save_pretrained(output_dir / "adapter")
+        add_directly_trained_parameters(model, output_dir / "adapter")
         model = model.merge_and_unload()
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
@@ -691,6 +692,27 @@ def save_final(model, processor, output_dir: Path, args: TrainingArguments, fami
     write_checksums(output_dir)
     if (output_dir / "adapter").is_dir():
         write_checksums(output_dir / "adapter")
+
+
+def add_directly_trained_parameters(peft_model, adapter_folder: Path) -> list[str]:
+    """Add the parameters trained outside LoRA and `modules_to_save` (the logit scales) to the adapter's
+    safetensors file; returns their names."""
+    from safetensors.torch import load_file, save_file
+
+    # PEFT saves only LoRA weights and whole saved modules, and a logit scale is a bare parameter of the root model.
+    # Without it base + adapter misses the trained temperature. The keys keep PeftModel's names
+    # (`base_model.model.logit_scale`), which `PeftModel.from_pretrained` loads into the base model.
+    extra = {
+        name: parameter.detach().cpu().contiguous()
+        for name, parameter in peft_model.named_parameters()
+        if parameter.requires_grad and "lora_" not in name and ".modules_to_save." not in name
+    }
+    if extra:
+        path = adapter_folder / "adapter_model.safetensors"
+        weights = load_file(path)
+        weights.update(extra)
+        save_file(weights, path, metadata={"format": "pt"})
+    return sorted(extra)
 
 
 def push_to_hub(folder: Path, repo_id: str) -> str:
