@@ -398,3 +398,37 @@ def test_model_config_with_init_from_sets_only_the_new_modules(data, clip_folder
         run("occlip", data, tmp_path / "bad", *from_clip(clip_folder, "full", steps=1), config=towers)
     with pytest.raises(ValueError, match="sets only what CLIP lacks"):
         run("clip", data, tmp_path / "bad2", *from_clip(clip_folder, "full", steps=1), config=settings)
+
+
+def test_report_to_tensorboard_writes_the_logged_metrics(data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = write_model_config(tmp_path / "config.json", "clip")
+    out = tmp_path / "out"
+    run("clip", data, out, "--max_steps", "2", "--report_to", "tensorboard", config=config)
+    events = sorted(out.rglob("events.out.tfevents.*"))
+    assert events, f"no TensorBoard event file under {out}: {sorted(p.name for p in out.rglob('*'))}"
+    history = json.loads((out / "log_history.json").read_text())
+    logged = {}
+    for path in {p.parent for p in events}:
+        accumulator = EventAccumulator(str(path))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            logged[tag] = [(e.step, e.value) for e in accumulator.Scalars(tag)]
+    assert [step for step, _ in logged["loss"]] == [1, 2]
+    for (step, value), record in zip(logged["loss"], history):
+        assert record["step"] == step and value == pytest.approx(record["loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("tracker", ["tensorboard", "wandb"])
+def test_missing_tracker_is_an_error_naming_the_extra_before_training(tracker, data, tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == tracker else find_spec(name, *a))
+    config = write_model_config(tmp_path / "config.json", "clip")
+    with pytest.raises(ImportError, match=rf"--report_to {tracker}: .*occlip-cloc\[{tracker}\]"):
+        run("clip", data, tmp_path / "out", "--max_steps", "2", "--report_to", tracker, config=config)
+    assert not (tmp_path / "out").exists()  # refused before anything was written or trained
+    with pytest.raises(ValueError, match="unknown tracker"):
+        run("clip", data, tmp_path / "out", "--max_steps", "2", "--report_to", "tensorbord", config=config)
