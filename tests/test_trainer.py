@@ -2,13 +2,18 @@
 Hub upload folder, and clear errors for bad data and mismatched checkpoints."""
 
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
-from transformers import AutoModel, AutoProcessor, CLIPModel, CLIPProcessor
+from transformers import AutoModel, AutoProcessor, CLIPModel, CLIPProcessor, pipeline
 
 import modeling_cloc  # noqa: F401  (registers the models for AutoModel)
 import modeling_occlip  # noqa: F401
@@ -22,6 +27,7 @@ from tests.training_fixtures import write_dataset, write_model_config
 from training import trainer as trainer_module
 from training.data import TrainingCollator, load_image_text_dataset
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 MAINS = {"clip": train_clip.main, "occlip": train_occlip.main, "cloc": train_cloc.main}
 
 
@@ -432,3 +438,69 @@ def test_missing_tracker_is_an_error_naming_the_extra_before_training(tracker, d
     assert not (tmp_path / "out").exists()  # refused before anything was written or trained
     with pytest.raises(ValueError, match="unknown tracker"):
         run("clip", data, tmp_path / "out", "--max_steps", "2", "--report_to", "tensorbord", config=config)
+
+
+@pytest.fixture(scope="module")
+def cached_clip_folder(clip_folder, tmp_path_factory):
+    """The tiny CLIP folder as a Hub-cache snapshot of `someone/clip-tiny` with an MIT card."""
+    folder = tmp_path_factory.mktemp("hub") / "models--someone--clip-tiny" / "snapshots" / "0123abc"
+    shutil.copytree(clip_folder, folder)
+    (folder / "README.md").write_text("---\nlicense: mit\n---\n# tiny CLIP\n")
+    return folder
+
+
+def python_blocks(markdown: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", markdown, flags=re.S)
+
+
+@pytest.mark.parametrize("family", ["clip", "occlip", "cloc"])
+def test_model_card_metadata_is_true_and_its_snippet_runs(family, data, cached_clip_folder, tmp_path):
+    from huggingface_hub import ModelCard
+    from PIL import Image
+
+    out = tmp_path / "out"
+    metrics = run(family, data, out, *from_clip(cached_clip_folder, "full", steps=1), "--eval_data", str(data))
+    card = ModelCard.load(out / "README.md")
+    meta = card.data
+    assert meta.library_name == "transformers" and meta.license == "mit" and meta.base_model == "someone/clip-tiny"
+    assert family in meta.tags and meta.datasets is None  # a local training folder names no Hub dataset
+    # OC-CLIP is not a zero-shot image classifier; CLIP and CLOC are, and the pipeline runs on the folder.
+    assert meta.pipeline_tag == (None if family == "occlip" else "zero-shot-image-classification")
+    results = {r.metric_type: r for r in meta.eval_results}
+    assert results["image_to_text_R@1"].metric_value == pytest.approx(metrics["eval/image_to_text_R@1"])
+    assert results["image_to_text_R@1"].task_type == "image-text-retrieval"
+    assert results["image_to_text_R@1"].dataset_name == data.name
+    if family == "cloc":
+        assert results["region_classification"].metric_value == pytest.approx(metrics["eval/region_classification"])
+    if meta.pipeline_tag:
+        classifier = pipeline(meta.pipeline_tag, model=str(out))
+        scores = classifier(Image.new("RGB", (40, 40), "red"), candidate_labels=["red square", "blue square"])
+        assert len(scores) == 2 and sum(s["score"] for s in scores) == pytest.approx(1.0)
+    # The card's snippet, run literally in a fresh interpreter (only the folder path filled in).
+    (snippet,) = python_blocks(card.text)
+    assert "PATH_OR_REPO" in snippet
+    code = snippet.replace("PATH_OR_REPO", str(out))
+    code += '\ntorch.save(dict(inputs), "inputs.pt")\ntorch.save(model(**inputs).logits_per_image, "logits.pt")\n'
+    (tmp_path / "snippet.py").write_text(code)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run(
+        [sys.executable, "snippet.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    inputs = torch.load(tmp_path / "inputs.pt")
+    model = AutoModel.from_pretrained(out).eval()
+    with torch.no_grad():
+        expected = model(**inputs).logits_per_image
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, atol=1e-6, rtol=1e-6)
+    assert expected.shape == (1, 2)
+
+
+def test_hub_ids_of_the_card_come_only_from_hub_names(tmp_path):
+    from training.model_card import hub_id
+
+    assert hub_id("laion/relaion2B-en", "datasets") == "laion/relaion2B-en"
+    assert hub_id(str(tmp_path)) is None  # a plain local folder is no Hub id
+    cached = tmp_path / "datasets--someone--pairs" / "snapshots" / "abc"
+    cached.mkdir(parents=True)
+    assert hub_id(str(cached), "datasets") == "someone/pairs"
+    assert hub_id("not a repo id") is None
