@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import CLIPVisionConfig, PreTrainedConfig
+from transformers import CLIPImageProcessorPil, CLIPVisionConfig, PreTrainedConfig
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
@@ -667,6 +667,18 @@ class CLOCModel(CLOCPreTrainedModel):
         self.roi_head = CLOCRoIHead(config) if config.region_head == "roi_align" else None
         self.post_init()
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`; a remote-code folder's `auto_map` also names the zero-shot auto class."""
+        if self.is_remote_code():
+            # transformers maps one auto class per model class; the zero-shot pipeline (trust_remote_code=True,
+            # no package installed) resolves AutoModelForZeroShotImageClassification, so add it here.
+            name = f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}"
+            self.config.auto_map = {
+                **(getattr(self.config, "auto_map", None) or {}),
+                "AutoModelForZeroShotImageClassification": name,
+            }
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     @classmethod
     def from_clip(cls, clip, prompter_config: dict | None = None, **config_kwargs) -> "CLOCModel":
         """CLOC whose towers, projections and logit scale are those of a transformers `CLIPModel` (or a folder).
@@ -1067,7 +1079,8 @@ class CLOCVisionModel(CLIPVisionModel):
 
     def export_clip_vision(self, folder, image_processor=None) -> None:
         """Write a plain `clip_vision_model` checkpoint (`vision_model.*` keys) that `CLIPVisionModel.from_pretrained`
-        loads in code that hard-codes it (original LLaVA); `image_processor` adds its preprocessor_config.json."""
+        loads in code that hard-codes it (original LLaVA), with a preprocessor_config.json: `image_processor`'s, else
+        a `CLIPImageProcessor` at the tower's image size with CLIP's normalisation."""
         fields = {
             k: v for k, v in self.config.to_dict().items() if k not in ("model_type", "architectures", "auto_map")
         }
@@ -1076,8 +1089,13 @@ class CLOCVisionModel(CLIPVisionModel):
         tower = {k: v for k, v in self.state_dict().items() if not k.startswith("prompter.")}
         clip.load_state_dict(tower)
         clip.save_pretrained(folder)
-        if image_processor is not None:
-            image_processor.save_pretrained(folder)
+        if image_processor is None:
+            # Original LLaVA calls CLIPImageProcessor.from_pretrained(tower) with no fallback.
+            size = self.config.image_size
+            image_processor = CLIPImageProcessorPil(
+                size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+            )
+        image_processor.save_pretrained(folder)
 
 
 # Saved and loaded under CLIP's `vision_model.` prefix, as transformers does for CLIPVisionModel: the tower reads

@@ -10,7 +10,7 @@ from os import PathLike
 
 import torch
 from torch import nn
-from transformers import CLIPVisionConfig, PreTrainedConfig
+from transformers import CLIPImageProcessorPil, CLIPVisionConfig, PreTrainedConfig
 from transformers import initialization as init
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import PrefixChange
@@ -853,7 +853,8 @@ class OCCLIPVisionModel(CLIPVisionModel):
 
     def export_clip_vision(self, folder, image_processor=None) -> None:
         """Write a plain `clip_vision_model` checkpoint (`vision_model.*` keys) that `CLIPVisionModel.from_pretrained`
-        loads in code that hard-codes it (original LLaVA); `image_processor` adds its preprocessor_config.json.
+        loads in code that hard-codes it (original LLaVA), with a preprocessor_config.json: `image_processor`'s, else
+        a `CLIPImageProcessor` at the tower's image size with CLIP's normalisation.
 
         (The same method lives on `CLOCVisionModel`: each model folder stays self-contained for remote code.)
         """
@@ -863,8 +864,13 @@ class OCCLIPVisionModel(CLIPVisionModel):
         clip = CLIPVisionModel(CLIPVisionConfig(**fields))
         clip.load_state_dict(self.state_dict())
         clip.save_pretrained(folder)
-        if image_processor is not None:
-            image_processor.save_pretrained(folder)
+        if image_processor is None:
+            # Original LLaVA calls CLIPImageProcessor.from_pretrained(tower) with no fallback.
+            size = self.config.image_size
+            image_processor = CLIPImageProcessorPil(
+                size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+            )
+        image_processor.save_pretrained(folder)
 
 
 class OCCLIPTextModel(CLIPTextModel):

@@ -108,6 +108,53 @@ def test_zero_shot_pipeline_uses_clip_logits():
 
 
 @torch.no_grad()
+def test_zero_shot_pipeline_loads_a_saved_folder_with_remote_code_only(clean_python, tmp_path):
+    """`auto_map` names AutoModelForZeroShotImageClassification: the pipeline runs without the package."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+    from transformers import CLIPImageProcessorPil
+
+    from modeling_cloc import CLOCConfig
+    from processing import CLOCProcessor, bundled_clip_tokenizer
+    from tests.factories import clip_vocab_text_config, tiny_vision_config
+
+    torch.manual_seed(0)
+    text = clip_vocab_text_config(max_position_embeddings=77)
+    model = CLOCModel(CLOCConfig(text_config=text, vision_config=tiny_vision_config(), projection_dim=24)).eval()
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = CLOCProcessor(image_processor=image_processor, tokenizer=bundled_clip_tokenizer())
+    folder = tmp_path / "cloc"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForZeroShotImageClassification"] == "modeling_cloc.CLOCModel"
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8))
+    image.save(tmp_path / "image.png")
+    labels = ["cat", "dog", "red car"]
+    run_isolated(
+        clean_python,
+        f"""
+        import json
+        from transformers import pipeline
+        classifier = pipeline("zero-shot-image-classification", model={str(folder)!r}, trust_remote_code=True)
+        assert type(classifier.model).__module__.startswith("transformers_modules"), type(classifier.model).__module__
+        result = classifier({str(tmp_path / "image.png")!r}, candidate_labels={labels!r})
+        json.dump({{r["label"]: r["score"] for r in result}}, open("scores.json", "w"))
+        """,
+        tmp_path,
+    )
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    texts = processor.tokenizer(
+        [f"This is a photo of {label}." for label in labels], padding=True, return_tensors="pt"
+    )
+    pixels = image_processor(Image.open(tmp_path / "image.png"), return_tensors="pt")["pixel_values"]
+    probs = model(pixel_values=pixels, **texts).logits_per_image.softmax(-1)[0]
+    torch.testing.assert_close(torch.tensor([scores[label] for label in labels]), probs, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
 def test_full_image_box_and_image_embedding_share_the_output_head_but_are_not_tied():
     """Spec: the two are not tied (CLS vs Prompter pooling), but from CLIP the Prompter's output LN + projection
     are CLIP's, so the CLS state through the Prompter head gives exactly the image embedding."""

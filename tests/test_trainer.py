@@ -2,17 +2,23 @@
 Hub upload folder, and clear errors for bad data and mismatched checkpoints."""
 
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
-from transformers import AutoModel, AutoProcessor, CLIPModel, CLIPProcessor
+from transformers import AutoModel, AutoProcessor, CLIPModel, CLIPProcessor, pipeline
 
 import modeling_cloc  # noqa: F401  (registers the models for AutoModel)
 import modeling_occlip  # noqa: F401
 from examples import train_clip, train_cloc, train_occlip
+from modeling_cloc import CLOCModel
 from modeling_occlip import OCCLIPModel
 from processing.clip_tokenizer import bundled_clip_tokenizer
 from tests.factories import clip_vocab_text_config, random_pixels, tiny_vision_config
@@ -21,6 +27,7 @@ from tests.training_fixtures import write_dataset, write_model_config
 from training import trainer as trainer_module
 from training.data import TrainingCollator, load_image_text_dataset
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 MAINS = {"clip": train_clip.main, "occlip": train_occlip.main, "cloc": train_cloc.main}
 
 
@@ -139,6 +146,37 @@ def test_lora_trains_only_adapters_and_saved_modules(data, clip_folder, tmp_path
             atol=1e-5,
             rtol=1e-5,
         )
+
+
+@pytest.mark.parametrize("family", ["occlip", "cloc"])
+def test_lora_adapter_on_the_base_model_reproduces_the_merged_model(family, data, clip_folder, tmp_path):
+    """The adapter holds the trained logit scales too (bare parameters, outside LoRA and modules_to_save)."""
+    from peft import PeftModel
+
+    run(family, data, tmp_path / "out", *from_clip(clip_folder, "lora", steps=3))
+    merged = AutoModel.from_pretrained(tmp_path / "out").eval()
+    set_seed(0)  # the trainer's starting model: same seed, same construction
+    start = {"occlip": OCCLIPModel, "cloc": CLOCModel}[family].from_clip(CLIPModel.from_pretrained(clip_folder))
+    scales = ["logit_scale", "region_logit_scale"] if family == "cloc" else ["logit_scale"]
+    assert all(not torch.equal(getattr(start, n), getattr(merged, n)) for n in scales)  # they trained
+    adapted = PeftModel.from_pretrained(start, tmp_path / "out" / "adapter").eval()
+    for name in scales:
+        assert torch.equal(getattr(adapted.base_model.model, name), getattr(merged, name)), name
+    ids = bundled_clip_tokenizer()(["a red square", "a blue square"], padding=True, return_tensors="pt")
+    pixels = random_pixels(2, seed=1)
+    with torch.no_grad():
+        if family == "cloc":
+            torch.testing.assert_close(
+                adapted(pixel_values=pixels, **ids).logits_per_image,
+                merged(pixel_values=pixels, **ids).logits_per_image,
+                atol=1e-5,
+                rtol=1e-5,
+            )
+        unmerged = adapted.merge_and_unload().state_dict()
+    end = merged.state_dict()
+    assert unmerged.keys() == end.keys()
+    for name in end:
+        torch.testing.assert_close(unmerged[name], end[name], atol=1e-5, rtol=1e-5, msg=name)
 
 
 def test_frozen_towers_stay_unchanged(data, clip_folder, tmp_path):
@@ -366,3 +404,103 @@ def test_model_config_with_init_from_sets_only_the_new_modules(data, clip_folder
         run("occlip", data, tmp_path / "bad", *from_clip(clip_folder, "full", steps=1), config=towers)
     with pytest.raises(ValueError, match="sets only what CLIP lacks"):
         run("clip", data, tmp_path / "bad2", *from_clip(clip_folder, "full", steps=1), config=settings)
+
+
+def test_report_to_tensorboard_writes_the_logged_metrics(data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = write_model_config(tmp_path / "config.json", "clip")
+    out = tmp_path / "out"
+    run("clip", data, out, "--max_steps", "2", "--report_to", "tensorboard", config=config)
+    events = sorted(out.rglob("events.out.tfevents.*"))
+    assert events, f"no TensorBoard event file under {out}: {sorted(p.name for p in out.rglob('*'))}"
+    history = json.loads((out / "log_history.json").read_text())
+    logged = {}
+    for path in {p.parent for p in events}:
+        accumulator = EventAccumulator(str(path))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            logged[tag] = [(e.step, e.value) for e in accumulator.Scalars(tag)]
+    assert [step for step, _ in logged["loss"]] == [1, 2]
+    for (step, value), record in zip(logged["loss"], history):
+        assert record["step"] == step and value == pytest.approx(record["loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("tracker", ["tensorboard", "wandb"])
+def test_missing_tracker_is_an_error_naming_the_extra_before_training(tracker, data, tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == tracker else find_spec(name, *a))
+    config = write_model_config(tmp_path / "config.json", "clip")
+    with pytest.raises(ImportError, match=rf"--report_to {tracker}: .*occlip-cloc\[{tracker}\]"):
+        run("clip", data, tmp_path / "out", "--max_steps", "2", "--report_to", tracker, config=config)
+    assert not (tmp_path / "out").exists()  # refused before anything was written or trained
+    with pytest.raises(ValueError, match="unknown tracker"):
+        run("clip", data, tmp_path / "out", "--max_steps", "2", "--report_to", "tensorbord", config=config)
+
+
+@pytest.fixture(scope="module")
+def cached_clip_folder(clip_folder, tmp_path_factory):
+    """The tiny CLIP folder as a Hub-cache snapshot of `someone/clip-tiny` with an MIT card."""
+    folder = tmp_path_factory.mktemp("hub") / "models--someone--clip-tiny" / "snapshots" / "0123abc"
+    shutil.copytree(clip_folder, folder)
+    (folder / "README.md").write_text("---\nlicense: mit\n---\n# tiny CLIP\n")
+    return folder
+
+
+def python_blocks(markdown: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", markdown, flags=re.S)
+
+
+@pytest.mark.parametrize("family", ["clip", "occlip", "cloc"])
+def test_model_card_metadata_is_true_and_its_snippet_runs(family, data, cached_clip_folder, tmp_path):
+    from huggingface_hub import ModelCard
+    from PIL import Image
+
+    out = tmp_path / "out"
+    metrics = run(family, data, out, *from_clip(cached_clip_folder, "full", steps=1), "--eval_data", str(data))
+    card = ModelCard.load(out / "README.md")
+    meta = card.data
+    assert meta.library_name == "transformers" and meta.license == "mit" and meta.base_model == "someone/clip-tiny"
+    assert family in meta.tags and meta.datasets is None  # a local training folder names no Hub dataset
+    # OC-CLIP is not a zero-shot image classifier; CLIP and CLOC are, and the pipeline runs on the folder.
+    assert meta.pipeline_tag == (None if family == "occlip" else "zero-shot-image-classification")
+    results = {r.metric_type: r for r in meta.eval_results}
+    assert results["image_to_text_R@1"].metric_value == pytest.approx(metrics["eval/image_to_text_R@1"])
+    assert results["image_to_text_R@1"].task_type == "image-text-retrieval"
+    assert results["image_to_text_R@1"].dataset_name == data.name
+    if family == "cloc":
+        assert results["region_classification"].metric_value == pytest.approx(metrics["eval/region_classification"])
+    if meta.pipeline_tag:
+        classifier = pipeline(meta.pipeline_tag, model=str(out))
+        scores = classifier(Image.new("RGB", (40, 40), "red"), candidate_labels=["red square", "blue square"])
+        assert len(scores) == 2 and sum(s["score"] for s in scores) == pytest.approx(1.0)
+    # The card's snippet, run literally in a fresh interpreter (only the folder path filled in).
+    (snippet,) = python_blocks(card.text)
+    assert "PATH_OR_REPO" in snippet
+    code = snippet.replace("PATH_OR_REPO", str(out))
+    code += '\ntorch.save(dict(inputs), "inputs.pt")\ntorch.save(model(**inputs).logits_per_image, "logits.pt")\n'
+    (tmp_path / "snippet.py").write_text(code)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run(
+        [sys.executable, "snippet.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    inputs = torch.load(tmp_path / "inputs.pt")
+    model = AutoModel.from_pretrained(out).eval()
+    with torch.no_grad():
+        expected = model(**inputs).logits_per_image
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, atol=1e-6, rtol=1e-6)
+    assert expected.shape == (1, 2)
+
+
+def test_hub_ids_of_the_card_come_only_from_hub_names(tmp_path):
+    from training.model_card import hub_id
+
+    assert hub_id("laion/relaion2B-en", "datasets") == "laion/relaion2B-en"
+    assert hub_id(str(tmp_path)) is None  # a plain local folder is no Hub id
+    cached = tmp_path / "datasets--someone--pairs" / "snapshots" / "abc"
+    cached.mkdir(parents=True)
+    assert hub_id(str(cached), "datasets") == "someone/pairs"
+    assert hub_id("not a repo id") is None

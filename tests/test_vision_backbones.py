@@ -1,9 +1,12 @@
 """CLOC's and OC-CLIP's image towers as MLLM vision backbones: LLaVA (forward, loss, generate, save/reload) and
 the plain `CLIPVisionModel` export that original-LLaVA code loads."""
 
+import numpy as np
 import pytest
 import torch
-from transformers import CLIPVisionModel, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from PIL import Image
+from transformers import CLIPImageProcessor, CLIPVisionModel, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 import modeling_cloc  # noqa: F401  (registers the CLOC vision config for LlavaConfig / AutoModel)
 import modeling_occlip  # noqa: F401
@@ -77,6 +80,14 @@ def test_towers_from_full_checkpoints_export_to_clip_vision_model(tmp_path):
         exported = clip(pixels, output_hidden_states=True)
         for a, b in zip(exported.hidden_states, expected.hidden_states):
             torch.testing.assert_close(a, b, atol=0, rtol=0)
+        # Original LLaVA reads the tower's preprocessing with no extra argument.
+        processor = CLIPImageProcessor.from_pretrained(tmp_path / f"export_{folder}")
+        assert processor.crop_size == {"height": 32, "width": 32} and processor.size == {"shortest_edge": 32}
+        assert list(processor.image_mean) == list(OPENAI_CLIP_MEAN) and list(processor.image_std) == list(
+            OPENAI_CLIP_STD
+        )
+        image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8))
+        assert processor(image, return_tensors="pt")["pixel_values"].shape == (1, 3, 32, 32)
 
 
 @torch.no_grad()

@@ -1,9 +1,12 @@
-"""A model card (`README.md` with Hub metadata) for a trained folder: what it is, how it was trained, its
-final metrics, and how to load it."""
+"""A model card (`README.md` with Hub metadata) for a trained folder, built with `huggingface_hub.ModelCard`:
+what it is, how it was trained, its metrics (evaluations as card-metadata `EvalResult`s), and how to load it."""
 
 import json
+import re
 from dataclasses import asdict
 from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 DESCRIPTIONS = {
     "clip": "a CLIP model (transformers `CLIPModel`)",
@@ -12,50 +15,155 @@ DESCRIPTIONS = {
     "cloc": "a CLOC model: CLIP towers plus a Prompter that turns image tokens and a box or region caption into a "
     "region embedding, and a box head for grounding",
 }
-PACKAGE_IMPORT = {"clip": None, "occlip": "modeling_occlip", "cloc": "modeling_cloc"}
+TITLES = {"clip": "CLIP", "occlip": "OC-CLIP", "cloc": "CLOC"}
+# Only what works: OC-CLIP scores captions through scene graphs, so the zero-shot pipeline (plain CLIP text
+# features) does not apply to it; CLOC is also a plain CLIP there (`AutoModelForZeroShotImageClassification`).
+PIPELINE_TAGS = {"clip": "zero-shot-image-classification", "occlip": None, "cloc": "zero-shot-image-classification"}
+TAGS = {
+    "clip": ["clip", "contrastive-learning"],
+    "occlip": ["occlip", "clip", "object-centric", "scene-graph", "compositionality"],
+    "cloc": ["cloc", "clip", "region-level", "visual-grounding"],
+}
+# The license of this package's code, used for models trained from scratch with it.
+SCRATCH_LICENSE = "apache-2.0"
+PLACEHOLDER = "PATH_OR_REPO"
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+# Usage after loading, per family; it runs on any image (a plain red one here).
+USAGE = {
+    "clip": """inputs = processor(text=["a red square", "a blue circle"], images=image, return_tensors="pt", padding=True)
+with torch.no_grad():
+    print(model(**inputs).logits_per_image.softmax(-1))""",
+    "occlip": """# Captions are parsed into scene graphs by the processor (offline spaCy rule parser).
+inputs = processor(text=["a red square", "a blue circle"], images=image, return_tensors="pt")
+with torch.no_grad():
+    print(model(**inputs).logits_per_image.softmax(-1))  # structured object + relation scores""",
+    "cloc": """# Boxes in pixels of the original image, one list per image.
+inputs = processor(
+    text=["a red square", "a blue circle"], images=image, input_boxes=[[[4, 4, 40, 40]]], return_tensors="pt"
+)
+with torch.no_grad():
+    out = model(**inputs)
+print(out.logits_per_image.softmax(-1), out.region_embeds.shape)  # image-text scores, one embedding per box""",
+}
+
+
+def hub_id(value: str | None, kind: str = "models") -> str | None:
+    """The Hub repository id behind `value`: an `owner/name` that is not a local path, or a folder inside the Hub
+    cache (`models--owner--name/...`); None for other local paths."""
+    if not value:
+        return None
+    path = Path(value)
+    if path.exists():
+        for part in path.resolve().parts:
+            if part.startswith(f"{kind}--"):
+                return "/".join(part.split("--")[1:])
+        return None
+    return value if HUB_ID.fullmatch(value) else None
+
+
+def base_license(init_from: str | None) -> str:
+    """The license of the starting checkpoint's own card, `SCRATCH_LICENSE` from scratch, else "unknown"."""
+    if init_from is None:
+        return SCRATCH_LICENSE
+    card = Path(init_from) / "README.md"
+    if card.is_file():
+        license_id = ModelCard.load(card).data.license
+        if license_id:
+            return license_id
+    return "unknown"
+
+
+def eval_task(metric: str) -> tuple[str, str]:
+    """(task type, task name) of an `eval/<metric>` of `training.evaluation`."""
+    if "_R@" in metric:
+        return "image-text-retrieval", "Image-text retrieval"
+    if metric == "region_classification":
+        return "region-classification", "Region classification"
+    if metric.startswith("grounding"):
+        return "visual-grounding", "Visual grounding"
+    return "image-text-matching", "Image-text matching against hard negatives"
+
+
+def eval_results(metrics: dict, eval_data: str | None) -> list[EvalResult] | None:
+    """The `eval/<metric>` values as card-metadata results on `--eval_data`."""
+    values = {k.removeprefix("eval/"): v for k, v in metrics.items() if k.startswith("eval/")}
+    if not values or eval_data is None:
+        return None
+    dataset = hub_id(eval_data, "datasets") or Path(eval_data).name
+    results = []
+    for metric, value in values.items():
+        task_type, task_name = eval_task(metric)
+        results.append(
+            EvalResult(
+                task_type=task_type,
+                task_name=task_name,
+                dataset_type=dataset,
+                dataset_name=dataset,
+                metric_type=metric,
+                metric_name=metric,
+                metric_value=float(value),
+            )
+        )
+    return results
+
+
+def load_snippet(family: str) -> str:
+    """Python that loads the folder at `PLACEHOLDER` and runs it on an image."""
+    imports = (
+        "import torch\nfrom PIL import Image\nfrom transformers import AutoModel, AutoProcessor\n\n"
+        if family == "clip"
+        else "import modeling_cloc, modeling_occlip, processing  # pip install occlip-cloc: registers the classes\n"
+        "import torch\nfrom PIL import Image\nfrom transformers import AutoModel, AutoProcessor\n\n"
+    )
+    return (
+        imports + f'model = AutoModel.from_pretrained("{PLACEHOLDER}").eval()\n'
+        f'processor = AutoProcessor.from_pretrained("{PLACEHOLDER}")\n'
+        'image = Image.new("RGB", (64, 48), "red")  # or Image.open("your.jpg")\n' + USAGE[family]
+    )
 
 
 def _fence(code: str, language: str = "python") -> str:
     return f"```{language}\n{code.strip()}\n```"
 
 
-def write_model_card(folder: Path, model, family: str, args, metrics: dict) -> Path:
-    """Write `folder/README.md`; returns its path."""
-    folder = Path(folder)
+def build_model_card(model, family: str, args, metrics: dict) -> ModelCard:
+    """The card of a trained `family` model: metadata (`ModelCardData`) and a body with a load snippet."""
     options = {k: v for k, v in asdict(args).items() if v is not None and k not in ("push_to_hub", "hub_model_id")}
-    parameters = sum(p.numel() for p in model.parameters())
-    package = PACKAGE_IMPORT[family]
-    load = (
-        f"import {package}  # registers the model (or pass trust_remote_code=True without the package)\n"
-        if package
-        else ""
-    ) + (
-        "from transformers import AutoModel, AutoProcessor\n\n"
-        'model = AutoModel.from_pretrained("PATH_OR_REPO")\n'
-        'processor = AutoProcessor.from_pretrained("PATH_OR_REPO")'
+    datasets = [d for d in (hub_id(getattr(args, "dataset_name", None), "datasets"),) if d]
+    datasets = datasets or [d for d in (hub_id(args.train_data, "datasets"),) if d]
+    tags = list(TAGS[family]) + (["lora"] if args.finetune_mode == "lora" else [])
+    data = ModelCardData(
+        library_name="transformers",
+        license=base_license(args.init_from),
+        base_model=hub_id(args.init_from),
+        datasets=datasets or None,
+        tags=tags,
+        pipeline_tag=PIPELINE_TAGS[family],
+        model_name=f"{TITLES[family]} ({Path(args.output_dir).name})",
+        eval_results=eval_results(metrics, args.eval_data),
     )
+    parameters = sum(p.numel() for p in model.parameters())
+    start = f"a transformers CLIP checkpoint (`{args.init_from}`)" if args.init_from else "scratch"
     metric_rows = "\n".join(
         f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()
     )
-    start = "a transformers CLIP checkpoint (`" + str(args.init_from) + "`)" if args.init_from else "scratch"
-    text = f"""---
-library_name: transformers
-tags:
-- {family}
-- clip
-- zero-shot-image-classification
-pipeline_tag: zero-shot-image-classification
----
-
-# {family.upper() if family != "occlip" else "OC-CLIP"} model
+    remote = (
+        ""
+        if family == "clip"
+        else "\nWithout the package, pass `trust_remote_code=True` to both `from_pretrained` calls (the folder holds "
+        "the model and processor code).\n"
+    )
+    body = f"""
+# {TITLES[family]} model
 
 This folder holds {DESCRIPTIONS[family]}, with {parameters / 1e6:.1f} M parameters. It was trained from {start}
 with fine-tuning mode `{args.finetune_mode}` on `{args.train_data}`.
 
 ## How to load
 
-{_fence(load)}
-
+{_fence(load_snippet(family))}
+{remote}
 ## Training options
 
 {_fence(json.dumps(options, indent=2, sort_keys=True, default=str), "json")}
@@ -66,6 +174,11 @@ with fine-tuning mode `{args.finetune_mode}` on `{args.train_data}`.
 |---|---|
 {metric_rows}
 """
-    path = folder / "README.md"
-    path.write_text(text)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def write_model_card(folder: Path, model, family: str, args, metrics: dict) -> Path:
+    """Write `folder/README.md`; returns its path."""
+    path = Path(folder) / "README.md"
+    build_model_card(model, family, args, metrics).save(path)
     return path

@@ -7,6 +7,7 @@ logit scales, a cosine schedule with warmup, logit-scale clamping, gradient clip
 `OUT/checkpoints/`, and a final `save_pretrained` of model + processor + model card at `OUT/`.
 """
 
+import importlib.util
 import itertools
 import json
 import math
@@ -106,7 +107,10 @@ class TrainingArguments:
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder"})
     seed: int = 0
     mixed_precision: str = field(default="no", metadata={"help": "no, bf16 or fp16 (as in accelerate)"})
-    report_to: str | None = field(default=None, metadata={"help": "tensorboard, wandb, all (accelerate trackers)"})
+    report_to: str | None = field(
+        default=None,
+        metadata={"help": "tensorboard, wandb (comma-separated) or all; extras [tensorboard] / [wandb] install them"},
+    )
     logging_steps: int = 10
     on_bad_sample: str = field(default="error", metadata={"help": "error or skip (skipped rows are counted)"})
     lora_r: int = 16
@@ -346,6 +350,34 @@ def validate_arguments(args: "TrainingArguments") -> None:
         raise ValueError(f"--on_bad_sample must be 'error' or 'skip', got {args.on_bad_sample!r}")
 
 
+# Tracker of --report_to -> (module it needs, extra of this package that installs it).
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
+
+
+def requested_trackers(report_to: str | None) -> list[str] | str | None:
+    """`--report_to` as accelerate's `log_with` ("all", a list, or None); `ValueError` for an unknown tracker and
+    `ImportError` naming the extra for one that is not installed (checked before any training)."""
+    if report_to is None or report_to.strip().lower() in ("", "none"):
+        return None
+    if report_to.strip() == "all":
+        return "all"
+    names = [name.strip() for name in report_to.split(",") if name.strip()]
+    unknown = [name for name in names if name not in TRACKERS]
+    if unknown:
+        raise ValueError(
+            f"--report_to {report_to}: unknown tracker(s) {unknown}; choose from {sorted(TRACKERS)} or all"
+        )
+    for name in names:
+        module, extra = TRACKERS[name]
+        # accelerate only warns and then logs nothing when the tracker's package is missing.
+        if importlib.util.find_spec(module) is None:
+            raise ImportError(
+                f"--report_to {name}: the {module} package is not installed; "
+                f"pip install 'occlip-cloc[{extra}]' (or pip install {module})"
+            )
+    return names
+
+
 def check_finite_loss(step: int, loss: torch.Tensor, parts: dict, accelerator: Accelerator | None = None) -> None:
     """`FloatingPointError` naming the step and every loss part when the loss is not finite on any process (all
     processes agree, so none waits on a collective the others left)."""
@@ -400,6 +432,7 @@ def train(args: TrainingArguments, family: str) -> dict:
     if args.hard_negatives and family != "clip":
         raise ValueError(f"--hard_negatives is the CLIP baseline's option; {family} trains without hard negatives")
     validate_arguments(args)
+    trackers = requested_trackers(args.report_to)
     check_output_dir(args)  # before anything is written
     objective = CLIPObjective(hard_negatives=True) if args.hard_negatives else OBJECTIVES[family]
     output_dir = Path(args.output_dir)
@@ -414,7 +447,7 @@ def train(args: TrainingArguments, family: str) -> dict:
         # `torchrun` on CPU would believe it is the only one (no DDP, no gathered loss, racing checkpoint writes).
         cpu=accelerator_processes() > 1 and not torch.cuda.is_available(),
         mixed_precision=args.mixed_precision,
-        log_with=args.report_to,
+        log_with=trackers,
         project_config=ProjectConfiguration(project_dir=str(output_dir)),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
@@ -500,7 +533,13 @@ def train(args: TrainingArguments, family: str) -> dict:
     elif accelerator.is_main_process:  # every process reads all of metadata.jsonl: count its bad lines once
         progress.skipped += skipped_at_load
     if accelerator.is_main_process:
-        accelerator.init_trackers("training", config={k: v for k, v in asdict(args).items() if v is not None})
+        # TensorBoard's hparams take only scalars and strings: a list option (--lora_target_modules) is joined.
+        config = {
+            k: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v
+            for k, v in asdict(args).items()
+            if v is not None
+        }
+        accelerator.init_trackers("training", config=config)
 
     bar = tqdm(
         total=max_steps,
@@ -683,6 +722,7 @@ def save_final(model, processor, output_dir: Path, args: TrainingArguments, fami
     output_dir.mkdir(parents=True, exist_ok=True)
     if hasattr(model, "peft_config"):
         model.save_pretrained(output_dir / "adapter")
+        add_directly_trained_parameters(model, output_dir / "adapter")
         model = model.merge_and_unload()
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
@@ -691,6 +731,27 @@ def save_final(model, processor, output_dir: Path, args: TrainingArguments, fami
     write_checksums(output_dir)
     if (output_dir / "adapter").is_dir():
         write_checksums(output_dir / "adapter")
+
+
+def add_directly_trained_parameters(peft_model, adapter_folder: Path) -> list[str]:
+    """Add the parameters trained outside LoRA and `modules_to_save` (the logit scales) to the adapter's
+    safetensors file; returns their names."""
+    from safetensors.torch import load_file, save_file
+
+    # PEFT saves only LoRA weights and whole saved modules, and a logit scale is a bare parameter of the root model.
+    # Without it base + adapter misses the trained temperature. The keys keep PeftModel's names
+    # (`base_model.model.logit_scale`), which `PeftModel.from_pretrained` loads into the base model.
+    extra = {
+        name: parameter.detach().cpu().contiguous()
+        for name, parameter in peft_model.named_parameters()
+        if parameter.requires_grad and "lora_" not in name and ".modules_to_save." not in name
+    }
+    if extra:
+        path = adapter_folder / "adapter_model.safetensors"
+        weights = load_file(path)
+        weights.update(extra)
+        save_file(weights, path, metadata={"format": "pt"})
+    return sorted(extra)
 
 
 def push_to_hub(folder: Path, repo_id: str) -> str:
