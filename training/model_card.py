@@ -50,7 +50,7 @@ pipeline_tag: zero-shot-image-classification
 # {family.upper() if family != "occlip" else "OC-CLIP"} model
 
 This folder holds {DESCRIPTIONS[family]}, with {parameters / 1e6:.1f} M parameters. It was trained from {start}
-with fine-tuning mode `{args.finetune_mode}` on `{args.train_data}`.
+with fine-tuning mode `{args.finetune_mode}` on `{args.train_data or args.dataset_name}`.
 
 ## How to load
 
