@@ -62,16 +62,32 @@ def test_a_save_to_disk_folder_with_a_text_column_trains_two_steps(imagefolder, 
     before = files_under(data)
     config = write_model_config(tmp_path / "config.json", "clip")
     metrics = run(
-        "clip", tmp_path / "out", "--dataset_name", str(data), "--caption_column", "text", "--max_steps", "2",
+        "clip",
+        tmp_path / "out",
+        "--dataset_name",
+        str(data),
+        "--caption_column",
+        "text",
+        "--max_steps",
+        "2",
         config=config,
-    )  # fmt: skip
+    )
     history = json.loads((tmp_path / "out" / "log_history.json").read_text())
     assert [h["step"] for h in history] == [1, 2] and metrics["skipped_rows"] == 0
     assert torch.isfinite(torch.tensor(metrics["loss"])) and (tmp_path / "out" / "model.safetensors").is_file()
     assert files_under(data) == before  # nothing (no datasets cache file) written into the input
     # the same folder given as --train_data trains the same way
-    run("clip", tmp_path / "out2", "--train_data", str(data), "--caption_column", "text", "--max_steps", "1",
-        config=config)  # fmt: skip
+    run(
+        "clip",
+        tmp_path / "out2",
+        "--train_data",
+        str(data),
+        "--caption_column",
+        "text",
+        "--max_steps",
+        "1",
+        config=config,
+    )
 
 
 def test_a_parquet_file_with_a_text_column_trains(imagefolder, tmp_path):
@@ -80,9 +96,16 @@ def test_a_parquet_file_with_a_text_column_trains(imagefolder, tmp_path):
     as_table(imagefolder).to_parquet(str(path))
     config = write_model_config(tmp_path / "config.json", "clip")
     metrics = run(
-        "clip", tmp_path / "out", "--train_data", str(path), "--caption_column", "text", "--max_steps", "2",
+        "clip",
+        tmp_path / "out",
+        "--train_data",
+        str(path),
+        "--caption_column",
+        "text",
+        "--max_steps",
+        "2",
         config=config,
-    )  # fmt: skip
+    )
     assert metrics["skipped_rows"] == 0 and torch.isfinite(torch.tensor(metrics["loss"]))
     rows = load_training_data(str(path), caption_column="text")[0]
     assert rows.column_names == ["image", "caption"] and rows[0]["caption"] == metadata(imagefolder)[0]["caption"]
@@ -92,11 +115,24 @@ def test_a_missing_column_is_an_error_naming_the_available_columns(imagefolder, 
     data = tmp_path / "saved"
     as_table(imagefolder).save_to_disk(str(data))
     config = write_model_config(tmp_path / "config.json", "clip")
-    with pytest.raises(ValueError, match=r"--dataset_name .*saved: no caption column 'caption' \(columns: \['image', 'text'\]\)"):  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"--dataset_name .*saved: no caption column 'caption' \(columns: \['image', 'text'\]\)"
+    ):
         run("clip", tmp_path / "out", "--dataset_name", str(data), "--max_steps", "1", config=config)
     with pytest.raises(ValueError, match=r"no image column 'picture' \(columns: \['image', 'text'\]\)"):
-        run("clip", tmp_path / "out", "--dataset_name", str(data), "--caption_column", "text",
-            "--image_column", "picture", "--max_steps", "1", config=config)  # fmt: skip
+        run(
+            "clip",
+            tmp_path / "out",
+            "--dataset_name",
+            str(data),
+            "--caption_column",
+            "text",
+            "--image_column",
+            "picture",
+            "--max_steps",
+            "1",
+            config=config,
+        )
     with pytest.raises(ValueError, match="pass one of --train_data and --dataset_name"):
         run("clip", tmp_path / "out", "--train_data", str(data), "--dataset_name", str(data), config=config)
     assert not (tmp_path / "out").exists()
@@ -156,9 +192,17 @@ def test_regions_scene_graphs_and_negatives_keep_their_meaning(imagefolder, tmp_
     config = write_model_config(tmp_path / "config.json", family)
     extra = ["--hard_negatives", "true"] if family == "clip" else []
     metrics = run(
-        family, tmp_path / "out", "--dataset_name", str(tmp_path / "saved"), "--caption_column", "text",
-        "--max_steps", "2", *extra, config=config,
-    )  # fmt: skip
+        family,
+        tmp_path / "out",
+        "--dataset_name",
+        str(tmp_path / "saved"),
+        "--caption_column",
+        "text",
+        "--max_steps",
+        "2",
+        *extra,
+        config=config,
+    )
     assert metrics["skipped_rows"] == 0 and torch.isfinite(torch.tensor(metrics["loss"]))
     if family == "cloc":
         assert metrics["loss_region"] > 0  # only present when the batch has boxes
@@ -201,7 +245,9 @@ def test_a_hub_id_is_loaded_with_its_configuration_and_may_name_no_file(imagefol
     flags = ["--dataset_name", "someone/pairs", "--dataset_config_name", "en", "--caption_column", "sentence"]
     metrics = run("clip", tmp_path / "out", *flags, "--max_steps", "2", "--on_bad_sample", "skip", config=config)
     assert calls == [("someone/pairs", "en", "train", False)] and metrics["skipped_rows"] == 1
-    with pytest.raises(ValueError, match=r"row 1 \(001\.png\): unreadable image .*refused: this dataset has no local folder"):
+    with pytest.raises(
+        ValueError, match=r"row 1 \(001\.png\): unreadable image .*refused: this dataset has no local folder"
+    ):
         run("clip", tmp_path / "out2", *flags, "--max_steps", "2", config=config)
     streamed = load_training_data("someone/pairs", streaming=True, caption_column="sentence", config_name="en")[0]
     assert calls[-1] == ("someone/pairs", "en", "train", True)
@@ -220,6 +266,7 @@ def test_output_dir_overlapping_a_local_dataset_name_is_refused_before_writing(i
     before = files_under(tmp_path)
     for out, relation in ((data, "is"), (data / "out", "is inside"), (tmp_path, "contains")):
         with pytest.raises(ValueError, match=rf"--output_dir .* {relation} --dataset_name"):
-            run("clip", out, "--dataset_name", str(data), "--caption_column", "text", "--max_steps", "1",
-                config=config)  # fmt: skip
+            run(
+                "clip", out, "--dataset_name", str(data), "--caption_column", "text", "--max_steps", "1", config=config
+            )
     assert files_under(tmp_path) == before
