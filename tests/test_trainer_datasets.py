@@ -76,6 +76,20 @@ def test_a_save_to_disk_folder_with_a_text_column_trains_two_steps(imagefolder, 
     assert [h["step"] for h in history] == [1, 2] and metrics["skipped_rows"] == 0
     assert torch.isfinite(torch.tensor(metrics["loss"])) and (tmp_path / "out" / "model.safetensors").is_file()
     assert files_under(data) == before  # nothing (no datasets cache file) written into the input
+    streamed = run(
+        "clip",
+        tmp_path / "streamed",
+        "--dataset_name",
+        str(data),
+        "--caption_column",
+        "text",
+        "--streaming",
+        "true",
+        "--max_steps",
+        "2",
+        config=config,
+    )
+    assert torch.isfinite(torch.tensor(streamed["loss"])) and files_under(data) == before
     # the same folder given as --train_data trains the same way
     run(
         "clip",
@@ -109,6 +123,8 @@ def test_a_parquet_file_with_a_text_column_trains(imagefolder, tmp_path):
     assert metrics["skipped_rows"] == 0 and torch.isfinite(torch.tensor(metrics["loss"]))
     rows = load_training_data(str(path), caption_column="text")[0]
     assert rows.column_names == ["image", "caption"] and rows[0]["caption"] == metadata(imagefolder)[0]["caption"]
+    streamed = load_training_data(str(path), streaming=True, caption_column="text")[0]
+    assert next(iter(streamed))["caption"] == metadata(imagefolder)[0]["caption"]
 
 
 def test_a_missing_column_is_an_error_naming_the_available_columns(imagefolder, tmp_path):
