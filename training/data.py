@@ -1,5 +1,7 @@
 """Training data in the one format of `data.md`: imagefolder + `metadata.jsonl`, Parquet, or WebDataset shards,
-loaded with `datasets` under explicit features and collated through the model's processor.
+loaded with `datasets` under explicit features and collated through the model's processor. A `save_to_disk`
+folder, Parquet files and Hub ids are opened by `processing.dataset_source` (the reader VESL shares), which maps
+`--image_column` / `--caption_column` to `image` / `caption` as transformers' `run_clip.py` does.
 
 Bad rows (unreadable image, malformed regions or scene graph) are an error naming the row, or are skipped and
 counted with `on_bad_sample="skip"`. A `metadata.jsonl` line that breaks the types of `data.md` (not JSON, a bbox
