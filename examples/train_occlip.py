@@ -3,6 +3,8 @@
 
     accelerate launch examples/train_occlip.py --train_data DIR --init_from CLIP_DIR --output_dir OUT --max_steps 1000
     python examples/train_occlip.py --config examples/configs/occlip_finetune.yaml --train_data DIR --output_dir OUT
+    python examples/train_occlip.py --dataset_name SAVED_DIR_OR_HUB_ID --caption_column text --model_config cfg.json \
+        --output_dir OUT --max_steps 1000
 
 Every option is a flag (see `--help`) or a key of the `--config` YAML/JSON file; `OUT` ends up holding the model,
 processor and model card, and resumable state under `OUT/checkpoints/` (`--resume_from_checkpoint latest`).

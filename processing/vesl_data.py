@@ -10,7 +10,6 @@ import io
 import json
 import logging
 import os
-import re
 import shutil
 import tarfile
 from collections.abc import Callable, Iterator
@@ -22,6 +21,7 @@ from pathlib import Path
 from PIL import Image
 
 from . import files
+from .dataset_source import CAPTION, IMAGE, is_hub_id, is_save_to_disk_folder, open_dataset
 from .files import RefusedFile, read_image_file
 from .images import to_rgb
 
@@ -30,7 +30,6 @@ logger = logging.getLogger(__name__)
 OUTPUT_FORMATS = ("imagefolder", "webdataset")
 KEPT_IMAGE_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # the extensions the CLOC loader reads
 STATS_FILE = "stats.json"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 # ------------------------------------------------------------------------------------------------------ inputs
 
@@ -181,23 +180,11 @@ def _tar_rows(path: str, text_column: str) -> Iterator[SourceRow]:
         yield sample(key, parts)
 
 
-def _dataset_rows(dataset, prefix: str, image_column: str, text_column: str, root: Path | None) -> Iterator[SourceRow]:
+def _dataset_rows(dataset, prefix: str, root: Path | None) -> Iterator[SourceRow]:
+    """Rows of a dataset opened by `processing.dataset_source.open_dataset` (columns `image` and `caption`)."""
     for number, row in enumerate(dataset):
         key = f"{prefix}{number:07d}"
-        yield _row_from_fields(key, _image_reference(row.get(image_column), root, f"row {key}"), row, text_column)
-
-
-def _undecoded(dataset, image_column: str, where: str):
-    from datasets import Image as ImageFeature
-
-    features = dataset.features
-    if features is None:  # some streamed formats only know their columns once read; rows are checked then
-        return dataset
-    if image_column not in features:
-        raise ValueError(f"--input {where}: no image column {image_column!r} (columns: {list(features)})")
-    if isinstance(features[image_column], ImageFeature):
-        dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
-    return dataset
+        yield _row_from_fields(key, _image_reference(row.get(IMAGE), root, f"row {key}"), row, CAPTION)
 
 
 def list_input_shards(
@@ -210,12 +197,10 @@ def list_input_shards(
     """The input cut into shards, identically in every process.
 
     `source` is an imagefolder (folder with `metadata.jsonl`; shards of `rows_per_shard` rows), WebDataset tars
-    (a `.tar` file, a glob or a folder of them; one shard per tar), a `save_to_disk` folder (shards of
-    `rows_per_shard` rows), Parquet files (one shard per file), or another local folder / Hub dataset id read
-    by `datasets.load_dataset(..., streaming=True)` (one shard per data file).
+    (a `.tar` file, a glob or a folder of them; one shard per tar), or what the trainer also reads through
+    `processing.dataset_source.open_dataset`: a `save_to_disk` folder (shards of `rows_per_shard` rows), Parquet
+    files (one shard per file), or another local folder / Hub dataset id (streamed; one shard per data file).
     """
-    import datasets
-
     path = Path(source)
     if any(c in source for c in "*?["):
         matches = sorted(glob.glob(source))
@@ -223,9 +208,7 @@ def list_input_shards(
             raise ValueError(f"--input {source}: the pattern matches no file")
         if all(m.endswith(".tar") for m in matches):
             return [InputShard(i, m, partial(_tar_rows, m, text_column)) for i, m in enumerate(matches)]
-        if all(m.endswith(".parquet") for m in matches):
-            files = matches
-        else:
+        if not all(m.endswith(".parquet") for m in matches):
             raise ValueError(f"--input {source}: a pattern must match only .tar or only .parquet files")
     elif path.exists():
         if path.is_dir() and (path / "metadata.jsonl").is_file():
@@ -233,44 +216,33 @@ def list_input_shards(
         tars = [str(path)] if path.suffix == ".tar" else sorted(glob.glob(str(path / "*.tar")))
         if tars:
             return [InputShard(i, t, partial(_tar_rows, t, text_column)) for i, t in enumerate(tars)]
-        if path.is_dir() and (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
-            dataset = datasets.load_from_disk(str(path))
-            if isinstance(dataset, datasets.DatasetDict):
-                if split not in dataset:
-                    raise ValueError(f"--input {source}: no split {split!r} (splits: {list(dataset)})")
-                dataset = dataset[split]
-            dataset = _undecoded(dataset, image_column, source)
-            shards = []
-            for index, start in enumerate(range(0, len(dataset), rows_per_shard)):
-                part = dataset.select(range(start, min(start + rows_per_shard, len(dataset))))
-                reader = partial(_dataset_rows, part, f"row{start}+", image_column, text_column, path.resolve())
-                shards.append(InputShard(index, f"rows {start}-{start + len(part) - 1}", reader, len(part)))
-            return shards
-        files = [str(path)] if path.suffix == ".parquet" else sorted(glob.glob(str(path / "*.parquet")))
-        if not files and not path.is_dir():
+        if not path.is_dir() and path.suffix != ".parquet":
             raise ValueError(f"--input {source}: not an imagefolder, WebDataset tar, Parquet file or dataset folder")
-    elif _HUB_ID.match(source) and not source.startswith((".", "/", "~")):
-        files = None
-    else:
+    elif not is_hub_id(source):
         raise ValueError(f"--input {source}: no such file or folder")
-    if files:
-        dataset = datasets.load_dataset("parquet", data_files=files, split="train", streaming=True)
-    else:
-        try:
-            dataset = datasets.load_dataset(source, split=split, streaming=True)
-        except Exception as error:  # datasets raises many types (missing repo, offline, unknown format)
-            raise ValueError(f"--input {source}: could not be loaded as a dataset ({error})") from error
-    dataset = _undecoded(dataset, image_column, source)
+    # The same reader as the trainer's --dataset_name: a save_to_disk folder whole (cut into row ranges), other
+    # inputs streamed (cut by data file).
+    whole = is_save_to_disk_folder(path)
+    opened = open_dataset(
+        source,
+        split=split,
+        streaming=not whole,
+        image_column=image_column,
+        caption_column=text_column,
+        require_caption=False,  # a captioner may write the captions
+    )
+    dataset, root = opened.dataset, opened.root  # rows naming an image file may only name files inside `root`
+    if whole:
+        shards = []
+        for index, start in enumerate(range(0, len(dataset), rows_per_shard)):
+            part = dataset.select(range(start, min(start + rows_per_shard, len(dataset))))
+            reader = partial(_dataset_rows, part, f"row{start}+", root)
+            shards.append(InputShard(index, f"rows {start}-{start + len(part) - 1}", reader, len(part)))
+        return shards
     count = dataset.num_shards
-    # Rows that name an image file instead of holding its bytes may only name files inside the input's folder.
-    if files:
-        root = Path(os.path.commonpath([str(Path(f).resolve().parent) for f in files]))
-    else:
-        root = path.resolve() if path.is_dir() else None
 
     def file_rows(index: int) -> Iterator[SourceRow]:
-        part = dataset.shard(num_shards=count, index=index)
-        return _dataset_rows(part, f"file{index}-", image_column, text_column, root)
+        return _dataset_rows(dataset.shard(num_shards=count, index=index), f"file{index}-", root)
 
     return [InputShard(i, f"data file {i} of {count}", partial(file_rows, i)) for i in range(count)]
 

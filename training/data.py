@@ -1,5 +1,7 @@
 """Training data in the one format of `data.md`: imagefolder + `metadata.jsonl`, Parquet, or WebDataset shards,
-loaded with `datasets` under explicit features and collated through the model's processor.
+loaded with `datasets` under explicit features and collated through the model's processor. A `save_to_disk`
+folder, Parquet files and Hub ids are opened by `processing.dataset_source` (the reader VESL shares), which maps
+`--image_column` / `--caption_column` to `image` / `caption` as transformers' `run_clip.py` does.
 
 Bad rows (unreadable image, malformed regions or scene graph) are an error naming the row, or are skipped and
 counted with `on_bad_sample="skip"`. A `metadata.jsonl` line that breaks the types of `data.md` (not JSON, a bbox
@@ -13,6 +15,7 @@ import glob
 import io
 import json
 import math
+import os
 import tarfile
 from pathlib import Path
 
@@ -23,6 +26,7 @@ from PIL import Image as PILImage
 
 from processing import files
 from processing.dataset_parsing import SCENE_GRAPH_FEATURE
+from processing.dataset_source import is_hub_id, is_save_to_disk_folder, map_columns, open_dataset, parquet_files
 from processing.images import to_rgb
 from processing.rule_parser import caption_preview, caption_problem
 from processing.scene_graph import SceneGraph
@@ -189,52 +193,87 @@ def _from_metadata(folder: Path, split: str, streaming: bool, on_bad_sample: str
     return (dataset.to_iterable_dataset() if streaming else dataset), skipped
 
 
-def load_image_text_dataset(path: str, split: str = "train", streaming: bool = False, on_bad_sample: str = "error"):
-    """A `datasets` dataset of rows `{"image": {"bytes"/"path"}, "caption", ...}` from any of the three layouts.
+def load_image_text_dataset(
+    path: str,
+    split: str = "train",
+    streaming: bool = False,
+    on_bad_sample: str = "error",
+    image_column: str = "image",
+    caption_column: str = "caption",
+    config_name: str | None = None,
+    flag: str = "--train_data",
+):
+    """A `datasets` dataset of rows `{"image": {"bytes"/"path"}, "caption", ...}` from any supported input.
 
     Images stay undecoded (the collator opens them, so an unreadable file is a per-row error, not a crash inside
-    `datasets`). Raises `ValueError` for a missing path, an empty dataset or a missing `caption` column; a bad
+    `datasets`). Raises `ValueError` for a missing path, an empty dataset or a missing image / caption column; a bad
     `metadata.jsonl` line is an error naming it, or skipped with `on_bad_sample="skip"` (`load_training_data`
     also returns the count).
     """
-    return load_training_data(path, split, streaming, on_bad_sample)[0]
+    return load_training_data(
+        path, split, streaming, on_bad_sample, image_column, caption_column, config_name=config_name, flag=flag
+    )[0]
 
 
-def load_training_data(path: str, split: str = "train", streaming: bool = False, on_bad_sample: str = "error"):
-    """`(dataset, skipped)`: `load_image_text_dataset`'s dataset and the number of bad metadata lines skipped."""
+def load_training_data(
+    path: str,
+    split: str = "train",
+    streaming: bool = False,
+    on_bad_sample: str = "error",
+    image_column: str = "image",
+    caption_column: str = "caption",
+    config_name: str | None = None,
+    flag: str = "--train_data",
+):
+    """`(dataset, skipped)`: `load_image_text_dataset`'s dataset and the number of bad metadata lines skipped.
+
+    `path` is an imagefolder with `metadata.jsonl`, WebDataset `.tar` shards, or what
+    `processing.dataset_source.open_dataset` reads (the reader VESL shares): a `save_to_disk` folder, Parquet
+    files, or a Hub dataset id (`config_name` picks its configuration). `image_column` / `caption_column` name the
+    columns that become `image` and `caption` (as in transformers' `run_clip.py`).
+    """
     folder = Path(path)
     skipped = 0
+    where = f"{flag} {path}"
     if folder.is_dir() and (folder / "metadata.jsonl").is_file():
         dataset, skipped = _from_metadata(folder, split, streaming, on_bad_sample)
-    elif files := _data_files(path, ".parquet"):
-        dataset = datasets.load_dataset("parquet", data_files=files, split="train", streaming=streaming)
-        dataset = dataset.cast_column("image", Image(decode=False))
+        dataset = map_columns(dataset, image_column, caption_column, where)
+    elif is_save_to_disk_folder(folder) or parquet_files(path) or is_hub_id(path):
+        opened = open_dataset(
+            path,
+            split=split,
+            config_name=config_name,
+            streaming=streaming,
+            image_column=image_column,
+            caption_column=caption_column,
+            flag=flag,
+        )
+        dataset = opened.dataset
     elif files := _data_files(path, ".tar"):
         shard_features, row_features = _webdataset_features(files[0])
         dataset = datasets.load_dataset(
             "webdataset", data_files=files, split="train", streaming=streaming, features=shard_features
         )
         dataset = dataset.map(_from_webdataset, remove_columns=list(shard_features), features=row_features)
+        dataset = map_columns(dataset, image_column, caption_column, where)
     else:
         raise ValueError(
-            f"--train_data {path}: expected a folder with metadata.jsonl, Parquet files or WebDataset .tar shards"
+            f"{where}: expected a folder with metadata.jsonl, a save_to_disk folder, Parquet files, WebDataset .tar "
+            "shards or a Hub dataset id (owner/name)"
         )
     if not streaming and len(dataset) == 0:
-        raise ValueError(f"--train_data {path}: the dataset has no rows")
-    columns = dataset.column_names or (list(dataset.features) if dataset.features else None)
-    if columns is not None and "caption" not in columns:
-        raise ValueError(f"--train_data {path}: no 'caption' column (columns: {columns})")
+        raise ValueError(f"{where}: the dataset has no rows")
     return dataset, skipped
 
 
 def data_root(path: str) -> Path | None:
     """The folder whose files a dataset's rows may read: the dataset folder, or the folder of its Parquet or
-    shard files (None when `path` names nothing local)."""
+    shard files (None when `path` names nothing local, e.g. a Hub id: its rows may then name no file)."""
     folder = Path(path)
     if folder.is_dir():
         return folder.resolve()
-    files = _data_files(path, ".parquet") or _data_files(path, ".tar")
-    return Path(files[0]).resolve().parent if files else None
+    files = parquet_files(path) or _data_files(path, ".tar")
+    return Path(os.path.commonpath([str(Path(f).resolve().parent) for f in files])) if files else None
 
 
 def _data_files(path: str, suffix: str) -> list[str]:
@@ -323,15 +362,22 @@ class BadSample(ValueError):
     """A row that breaks the dataset format; the message names the row."""
 
 
-def open_image(row: dict, where: str, root: Path | None = None) -> PILImage.Image:
+def open_image(row: dict, where: str, root: Path | None = None, local_files: bool = True) -> PILImage.Image:
     """The row's image as RGB, or `BadSample` naming the row. A path is read with
-    `processing.files.read_image_file`'s checks (inside `root` when given, a regular file, under the size cap)."""
+    `processing.files.read_image_file`'s checks (inside `root` when given, a regular file, under the size cap);
+    with `local_files=False` (a Hub dataset, which has no folder of its own) no path is read at all."""
     image = row.get("image")
     try:
         if isinstance(image, PILImage.Image):
             return to_rgb(image)  # the processors' rule, so training and inference see the same pixels
         if image is None:
             raise ValueError("no image")
+        if isinstance(image, (bytes, bytearray, str)):  # a streamed column whose type was unknown when opened
+            image = {"bytes": bytes(image), "path": None} if not isinstance(image, str) else {"path": image}
+        if not image.get("bytes") and not local_files:
+            raise files.RefusedFile(
+                f"image path {image.get('path')!r} refused: this dataset has no local folder to read files from"
+            )
         data = image["bytes"] if image.get("bytes") else files.read_image_file(image["path"], root, where)
         if len(data) > files.MAX_IMAGE_BYTES:
             raise ValueError(f"{len(data)} image bytes, over the limit of {files.MAX_IMAGE_BYTES}")
@@ -376,7 +422,8 @@ class TrainingCollator:
     """Rows -> model inputs through the family's processor (`clip`, `occlip` or `cloc`).
 
     `on_bad_sample="skip"` drops bad rows and counts them in the batch (`SKIPPED_KEY`, which the trainer pops);
-    `"error"` raises `BadSample` naming the row. With `root`, image paths must resolve inside that folder.
+    `"error"` raises `BadSample` naming the row. With `root`, image paths must resolve inside that folder; with
+    `local_files=False` (a Hub dataset) no image path is read.
     OC-CLIP uses a row's cached `scene_graph` when present and parses the caption otherwise.
     """
 
@@ -388,6 +435,7 @@ class TrainingCollator:
         max_regions: int | None = None,
         hard_negatives: bool = False,
         root: Path | None = None,
+        local_files: bool = True,
     ):
         if on_bad_sample not in ("error", "skip"):
             raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
@@ -396,6 +444,7 @@ class TrainingCollator:
         self.processor, self.family, self.on_bad_sample = processor, family, on_bad_sample
         self.max_regions, self.hard_negatives = max_regions, hard_negatives
         self.root = root  # image paths must resolve inside it (the dataset folder)
+        self.local_files = local_files
 
     def _prepare(self, row: dict, where: str, index: int) -> dict:
         caption = row.get("caption")
@@ -405,7 +454,7 @@ class TrainingCollator:
         problem = caption_problem(caption)
         if problem is not None:
             raise BadSample(f"{where}: caption {caption_preview(caption)} {problem}")
-        prepared = {"image": open_image(row, where, self.root), "caption": caption}
+        prepared = {"image": open_image(row, where, self.root, self.local_files), "caption": caption}
         if self.hard_negatives:
             prepared["negative"] = pick_hard_negative(row.get("negatives"), index, where)
         if self.family == "occlip":

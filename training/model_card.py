@@ -158,7 +158,7 @@ def build_model_card(model, family: str, args, metrics: dict) -> ModelCard:
 # {TITLES[family]} model
 
 This folder holds {DESCRIPTIONS[family]}, with {parameters / 1e6:.1f} M parameters. It was trained from {start}
-with fine-tuning mode `{args.finetune_mode}` on `{args.train_data}`.
+with fine-tuning mode `{args.finetune_mode}` on `{args.train_data or args.dataset_name}`.
 
 ## How to load
 

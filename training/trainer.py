@@ -70,8 +70,24 @@ RUN_SHAPE_KEYS = ("per_device_train_batch_size", "gradient_accumulation_steps", 
 class TrainingArguments:
     """Every option of the training scripts (names as in `data.md`)."""
 
-    train_data: str = field(metadata={"help": "dataset folder, Parquet glob or WebDataset shards"})
     output_dir: str = field(metadata={"help": "final model + processor + card; resumable state in checkpoints/"})
+    train_data: str | None = field(
+        default=None,
+        metadata={
+            "help": "imagefolder (metadata.jsonl), Parquet file/glob/folder, WebDataset .tar shards, save_to_disk "
+            "folder or Hub dataset id"
+        },
+    )
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "as in run_clip.py: a Hub dataset id or a local save_to_disk folder (instead of --train_data)"
+        },
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "configuration of a Hub dataset"})
+    dataset_split: str = field(default="train", metadata={"help": "split of a Hub dataset or a saved DatasetDict"})
+    image_column: str = field(default="image", metadata={"help": "column holding the images (Image, bytes or paths)"})
+    caption_column: str = field(default="caption", metadata={"help": "column holding the captions"})
     model_config: str | None = field(
         default=None,
         metadata={
@@ -287,7 +303,7 @@ def _check_run_shape(checkpoint: Path, saved: dict, current: dict) -> None:
 def _input_paths(args: "TrainingArguments") -> dict[str, Path]:
     """The local folders this run reads from, by flag (a glob or file pattern gives its folder)."""
     found = {}
-    for flag in ("train_data", "eval_data", "init_from"):
+    for flag in ("train_data", "dataset_name", "eval_data", "init_from"):
         value = getattr(args, flag)
         if value is None:
             continue
@@ -327,6 +343,8 @@ def _positive_int(args, name: str, allow_none: bool = False) -> None:
 
 def validate_arguments(args: "TrainingArguments") -> None:
     """`ValueError` naming the option for values that would train nothing, divide by zero or diverge at once."""
+    if (args.train_data is None) == (args.dataset_name is None):
+        raise ValueError("pass one of --train_data and --dataset_name (the training data), not both or neither")
     for name in ("max_steps", "checkpointing_steps", "checkpoints_total_limit", "eval_steps"):
         _positive_int(args, name, allow_none=True)  # --max_steps 0 once meant "every epoch"
     for name in ("num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
@@ -459,14 +477,31 @@ def train(args: TrainingArguments, family: str) -> dict:
     model = apply_finetune_mode(model, args, objective)
     model_config = json.loads(base_model(model).config.to_json_string(use_diff=False))
 
+    source, flag = training_source(args)
     dataset, skipped_at_load = load_training_data(
-        args.train_data, streaming=args.streaming, on_bad_sample=args.on_bad_sample
+        source,
+        args.dataset_split,
+        args.streaming,
+        args.on_bad_sample,
+        args.image_column,
+        args.caption_column,
+        config_name=args.dataset_config_name,
+        flag=flag,
     )
     evaluation_rows = None
     if args.eval_data is not None:  # read (and checked) before training, not at the first evaluation
-        evaluation_rows = load_evaluation_rows(args.eval_data, args.eval_max_samples)
+        evaluation_rows = load_evaluation_rows(
+            args.eval_data, args.eval_max_samples, args.image_column, args.caption_column
+        )
+    root = data_root(source)  # None for a Hub dataset: its rows may then name no file at all
     collator = TrainingCollator(
-        processor, family, args.on_bad_sample, args.max_regions, args.hard_negatives, root=data_root(args.train_data)
+        processor,
+        family,
+        args.on_bad_sample,
+        args.max_regions,
+        args.hard_negatives,
+        root=root,
+        local_files=root is not None,
     )
     if args.streaming:
         if not args.max_steps:
@@ -643,9 +678,21 @@ def train(args: TrainingArguments, family: str) -> dict:
     return metrics
 
 
-def load_evaluation_rows(path: str, max_samples: int) -> list[dict]:
+def training_source(args: TrainingArguments) -> tuple[str, str]:
+    """The training data's location and the flag that gave it (`--train_data` or `--dataset_name`)."""
+    if args.dataset_name is not None:
+        return args.dataset_name, "--dataset_name"
+    return args.train_data, "--train_data"
+
+
+def load_evaluation_rows(
+    path: str, max_samples: int, image_column: str = "image", caption_column: str = "caption"
+) -> list[dict]:
     """The first `max_samples` rows of `--eval_data`, images opened (a bad row is an error naming it)."""
-    rows = list(itertools.islice(iter(load_image_text_dataset(path)), max_samples))
+    dataset = load_image_text_dataset(
+        path, image_column=image_column, caption_column=caption_column, flag="--eval_data"
+    )
+    rows = list(itertools.islice(iter(dataset), max_samples))
     root = data_root(path)
     if not rows:
         raise ValueError(f"--eval_data {path}: no rows")
@@ -653,7 +700,7 @@ def load_evaluation_rows(path: str, max_samples: int) -> list[dict]:
         caption = row.get("caption")
         if not isinstance(caption, str) or not caption.strip():
             raise ValueError(f"--eval_data {path}: row {index} has an empty caption")
-        row["image"] = open_image(row, f"--eval_data {path}: row {index}", root)
+        row["image"] = open_image(row, f"--eval_data {path}: row {index}", root, local_files=root is not None)
     return rows
 
 
