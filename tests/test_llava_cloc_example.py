@@ -195,3 +195,31 @@ def test_prompter_side_car_errors(folders, tmp_path):
     bare = llava_cloc.CLOCVisionModel(CLOCVisionConfig(**fields))
     with pytest.raises(ValueError, match="no Prompter to save"):
         bare.save_prompter(tmp_path / "none")
+
+
+def test_llava_with_cloc_tower_needs_the_package_which_is_why_output_dir_exports(folders, tmp_path, clean_python):
+    """The plain save of a CLOC-tower LLaVA fails without the package even with trust_remote_code (transformers
+    resolves LLaVA's vision_config through its static table); if this ever loads, the side-car route can go."""
+    from tests.isolated_python import run_isolated
+
+    root, _ = folders
+    tower = llava_cloc.CLOCVisionModel.from_pretrained(root / "cloc")
+    lm = AutoModelForCausalLM.from_pretrained(root / "lm")
+    tokenizer = AutoTokenizer.from_pretrained(root / "lm")
+    image_processor = CLOCProcessor.from_pretrained(root / "cloc").image_processor
+    llava, _ = llava_cloc.build_llava(tower, lm, tokenizer, image_processor)
+    llava.save_pretrained(tmp_path / "plain")
+    run_isolated(
+        clean_python,
+        f"""
+        from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration
+        for load in (LlavaForConditionalGeneration.from_pretrained, AutoModelForImageTextToText.from_pretrained):
+            try:
+                load({str(tmp_path / "plain")!r}, trust_remote_code=True)
+            except ValueError as error:
+                assert "Unrecognized model type for subconfig: cloc_vision_model" in str(error), error
+            else:
+                raise AssertionError("a LLaVA with a cloc_vision_model tower loaded without the package")
+        """,
+        tmp_path,
+    )
