@@ -13,9 +13,15 @@ tower and language-model weights in, adds `<image>` and `<region>` tokens, and g
 
 The projector is new and untrained, so the text is meaningless until the LLaVA model is trained (stage 1 trains
 the projector); the point is the wiring. Without `--image` a drawn scene is used.
+
+`--output_dir DIR` writes a LLaVA folder that stock transformers loads (`LlavaForConditionalGeneration
+.from_pretrained(DIR)`, no package, no `trust_remote_code`): its vision tower is the CLOC tower exported as a plain
+`clip_vision_model`. The Prompter goes to the side-car `DIR/prompter`; `load_llava_with_prompter(DIR)` (this package)
+puts it back for region tokens.
 """
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,6 +40,7 @@ from processing import CLOCProcessor
 from training.cli import parse_args
 
 IMAGE_TOKEN, REGION_TOKEN = "<image>", "<region>"
+PROMPTER_DIR = "prompter"  # side-car folder inside --output_dir
 
 
 @dataclass
@@ -50,7 +57,10 @@ class LlavaClocArguments:
     region_prompt: str = f"What is in {REGION_TOKEN}?"
     max_new_tokens: int = 20
     vision_feature_layer: int = -2
-    output_dir: str | None = field(default=None, metadata={"help": "save the assembled LLaVA model + processor"})
+    output_dir: str | None = field(
+        default=None,
+        metadata={"help": "save a stock-transformers LLaVA (CLIP tower) + processor, and the Prompter in prompter/"},
+    )
     seed: int = 0
 
 
@@ -95,6 +105,36 @@ def build_llava(
         num_additional_image_tokens=1,
     )
     return llava.eval(), processor
+
+
+def export_llava(llava: LlavaForConditionalGeneration, processor: LlavaProcessor, output_dir) -> None:
+    """Save `llava` so that stock transformers loads it: the CLOC tower as a plain `clip_vision_model`, and the
+    Prompter as a side-car in `output_dir/prompter` (`load_llava_with_prompter` re-attaches it).
+
+    Why not the CLOC tower itself: LLaVA's config resolves `vision_config` through transformers' static model-type
+    table, which remote code (`trust_remote_code`, `auto_map`) cannot extend, so a `cloc_vision_model` vision
+    config fails to load ("Unrecognized model type for subconfig") wherever this package is not imported.
+    """
+    tower = llava.model.vision_tower
+    if not isinstance(tower, CLOCVisionModel) or tower.prompter is None:
+        raise ValueError("export_llava expects a LLaVA model whose vision tower is a CLOCVisionModel with a Prompter")
+    fields = llava.config.to_dict()
+    fields.pop("architectures", None)
+    fields["vision_config"] = tower.clip_vision_config().to_dict()
+    stock = LlavaForConditionalGeneration(LlavaConfig(**fields))
+    prompter_keys = "model.vision_tower.prompter."
+    stock.load_state_dict({k: v for k, v in llava.state_dict().items() if not k.startswith(prompter_keys)})
+    stock.generation_config = llava.generation_config
+    stock.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+    tower.save_prompter(Path(output_dir) / PROMPTER_DIR)
+
+
+def load_llava_with_prompter(folder) -> LlavaForConditionalGeneration:
+    """Load an `export_llava` folder and put the side-car Prompter back on its CLIP tower (region tokens work)."""
+    llava = LlavaForConditionalGeneration.from_pretrained(folder)
+    llava.model.vision_tower = CLOCVisionModel.attach_prompter(llava.model.vision_tower, Path(folder) / PROMPTER_DIR)
+    return llava
 
 
 def region_inputs_embeds(
@@ -177,9 +217,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"image prompt:  {args.prompt!r} -> {image_answer!r}")
     print(f"region prompt: {region_prompt!r} with boxes {boxes} -> {region_answer!r}")
     if args.output_dir is not None:
-        llava.save_pretrained(args.output_dir)
-        processor.save_pretrained(args.output_dir)
-        print(f"saved the LLaVA model and processor to {args.output_dir}")
+        export_llava(llava, processor, args.output_dir)
+        print(
+            f"saved a stock LLaVA model (CLIP vision tower) and processor to {args.output_dir}, "
+            f"and the Prompter side-car to {Path(args.output_dir) / PROMPTER_DIR}"
+        )
     return {"image_answer": image_answer, "region_answer": region_answer}
 
 

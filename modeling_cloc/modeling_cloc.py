@@ -4,10 +4,13 @@ CLIP towers under CLIP's parameter names plus a light Prompter that turns the im
 region caption) into a region embedding, and a box head for grounding.
 """
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import CLIPImageProcessorPil, CLIPVisionConfig, PreTrainedConfig
 from transformers import initialization as init
@@ -1077,17 +1080,24 @@ class CLOCVisionModel(CLIPVisionModel):
             return result.to_tuple()
         return result
 
-    def export_clip_vision(self, folder, image_processor=None) -> None:
-        """Write a plain `clip_vision_model` checkpoint (`vision_model.*` keys) that `CLIPVisionModel.from_pretrained`
-        loads in code that hard-codes it (original LLaVA), with a preprocessor_config.json: `image_processor`'s, else
-        a `CLIPImageProcessor` at the tower's image size with CLIP's normalisation."""
+    def clip_vision_config(self) -> CLIPVisionConfig:
+        """This tower's fields as a stock `CLIPVisionConfig` (no Prompter, no remote code needed)."""
         fields = {
             k: v for k, v in self.config.to_dict().items() if k not in ("model_type", "architectures", "auto_map")
         }
         fields.pop("prompter_config", None)
-        clip = CLIPVisionModel(CLIPVisionConfig(**fields))
-        tower = {k: v for k, v in self.state_dict().items() if not k.startswith("prompter.")}
-        clip.load_state_dict(tower)
+        return CLIPVisionConfig(**fields)
+
+    def clip_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tower's weights without the Prompter, under `CLIPVisionModel`'s names."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("prompter.")}
+
+    def export_clip_vision(self, folder, image_processor=None) -> None:
+        """Write a plain `clip_vision_model` checkpoint (`vision_model.*` keys) that `CLIPVisionModel.from_pretrained`
+        loads in code that hard-codes it (original LLaVA), with a preprocessor_config.json: `image_processor`'s, else
+        a `CLIPImageProcessor` at the tower's image size with CLIP's normalisation."""
+        clip = CLIPVisionModel(self.clip_vision_config())
+        clip.load_state_dict(self.clip_state_dict())
         clip.save_pretrained(folder)
         if image_processor is None:
             # Original LLaVA calls CLIPImageProcessor.from_pretrained(tower) with no fallback.
@@ -1096,6 +1106,50 @@ class CLOCVisionModel(CLIPVisionModel):
                 size={"shortest_edge": size}, crop_size={"height": size, "width": size}
             )
         image_processor.save_pretrained(folder)
+
+    def save_prompter(self, folder) -> None:
+        """Write the Prompter side-car: `prompter_config.json` (what `attach_prompter` needs besides the CLIP
+        tower) and `prompter.safetensors` (the Prompter and box-head weights, `prompter.*` keys)."""
+        if self.prompter is None:
+            raise ValueError("this CLOCVisionModel has no Prompter to save: load it from a full CLOC folder")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        sidecar = {
+            "prompter_config": self.config.prompter_config,
+            "projection_dim": self.config.projection_dim,
+            "hidden_size": self.config.hidden_size,
+        }
+        (folder / PROMPTER_CONFIG_NAME).write_text(json.dumps(sidecar, indent=2) + "\n")
+        weights = {k: v.contiguous() for k, v in self.state_dict().items() if k.startswith("prompter.")}
+        save_file(weights, str(folder / PROMPTER_WEIGHTS_NAME))
+
+    @classmethod
+    def attach_prompter(cls, vision_model: CLIPVisionModel, folder) -> "CLOCVisionModel":
+        """A `CLOCVisionModel` made of a stock `vision_model` (e.g. a reloaded LLaVA's `vision_tower`) plus the
+        side-car Prompter `save_prompter` wrote to `folder`; `forward(..., boxes=...)` then gives region outputs."""
+        folder = Path(folder)
+        if not (folder / PROMPTER_CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"{folder} holds no {PROMPTER_CONFIG_NAME}: not a Prompter side-car folder")
+        sidecar = json.loads((folder / PROMPTER_CONFIG_NAME).read_text())
+        fields = {
+            k: v
+            for k, v in vision_model.config.to_dict().items()
+            if k not in ("model_type", "architectures", "auto_map", "transformers_version")
+        }
+        if fields["hidden_size"] != sidecar["hidden_size"]:
+            raise ValueError(
+                f"the side-car Prompter is {sidecar['hidden_size']} wide but the vision model's hidden_size is "
+                f"{fields['hidden_size']}: they come from different towers"
+            )
+        fields.update(prompter_config=sidecar["prompter_config"], projection_dim=sidecar["projection_dim"])
+        tower = cls(CLOCVisionConfig(**fields))
+        weights = {**vision_model.state_dict(), **load_file(str(folder / PROMPTER_WEIGHTS_NAME))}
+        tower.load_state_dict(weights, strict=True)
+        return tower.to(vision_model.dtype).train(vision_model.training)
+
+
+PROMPTER_CONFIG_NAME = "prompter_config.json"
+PROMPTER_WEIGHTS_NAME = "prompter.safetensors"
 
 
 # Saved and loaded under CLIP's `vision_model.` prefix, as transformers does for CLIPVisionModel: the tower reads

@@ -1,12 +1,16 @@
 """`examples/llava_cloc.py` with tiny random CLOC and Llama folders: weights carried into LLaVA, the region-token
 path inserts the projected Prompter state, generation is LLaVA's greedy answer, and the saved model reloads."""
 
+import json
+
 import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    CLIPVisionModel,
     LlamaConfig,
     LlamaForCausalLM,
     LlavaForConditionalGeneration,
@@ -14,6 +18,7 @@ from transformers import (
 )
 
 from examples import llava_cloc
+from modeling_cloc import CLOCVisionConfig
 from processing import CLOCProcessor
 from processing.clip_tokenizer import bundled_clip_tokenizer
 from tests.factories import tiny_cloc_model
@@ -111,3 +116,110 @@ def test_example_runs_and_its_saved_llava_reloads(folders, tmp_path, capsys):
         llava_cloc.main([*argv, "--box", "1", "2", "30", "40", "5", "6", "50", "60"])
     with pytest.raises(ValueError, match="multiple of 4|x0 y0 x1 y1"):
         llava_cloc.main([*argv, "--box", "1", "2", "30"])
+
+
+@torch.no_grad()
+def test_output_dir_loads_in_stock_transformers_and_side_car_restores_regions(folders, tmp_path, clean_python):
+    """`--output_dir` is the supported route: stock transformers loads it without the package, its image features
+    are CLOC's, and the side-car Prompter gives back CLOC's region outputs."""
+    from tests.isolated_python import run_isolated
+
+    root, cloc = folders
+    out = tmp_path / "llava"
+    argv = ["--cloc_model", str(root / "cloc"), "--language_model", str(root / "lm"), "--max_new_tokens", "2"]
+    llava_cloc.main([*argv, "--output_dir", str(out)])
+    config = json.loads((out / "config.json").read_text())
+    assert config["vision_config"]["model_type"] == "clip_vision_model" and "prompter_config" not in config
+    assert "auto_map" not in config and "auto_map" not in config["vision_config"]
+    assert not list(out.glob("*.py"))  # nothing for trust_remote_code to run
+    image, box = llava_cloc.drawn_scene()
+    pixels = LlavaProcessor.from_pretrained(out)(images=image, text="<image>", return_tensors="pt")["pixel_values"]
+    torch.save(pixels, tmp_path / "pixels.pt")
+    run_isolated(
+        clean_python,
+        f"""
+        import torch
+        from transformers import CLIPVisionModel, LlavaForConditionalGeneration
+        pixels = torch.load({str(tmp_path / "pixels.pt")!r})
+        for remote in (False, True):
+            llava, info = LlavaForConditionalGeneration.from_pretrained(
+                {str(out)!r}, trust_remote_code=remote, output_loading_info=True
+            )
+            assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+            assert type(llava.model.vision_tower) is CLIPVisionModel, type(llava.model.vision_tower)
+        llava.eval()
+        with torch.no_grad():
+            hidden = llava.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-2]
+            features = llava.model.get_image_features(
+                pixels, vision_feature_layer=-2, vision_feature_select_strategy="default"
+            ).pooler_output[0]
+        torch.save({{"hidden": hidden, "features": features}}, "out.pt")
+        """,
+        tmp_path,
+    )
+    isolated = torch.load(tmp_path / "out.pt")
+    expected = cloc.vision_model(pixels, output_hidden_states=True).hidden_states[-2]
+    torch.testing.assert_close(isolated["hidden"], expected, atol=1e-5, rtol=0)
+    reloaded = llava_cloc.load_llava_with_prompter(out).eval()
+    projected = reloaded.model.multi_modal_projector(expected[:, 1:])[0]
+    torch.testing.assert_close(isolated["features"], projected, atol=1e-5, rtol=0)
+
+    # The side-car Prompter on the stock tower reproduces CLOC's region hidden states and embeddings.
+    boxes = CLOCProcessor.from_pretrained(root / "cloc")(images=image, input_boxes=[[box, [2.0, 3.0, 60.0, 90.0]]])[
+        "input_boxes"
+    ]
+    regions = reloaded.model.vision_tower(pixels, boxes=boxes)
+    torch.testing.assert_close(
+        regions.region_embeds, cloc.get_region_features(pixel_values=pixels, boxes=boxes), atol=1e-5, rtol=0
+    )
+    hidden, _ = cloc.prompter(cloc.prompter.box_prompts(boxes), cloc.get_image_tokens(pixels), boxes)
+    torch.testing.assert_close(regions.region_hidden_states, hidden, atol=1e-5, rtol=0)
+    assert not torch.allclose(regions.region_embeds[0, 0], regions.region_embeds[0, 1])
+
+
+def test_prompter_side_car_errors(folders, tmp_path):
+    root, cloc = folders
+    tower = llava_cloc.CLOCVisionModel.from_pretrained(root / "cloc")
+    with pytest.raises(FileNotFoundError, match="not a Prompter side-car"):
+        llava_cloc.CLOCVisionModel.attach_prompter(tower, tmp_path)
+    tower.save_prompter(tmp_path / "prompter")
+    clip = CLIPVisionModel(tower.clip_vision_config())
+    clip.load_state_dict(tower.clip_state_dict())
+    attached = llava_cloc.CLOCVisionModel.attach_prompter(clip, tmp_path / "prompter")
+    for name, value in tower.state_dict().items():
+        torch.testing.assert_close(attached.state_dict()[name], value, atol=0, rtol=0)
+    wider = CLIPVisionConfig(**{**tower.clip_vision_config().to_dict(), "hidden_size": 64, "intermediate_size": 64})
+    with pytest.raises(ValueError, match="different towers"):
+        llava_cloc.CLOCVisionModel.attach_prompter(CLIPVisionModel(wider), tmp_path / "prompter")
+    fields = {k: v for k, v in tower.config.to_dict().items() if k not in ("model_type", "prompter_config")}
+    bare = llava_cloc.CLOCVisionModel(CLOCVisionConfig(**fields))
+    with pytest.raises(ValueError, match="no Prompter to save"):
+        bare.save_prompter(tmp_path / "none")
+
+
+def test_llava_with_cloc_tower_needs_the_package_which_is_why_output_dir_exports(folders, tmp_path, clean_python):
+    """The plain save of a CLOC-tower LLaVA fails without the package even with trust_remote_code (transformers
+    resolves LLaVA's vision_config through its static table); if this ever loads, the side-car route can go."""
+    from tests.isolated_python import run_isolated
+
+    root, _ = folders
+    tower = llava_cloc.CLOCVisionModel.from_pretrained(root / "cloc")
+    lm = AutoModelForCausalLM.from_pretrained(root / "lm")
+    tokenizer = AutoTokenizer.from_pretrained(root / "lm")
+    image_processor = CLOCProcessor.from_pretrained(root / "cloc").image_processor
+    llava, _ = llava_cloc.build_llava(tower, lm, tokenizer, image_processor)
+    llava.save_pretrained(tmp_path / "plain")
+    run_isolated(
+        clean_python,
+        f"""
+        from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration
+        for load in (LlavaForConditionalGeneration.from_pretrained, AutoModelForImageTextToText.from_pretrained):
+            try:
+                load({str(tmp_path / "plain")!r}, trust_remote_code=True)
+            except ValueError as error:
+                assert "Unrecognized model type for subconfig: cloc_vision_model" in str(error), error
+            else:
+                raise AssertionError("a LLaVA with a cloc_vision_model tower loaded without the package")
+        """,
+        tmp_path,
+    )
