@@ -12,7 +12,6 @@ trains longer with 3 seeds and reports mean ± std. Model selection (the default
 the test splits are only ever evaluated.
 """
 
-import importlib.util
 import json
 import statistics
 from dataclasses import asdict, dataclass, field
@@ -543,7 +542,11 @@ def draw_binding_maps(out: Path, data: Path, count: int = 4):
 
 def plots_available() -> bool:
     """Whether matplotlib (the `[plots]` extra) can be imported."""
-    return importlib.util.find_spec("matplotlib") is not None
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def draw_pictures(results: dict, curves: dict, out: Path, data: Path) -> list[Path]:
