@@ -417,6 +417,8 @@ def draw_curves(curves: dict, path: Path):
     if not families:
         return None
     figure = _figure(6.0 * len(families), 4.2)
+    from matplotlib.lines import Line2D  # after _figure, which explains a missing matplotlib
+
     axes = figure.subplots(1, len(families), squeeze=False)[0]
     palette = ["#555555", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
     base_end = max((s for line in curves.get("base_clip", {}).values() for s, _ in line), default=None)
@@ -450,7 +452,12 @@ def draw_curves(curves: dict, path: Path):
         ax.set_ylabel("validation accuracy (unseen pairs)")
         ax.set_ylim(0, 1.05)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, loc="lower right")
+        # Colour names the model and line style the metric: a legend of each pair grew past the panel.
+        models = [n for n in curves if any(curves[n].get(m) for m in metrics)]
+        handles = [Line2D([], [], color=palette[list(curves).index(n) % len(palette)], marker="o") for n in models]
+        handles += [Line2D([], [], color="black", linestyle=style) for style in ("-", "--")]
+        labels = models + [m.replace("_", " ") for m in metrics]
+        ax.legend(handles, labels, fontsize=7, loc="lower right", ncols=2)
     figure.savefig(path)
     return figure
 

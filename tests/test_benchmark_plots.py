@@ -69,6 +69,8 @@ def test_learning_curves_one_panel_per_family_with_the_recorded_points(tmp_path)
     assert drawn["base_clip: relation swap"] == [[10, 0.5], [20, 0.52]]
     drawn = {line.get_label(): np.column_stack(line.get_data()).tolist() for line in localisation.get_lines()}
     assert drawn["cloc: grounding acc50"] == [[25, 0.5], [30, 0.8]]
+    legend = [t.get_text() for t in binding.get_legend().get_texts()]
+    assert legend == ["base_clip", "occlip", "attribute swap", "relation swap"]
     # Fine-tuning is marked where the base's steps end.
     assert 20 in [line.get_xdata()[0] for line in binding.get_lines() if line.get_linestyle() == ":"]
     assert sb.draw_curves({}, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
