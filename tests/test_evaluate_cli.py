@@ -130,6 +130,8 @@ def test_errors_name_the_problem(saved_cloc, tmp_path, capsys):
     assert "--image_dir" in capsys.readouterr().err  # DATA_DIR/images does not exist
     assert main(["--model_dir", str(tmp_path), "--data_dir", str(tmp_path), "--benchmark", "aro"]) == 2
     assert "no config.json" in capsys.readouterr().err
+    assert main(argv + ["--benchmark", "synthetic"]) == 2  # a folder of splits, not one split
+    assert f"synthetic split {tmp_path}: expected a folder with metadata.jsonl" in capsys.readouterr().err
 
 
 def test_python_dash_m_on_the_synthetic_benchmark(saved_cloc, tmp_path):

@@ -2,6 +2,8 @@
 the Hub) and an `ImageTextScorer` that turns any of the three models plus its processor into similarity scores.
 """
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -242,8 +244,9 @@ def evaluate_synthetic(scorer: ImageTextScorer, folder, region_mode: str | None 
     (colour, shape) phrase of the vocabulary with ground-truth boxes; CLOC also gets grounding accuracy at IoU 0.5."""
     from .data import load_image_text_dataset, open_image
 
-    rows = list(load_image_text_dataset(str(folder)))
-    images = [open_image(row, f"row {i}") for i, row in enumerate(rows)]
+    rows = list(load_image_text_dataset(str(folder), flag="synthetic split"))
+    # The split's own folder bounds the image paths, as the trainer's reader does for its data.
+    images = [open_image(row, f"row {i}", Path(folder)) for i, row in enumerate(rows)]
     metrics = evaluate_rows(scorer, rows, images)
     if region_mode is not None:
         labels_text = [region["text"] for row in rows for region in row["regions"]]
