@@ -266,9 +266,10 @@ def evaluate(name: str, folder: Path, data: Path) -> dict:
 
 
 def _rows(folder: Path, count: int) -> list[dict]:
+    """The first `count` rows of a split with `image` opened (paths bounded by the split's folder)."""
     rows = list(load_image_text_dataset(str(folder)))[:count]
     for i, row in enumerate(rows):
-        row["image"] = open_image(row, f"{folder} row {i}")
+        row["image"] = open_image(row, f"{folder} row {i}", folder)
     return rows
 
 
@@ -519,8 +520,8 @@ def plot_binding_maps(images: list, node_maps: list, boxes: list, path: Path):
 def binding_map_inputs(out: Path, data: Path, count: int = 4) -> tuple[list, list, list]:
     """`(images, node_maps, boxes)` for `plot_binding_maps`: OC-CLIP's per-node attention (last binding layer,
     heads averaged) and CLOC's grounded boxes on the first `test_unseen` scenes."""
-    rows = list(load_image_text_dataset(str(data / "test_unseen")))[:count]
-    images = [open_image(row, f"row {i}") for i, row in enumerate(rows)]
+    rows = _rows(data / "test_unseen", count)
+    images = [row["image"] for row in rows]
     node_maps, boxes = [[] for _ in rows], [[] for _ in rows]
     if (out / "occlip").is_dir():
         model = AutoModel.from_pretrained(out / "occlip").eval()
