@@ -2,7 +2,12 @@
 `save_to_disk` folder or a Hub id; `--dataset_config_name`; `--image_column` / `--caption_column`) through the
 reader VESL shares (`processing.dataset_source`). Everything here is local: the Hub is replaced by a stub."""
 
+import io
 import json
+import os
+import subprocess
+import sys
+import tarfile
 from pathlib import Path
 
 import datasets
@@ -10,6 +15,7 @@ import pytest
 import torch
 from datasets import Dataset, DatasetDict, Features, Value
 from datasets import Image as ImageFeature
+from safetensors.torch import load_file
 
 from examples import train_clip, train_cloc, train_occlip
 from processing import dataset_source
@@ -18,6 +24,7 @@ from tests.training_fixtures import write_dataset, write_model_config
 from training.data import BadSample, TrainingCollator, data_root, load_training_data
 from training.trainer import default_processor
 
+ROOT = Path(__file__).resolve().parent.parent
 MAINS = {"clip": train_clip.main, "occlip": train_occlip.main, "cloc": train_cloc.main}
 
 
@@ -286,3 +293,51 @@ def test_output_dir_overlapping_a_local_dataset_name_is_refused_before_writing(i
                 "clip", out, "--dataset_name", str(data), "--caption_column", "text", "--max_steps", "1", config=config
             )
     assert files_under(tmp_path) == before
+
+
+# ------------------------------------------------------------------- issue 14 item 16: the datasets cache has no effect
+
+
+def write_shards(imagefolder: Path, folder: Path) -> Path:
+    """The imagefolder's rows as one WebDataset shard (`NNNN.png` + `NNNN.json` with the caption)."""
+    folder.mkdir(parents=True)
+    with tarfile.open(folder / "shard-000.tar", "w") as tar:
+        for i, row in enumerate(metadata(imagefolder)):
+            for name, payload in (
+                (f"{i:04d}.png", (imagefolder / row["file_name"]).read_bytes()),
+                (f"{i:04d}.json", json.dumps({"caption": row["caption"]}).encode()),
+            ):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["parquet", "webdataset"])
+def test_a_cold_datasets_cache_and_a_warm_one_train_the_same_weights(imagefolder, tmp_path, kind):
+    """Issue 14 item 16 for the inputs that `datasets` does cache (an imagefolder is read in memory and has its own
+    test in test_trainer_safety.py): two OC-CLIP runs in fresh processes share a fresh HF_HOME; the first builds
+    the Arrow cache, the second reads it, and both give the same weights bit for bit."""
+    if kind == "parquet":
+        data = tmp_path / "parquet"
+        data.mkdir()
+        as_table(imagefolder, caption_column="caption").to_parquet(str(data / "pairs.parquet"))
+    else:
+        data = write_shards(imagefolder, tmp_path / "shards")
+    config = write_model_config(tmp_path / "config.json", "occlip")
+    hf_home = tmp_path / "hf"
+    env = {**os.environ, "HF_HOME": str(hf_home), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("HF_DATASETS_CACHE", None)
+    weights, cached = [], []
+    for attempt in ("cold", "warm"):
+        out = tmp_path / attempt
+        command = [sys.executable, "examples/train_occlip.py", "--train_data", str(data), "--output_dir", str(out)]
+        command += ["--model_config", str(config), "--max_steps", "3", "--per_device_train_batch_size", "4"]
+        command += ["--disable_tqdm", "true", "--learning_rate", "1e-3"]
+        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        weights.append(load_file(out / "model.safetensors"))
+        cached.append(sorted(p.relative_to(hf_home) for p in hf_home.rglob("*.arrow")))
+    assert cached[0] and cached[1] == cached[0]  # the first run built the cache; the second only read it
+    different = [name for name in weights[0] if not torch.equal(weights[0][name], weights[1][name])]
+    assert not different, f"{len(different)} of {len(weights[0])} tensors differ, e.g. {different[:3]}"
