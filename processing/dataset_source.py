@@ -89,6 +89,8 @@ def open_dataset(
         try:
             dataset = datasets.load_dataset(source, config_name, split=split, streaming=streaming)
         except Exception as error:  # datasets raises many types (missing repo, offline, unknown format)
+            if "Unknown split" in str(error) or "Bad split" in str(error):
+                raise ValueError(f"{flag} {source}: no split {split!r} ({error})") from error
             raise ValueError(f"{flag} {source}: could not be loaded as a dataset ({error})") from error
         opened = DatasetInput(dataset, path.resolve() if path.is_dir() else None, "load_dataset")
     else:

@@ -21,8 +21,9 @@ from examples import train_clip, train_cloc, train_occlip
 from processing import dataset_source
 from processing.vesl_data import list_input_shards
 from tests.training_fixtures import write_dataset, write_model_config
+from training import trainer as trainer_module
 from training.data import BadSample, TrainingCollator, data_root, load_training_data
-from training.trainer import default_processor
+from training.trainer import default_processor, load_evaluation_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 MAINS = {"clip": train_clip.main, "occlip": train_occlip.main, "cloc": train_cloc.main}
@@ -341,3 +342,67 @@ def test_a_cold_datasets_cache_and_a_warm_one_train_the_same_weights(imagefolder
     assert cached[0] and cached[1] == cached[0]  # the first run built the cache; the second only read it
     different = [name for name in weights[0] if not torch.equal(weights[0][name], weights[1][name])]
     assert not different, f"{len(different)} of {len(weights[0])} tensors differ, e.g. {different[:3]}"
+
+
+# ---------------------------------------------------------------------------------- issue 16: --eval_split
+
+
+@pytest.fixture
+def three_splits(imagefolder, tmp_path):
+    """A saved DatasetDict: train = rows 0-3, validation = rows 4-5 (red, green), test = rows 6-7 (blue, yellow)."""
+    table = as_table(imagefolder)
+    parts = {"train": range(4), "validation": range(4, 6), "test": range(6, 8)}
+    DatasetDict({name: table.select(rows) for name, rows in parts.items()}).save_to_disk(str(tmp_path / "saved"))
+    captions = [r["caption"] for r in metadata(imagefolder)]
+    return tmp_path / "saved", {name: [captions[i] for i in rows] for name, rows in parts.items()}
+
+
+def test_eval_split_picks_the_split_and_defaults_to_validation(three_splits, imagefolder, tmp_path, monkeypatch):
+    saved, captions = three_splits
+    read = lambda *split: [r["caption"] for r in load_evaluation_rows(str(saved), 10, "image", "text", *split)]  # noqa: E731
+    assert read() == captions["validation"]  # as run_clip.py; it was the train split before
+    assert read("test") == captions["test"] and read("train") == captions["train"]
+    with pytest.raises(
+        ValueError, match=r"--eval_data .*saved: no split 'val' \(splits: \['train', 'validation', 'test'\]\)"
+    ):
+        read("val")
+    # one set of rows: read whole; naming a split is an error rather than silently ignored
+    assert [r["caption"] for r in load_evaluation_rows(str(imagefolder), 10)] == [
+        r["caption"] for r in metadata(imagefolder)
+    ]
+    with pytest.raises(ValueError, match=r"--eval_split test: --eval_data .* is a single set of rows"):
+        load_evaluation_rows(str(imagefolder), 10, split="test")
+    # a Hub dataset without a validation split (load_dataset reads a local repository of data/<split>-*.parquet)
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    as_table(imagefolder).select(range(2)).to_parquet(str(repo / "data" / "train-00000-of-00001.parquet"))
+    as_table(imagefolder).select(range(6, 8)).to_parquet(str(repo / "data" / "test-00000-of-00001.parquet"))
+    real_load = datasets.load_dataset
+    monkeypatch.setattr(
+        datasets, "load_dataset", lambda name, config, split, streaming: real_load(str(repo), split=split)
+    )
+    with pytest.raises(ValueError, match=r"--eval_data someone/pairs: no split 'validation' \(Unknown split"):
+        load_evaluation_rows("someone/pairs", 10, "image", "text")
+    # a Hub dataset's rows may name no local file: the bytes are read
+    assert [r["caption"] for r in load_evaluation_rows("someone/pairs", 10, "image", "text", "test")] == captions[
+        "test"
+    ]
+
+
+def test_eval_split_without_eval_data_evaluates_that_split_of_the_training_data(three_splits, tmp_path, monkeypatch):
+    saved, captions = three_splits
+    seen = []
+
+    def recording(*args, **kwargs):
+        rows = load_evaluation_rows(*args, **kwargs)
+        seen.append([r["caption"] for r in rows])
+        return rows
+
+    monkeypatch.setattr(trainer_module, "load_evaluation_rows", recording)
+    config = write_model_config(tmp_path / "config.json", "clip")
+    flags = ["--dataset_name", str(saved), "--caption_column", "text", "--max_steps", "1", "--eval_split", "test"]
+    metrics = run("clip", tmp_path / "out", *flags, config=config)
+    assert seen == [captions["test"]]
+    assert any(k.startswith("eval/") for k in metrics)  # evaluated at the end, on the test rows
+    with pytest.raises(ValueError, match=r"no split 'dev' \(splits: \['train', 'validation', 'test'\]\)"):
+        run("clip", tmp_path / "out2", *flags[:-1], "dev", config=config)

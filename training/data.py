@@ -266,6 +266,32 @@ def load_training_data(
     return dataset, skipped
 
 
+def holds_splits(path: str) -> bool:
+    """Whether `path` is an input with named splits (a `DatasetDict` save_to_disk folder or a Hub id) rather than one
+    set of rows (imagefolder, Parquet, shards, a saved `Dataset`)."""
+    folder = Path(path)
+    if folder.is_dir() and (folder / "metadata.jsonl").is_file():
+        return False
+    if is_save_to_disk_folder(folder):
+        return (folder / "dataset_dict.json").is_file()
+    return is_hub_id(path)
+
+
+def evaluation_split(path: str, split: str | None, flag: str = "--eval_data") -> str:
+    """The split of `path` to evaluate on (`--eval_split`). An input with named splits defaults to `validation`, the
+    split transformers' `run_clip.py` evaluates; one set of rows has no split to choose, so naming one is a
+    `ValueError` (a missing split of an input that has them is one too, raised when it is opened)."""
+    if not holds_splits(path):
+        if split is not None:
+            raise ValueError(
+                f"--eval_split {split}: {flag} {path} is a single set of rows (imagefolder, Parquet, shards or a "
+                "saved Dataset) with no splits to choose from; give the evaluation rows their own folder, or save a "
+                "DatasetDict"
+            )
+        return "train"
+    return split if split is not None else "validation"
+
+
 def data_root(path: str) -> Path | None:
     """The folder whose files a dataset's rows may read: the dataset folder, or the folder of its Parquet or
     shard files (None when `path` names nothing local, e.g. a Hub id: its rows may then name no file)."""

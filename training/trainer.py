@@ -50,6 +50,7 @@ from .data import (
     IndexedStream,
     TrainingCollator,
     data_root,
+    evaluation_split,
     load_image_text_dataset,
     load_training_data,
     open_image,
@@ -99,6 +100,13 @@ class TrainingArguments:
     finetune_mode: str = field(default="full", metadata={"help": "full, frozen (towers frozen) or lora"})
     eval_data: str | None = field(
         default=None, metadata={"help": "dataset evaluated every --eval_steps and at the end (retrieval, negatives)"}
+    )
+    eval_split: str | None = field(
+        default=None,
+        metadata={
+            "help": "split of --eval_data to evaluate (a saved DatasetDict or Hub dataset; default: validation, as in "
+            "run_clip.py); without --eval_data, that split of the training data"
+        },
     )
     eval_steps: int | None = field(default=None, metadata={"help": "evaluate every N steps (default: at the end)"})
     eval_max_samples: int = field(default=1000, metadata={"help": "rows of --eval_data used (the first N)"})
@@ -489,9 +497,10 @@ def train(args: TrainingArguments, family: str) -> dict:
         flag=flag,
     )
     evaluation_rows = None
-    if args.eval_data is not None:  # read (and checked) before training, not at the first evaluation
+    eval_source = args.eval_data if args.eval_data is not None else source if args.eval_split is not None else None
+    if eval_source is not None:  # read (and checked) before training, not at the first evaluation
         evaluation_rows = load_evaluation_rows(
-            args.eval_data, args.eval_max_samples, args.image_column, args.caption_column
+            eval_source, args.eval_max_samples, args.image_column, args.caption_column, args.eval_split
         )
     root = data_root(source)  # None for a Hub dataset: its rows may then name no file at all
     collator = TrainingCollator(
@@ -686,11 +695,13 @@ def training_source(args: TrainingArguments) -> tuple[str, str]:
 
 
 def load_evaluation_rows(
-    path: str, max_samples: int, image_column: str = "image", caption_column: str = "caption"
+    path: str, max_samples: int, image_column: str = "image", caption_column: str = "caption", split: str | None = None
 ) -> list[dict]:
-    """The first `max_samples` rows of `--eval_data`, images opened (a bad row is an error naming it)."""
+    """The first `max_samples` rows of `--eval_data` (its `--eval_split`, `training.data.evaluation_split`), images
+    opened (a bad row is an error naming it)."""
+    split = evaluation_split(path, split)
     dataset = load_image_text_dataset(
-        path, image_column=image_column, caption_column=caption_column, flag="--eval_data"
+        path, split, image_column=image_column, caption_column=caption_column, flag="--eval_data"
     )
     rows = list(itertools.islice(iter(dataset), max_samples))
     root = data_root(path)
