@@ -73,14 +73,21 @@ def drawn_scene(size: int = 96) -> tuple[Image.Image, list[float]]:
 
 
 def build_llava(
-    tower: CLOCVisionModel, language_model: PreTrainedModel, tokenizer, image_processor, vision_feature_layer: int = -2
+    tower: PreTrainedModel,
+    language_model: PreTrainedModel,
+    tokenizer,
+    image_processor,
+    vision_feature_layer: int = -2,
+    region_token: bool = True,
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """A LLaVA model around `language_model` whose vision tower is `tower` (weights copied), and its processor.
 
-    Adds the `<image>` and `<region>` special tokens to `tokenizer` (and the embedding matrix); the projector is
-    freshly initialised.
+    `tower` is a ViT with CLIP's layout: a `CLOCVisionModel`, or a stock `CLIPVisionModel` (what
+    `examples/llava_occlip.py` passes). Adds the `<image>` special token to `tokenizer` (and the embedding matrix),
+    and `<region>` with `region_token`; the projector is freshly initialised.
     """
-    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN, REGION_TOKEN]})
+    tokens = [IMAGE_TOKEN, REGION_TOKEN] if region_token else [IMAGE_TOKEN]
+    tokenizer.add_special_tokens({"additional_special_tokens": tokens})
     vision = tower.config
     patches = (vision.image_size // vision.patch_size) ** 2
     config = LlavaConfig(
