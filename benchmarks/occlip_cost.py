@@ -57,7 +57,7 @@ class PeakRSS:
 
 def tower_configs(size: str, binding_width: int | None) -> tuple[dict, dict, dict]:
     """Text, vision and binding sub-config dicts shared by CLIP and OC-CLIP."""
-    if size == "small":  # the "22M CLIP" of engineering.md: width 256, 6 layers, 64 px, patch 8
+    if size == "small":  # a "22M CLIP": width 256, 6 layers, 64 px, patch 8
         text = dict(
             hidden_size=256,
             intermediate_size=1024,

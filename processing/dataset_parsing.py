@@ -1,7 +1,7 @@
 """Parse a `datasets` caption column once and store the scene graphs next to the captions (the parse cache).
 
 Training then reads the `scene_graph` column and never parses on the fly. The column holds the JSON form of
-`SceneGraph` (spec `data.md`); its Arrow type is fixed by `SCENE_GRAPH_FEATURE` so that every shard agrees.
+`SceneGraph` (`docs/data.md`); its Arrow type is fixed by `SCENE_GRAPH_FEATURE` so that every shard agrees.
 """
 
 from datasets import Dataset, Features, List, Value

@@ -1,4 +1,4 @@
-"""Caption -> scene graph with any transformers causal LM (spec `occlip.md` §4, "LLM parser").
+"""Caption -> scene graph with any transformers causal LM (`docs/occlip.md` §4, "LLM parser").
 
 A few-shot prompt asks for the JSON form of `SceneGraph`; the reply is validated strictly (the first balanced
 `{...}` block must parse and pass `SceneGraph.from_dict`). A bad reply gets one retry with a stricter

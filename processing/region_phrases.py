@@ -1,4 +1,4 @@
-"""Region phrase candidates for VESL (spec `cloc.md`, "VESL pipeline", step 2).
+"""Region phrase candidates for VESL (`docs/cloc.md`, "VESL pipeline", step 2).
 
 Caption mode (`extract_region_phrases`): spaCy tags the caption, noun-phrase chunks are the maximal runs
 "optional determiner, any adjectives, one or more nouns" (as the paper's NLTK chunker), generic web words are

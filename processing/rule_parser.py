@@ -1,4 +1,4 @@
-"""Offline rule-based caption -> scene-graph parser on spaCy's dependency parse (spec `occlip.md` §4).
+"""Offline rule-based caption -> scene-graph parser on spaCy's dependency parse (`docs/occlip.md` §4).
 
 Objects are noun-phrase heads (determiners, possessives and quantity words dropped; "image"/"photo" and pronouns
 skipped) with their adjectival, compound and numeric modifiers, plus copular adjectives ("the cat is black"), as

@@ -1,6 +1,6 @@
 """The scene-graph type used everywhere: parser output, dataset column (`scene_graph`) and processor input.
 
-JSON form (spec `occlip.md` §4)::
+JSON form (`docs/occlip.md` §4)::
 
     {"objects": [{"name": "cube", "attributes": ["red"]}, {"name": "sphere", "attributes": ["blue"]}],
      "relations": [{"subject": 0, "predicate": "to the left of", "object": 1}]}

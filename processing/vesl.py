@@ -1,4 +1,4 @@
-"""VESL: region-text pseudo-labels for CLOC training data (spec `cloc.md`, "VESL pipeline"; format `data.md`).
+"""VESL: region-text pseudo-labels for CLOC training data (`docs/cloc.md`, "VESL pipeline"; format `docs/data.md`).
 
 Per image: (1) optionally re-caption with any transformers image-to-text model, keeping the original text as
 `alt_text`; (2) region phrase candidates from the caption (noun phrases) or, as the paper's baseline, alt-text

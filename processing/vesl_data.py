@@ -1,4 +1,4 @@
-"""Input shards and output shards of the VESL pipeline (`processing/vesl.py`), in the `data.md` format.
+"""Input shards and output shards of the VESL pipeline (`processing/vesl.py`), in the `docs/data.md` format.
 
 Inputs are cut into shards identically in every process; each output shard is written under a temporary name and
 moved into place with `os.replace` (a killed run leaves no half-written shard), and `finalize_output` merges the
@@ -397,7 +397,7 @@ class ShardWriter:
             shutil.rmtree(path, ignore_errors=True)
 
     def add(self, record: dict, image_bytes: bytes, extension: str) -> None:
-        """Append one row (the `data.md` fields) and its image."""
+        """Append one row (the `docs/data.md` fields) and its image."""
         key = f"{self.name}_{self.count:06d}"
         self.count += 1
         if self.format == "webdataset":

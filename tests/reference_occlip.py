@@ -1,4 +1,4 @@
-"""A literal, one-pair-at-a-time OC-CLIP score written from the spec's pseudo-code (`occlip.md` §2.1-2.2).
+"""A literal, one-pair-at-a-time OC-CLIP score written from the spec's pseudo-code (`docs/occlip.md` §2.1-2.2).
 
 It uses the model's parameters but none of its batching, folding, caching or padding logic, so agreement with
 `OCCLIPModel.score` checks all of those.

@@ -1,4 +1,4 @@
-"""Shared command-line parsing (`data.md`): underscore and dash flags, `--config` YAML/JSON, flags override."""
+"""Shared command-line parsing (`docs/data.md`): underscore and dash flags, `--config` YAML/JSON, flags override."""
 
 import json
 from dataclasses import dataclass, field

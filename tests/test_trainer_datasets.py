@@ -40,7 +40,7 @@ def metadata(folder: Path) -> list[dict]:
 
 def as_table(folder: Path, caption_column: str = "text", extra: tuple = ()) -> Dataset:
     """The imagefolder's rows as an in-memory dataset: an `Image` column of bytes and the caption under
-    `caption_column` (plus the `data.md` fields named in `extra`, with their values)."""
+    `caption_column` (plus the `docs/data.md` fields named in `extra`, with their values)."""
     rows = metadata(folder)
     columns = {
         "image": [{"bytes": (folder / r["file_name"]).read_bytes(), "path": None} for r in rows],
@@ -204,7 +204,7 @@ def test_images_as_bytes_or_paths_inside_the_folder_only(imagefolder, tmp_path):
 
 @pytest.mark.parametrize("family", ["cloc", "occlip", "clip"])
 def test_regions_scene_graphs_and_negatives_keep_their_meaning(imagefolder, tmp_path, family):
-    """The optional `data.md` columns of a `save_to_disk` folder reach the collator as they do from metadata.jsonl:
+    """The optional `docs/data.md` columns of a `save_to_disk` folder reach the collator as they do from metadata.jsonl:
     CLOC trains its region loss on `regions`, OC-CLIP reads `scene_graph`, the CLIP baseline `negatives`."""
     table = as_table(imagefolder, "text", extra=("regions", "scene_graph"))
     table = table.add_column("negatives", [{"colour_replace": f"a pink square {i}"} for i in range(8)])

@@ -1,4 +1,4 @@
-"""The three dataset layouts of `data.md` load to the same rows; row checks name the problem."""
+"""The three dataset layouts of `docs/data.md` load to the same rows; row checks name the problem."""
 
 import io
 import json
@@ -58,7 +58,7 @@ def test_row_checks_name_the_row_and_region():
 
 
 def test_webdataset_with_empty_regions_first_keeps_later_boxes(tmp_path):
-    """Types come from the data.md schema, not from the first samples (which once made `regions` a null column)."""
+    """Types come from the docs/data.md schema, not from the first samples (which once made `regions` a null column)."""
     pixels = io.BytesIO()
     Image.new("RGB", (8, 8)).save(pixels, format="PNG")
 

@@ -1,4 +1,4 @@
-"""A tiny generated training set in the `data.md` imagefolder format and tiny model config files."""
+"""A tiny generated training set in the `docs/data.md` imagefolder format and tiny model config files."""
 
 import json
 from pathlib import Path

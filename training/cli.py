@@ -1,4 +1,4 @@
-"""Command-line parsing shared by every script (`data.md`): `HfArgumentParser` flags plus `--config FILE`.
+"""Command-line parsing shared by every script (`docs/data.md`): `HfArgumentParser` flags plus `--config FILE`.
 
 A YAML or JSON file given with `--config` supplies values for any field; flags on the command line override it.
 """

@@ -1,10 +1,10 @@
-"""Training data in the one format of `data.md`: imagefolder + `metadata.jsonl`, Parquet, or WebDataset shards,
+"""Training data in the one format of `docs/data.md`: imagefolder + `metadata.jsonl`, Parquet, or WebDataset shards,
 loaded with `datasets` under explicit features and collated through the model's processor. A `save_to_disk`
 folder, Parquet files and Hub ids are opened by `processing.dataset_source` (the reader VESL shares), which maps
 `--image_column` / `--caption_column` to `image` / `caption` as transformers' `run_clip.py` does.
 
 Bad rows (unreadable image, malformed regions or scene graph) are an error naming the row, or are skipped and
-counted with `on_bad_sample="skip"`. A `metadata.jsonl` line that breaks the types of `data.md` (not JSON, a bbox
+counted with `on_bad_sample="skip"`. A `metadata.jsonl` line that breaks the types of `docs/data.md` (not JSON, a bbox
 that is not 4 numbers, ...) is such a bad row too, found when the dataset is loaded.
 
 Image files are read only inside the dataset folder (after resolving symlinks), only if they are regular files
@@ -54,7 +54,7 @@ def _features_for(columns) -> Features:
 
 
 class MetadataError(ValueError):
-    """A `metadata.jsonl` line that breaks the `data.md` format; the message names the file and line."""
+    """A `metadata.jsonl` line that breaks the `docs/data.md` format; the message names the file and line."""
 
 
 def _is_number(value) -> bool:
@@ -113,7 +113,7 @@ def _check_scene_graph_types(graph) -> dict:
 
 
 def _check_metadata_row(row) -> dict:
-    """The row with its fields in their `data.md` types (regions and scene-graph entries keep only the schema's
+    """The row with its fields in their `docs/data.md` types (regions and scene-graph entries keep only the schema's
     keys), or `ValueError` saying what breaks the format. Values (box order, relation indices) are checked later,
     per row, by the collator."""
     if not isinstance(row, dict):
@@ -136,7 +136,7 @@ def _check_metadata_row(row) -> dict:
         not isinstance(negatives, dict) or not all(v is None or isinstance(v, str) for v in negatives.values())
     ):
         raise ValueError(f"negatives {negatives!r} is not an object of caption strings")
-    for key, value in row.items():  # fields outside data.md are kept as strings (numbers written as JSON)
+    for key, value in row.items():  # fields outside docs/data.md are kept as strings (numbers written as JSON)
         if key not in FIELD_FEATURES and key != "file_name" and value is not None and not isinstance(value, str):
             row[key] = json.dumps(value)
     try:  # JSON's "\ud800" escapes decode to lone surrogates, which Arrow (UTF-8) cannot hold
@@ -148,7 +148,7 @@ def _check_metadata_row(row) -> dict:
 
 
 def read_metadata(folder: Path, on_bad_sample: str = "error") -> tuple[list[dict], int]:
-    """The rows of `folder/metadata.jsonl` checked against `data.md`, and the number of bad lines skipped.
+    """The rows of `folder/metadata.jsonl` checked against `docs/data.md`, and the number of bad lines skipped.
 
     A bad line (not JSON, a field of the wrong type) raises `MetadataError` naming the file and line, or with
     `on_bad_sample="skip"` is dropped and counted. Each row gets `image = {"path", "bytes": None}`.
@@ -177,7 +177,7 @@ def read_metadata(folder: Path, on_bad_sample: str = "error") -> tuple[list[dict
 def _from_metadata(folder: Path, split: str, streaming: bool, on_bad_sample: str):
     """`(dataset, skipped)` of an imagefolder, built from the checked `metadata.jsonl` rows.
 
-    Columns are every `data.md` field that any row has, typed by the schema (never inferred from the first row),
+    Columns are every `docs/data.md` field that any row has, typed by the schema (never inferred from the first row),
     and the dataset lives in memory: no `datasets` cache, so a run cannot depend on whether one exists.
     """
     rows, skipped = read_metadata(folder, on_bad_sample)
@@ -341,11 +341,11 @@ def _webdataset_features(first_shard: str) -> tuple[Features, Features]:
 
 
 def _scalar_feature(name: str, value, where: str) -> Value:
-    """The feature of an extra (non-`data.md`) json field: a string, number or bool."""
+    """The feature of an extra (non-`docs/data.md`) json field: a string, number or bool."""
     for kind, feature in ((bool, "bool"), (int, "int64"), (float, "float64"), (str, "string")):
         if isinstance(value, kind):
             return Value(feature)
-    raise ValueError(f"{where}: json field {name!r} is not in data.md and not a string, number or bool")
+    raise ValueError(f"{where}: json field {name!r} is not in docs/data.md and not a string, number or bool")
 
 
 def _from_webdataset(sample: dict) -> dict:

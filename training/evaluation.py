@@ -219,7 +219,7 @@ def zero_shot_scores(scorer: ImageTextScorer, images, class_names: list[str], te
 
 
 def evaluate_rows(scorer: ImageTextScorer, rows: list[dict], images=None) -> dict:
-    """Image<->text retrieval R@1/5 of `rows` (`data.md` format; one caption per image) and, where rows carry
+    """Image<->text retrieval R@1/5 of `rows` (`docs/data.md` format; one caption per image) and, where rows carry
     `negatives`, pairwise accuracy per hard-negative kind. `images` are the rows' opened images (else opened)."""
     from .data import open_image
 

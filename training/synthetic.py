@@ -229,7 +229,7 @@ def object_pairs(objects) -> set:
 
 
 def write_split(folder: Path, samples: list) -> Path:
-    """An imagefolder (`data.md`): PNGs plus `metadata.jsonl`."""
+    """An imagefolder (`docs/data.md`): PNGs plus `metadata.jsonl`."""
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "metadata.jsonl", "w") as handle:
         for index, (image, sample) in enumerate(samples):

@@ -1,0 +1,54 @@
+"""The docs name code that exists: every `file.py:name` (or `file.py:Class.method`) reference in docs/*.md points
+at a file of the repository that defines that name, and the docstring citations point at docs that exist."""
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+# `modeling_cloc/modeling_cloc.py:CLOCModel.loss_from_features`, `binding_occlip.py:OCCLIPBindingLayer.forward`
+REFERENCE = re.compile(r"`((?:[\w]+/)*[\w]+\.py):([A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)*)`")
+
+
+def _find(path: str) -> Path:
+    """A reference's file: a repository path, or a bare file name that is unique in the repository."""
+    if (ROOT / path).is_file():
+        return ROOT / path
+    matches = [p for p in ROOT.rglob(Path(path).name) if ".venv" not in p.parts and p.as_posix().endswith(path)]
+    assert len(matches) == 1, f"{path}: {len(matches)} files match"
+    return matches[0]
+
+
+def _defines(source: str, name: str) -> bool:
+    pattern = rf"^\s*(?:def|class)\s+{re.escape(name)}\b|^\s*{re.escape(name)}\s*[:=]"
+    return re.search(pattern, source, flags=re.MULTILINE) is not None
+
+
+def references():
+    return [(doc.name, *match) for doc in DOCS for match in REFERENCE.findall(doc.read_text())]
+
+
+def test_the_docs_hold_references():
+    names = {doc.name for doc in DOCS}
+    assert {"occlip.md", "cloc.md", "data.md", "design.md"} <= names
+    counts = {name: sum(1 for ref in references() if ref[0] == name) for name in ("occlip.md", "cloc.md", "data.md")}
+    assert all(count >= 5 for count in counts.values()), counts
+
+
+@pytest.mark.parametrize("doc,path,name", references())
+def test_every_code_reference_in_the_docs_exists(doc, path, name):
+    source = _find(path).read_text()
+    for part in name.split("."):  # a class, then its method
+        assert _defines(source, part), f"{doc}: {path} defines no {part!r} (reference {path}:{name})"
+
+
+def test_docstring_citations_name_docs_that_exist():
+    """A citation of a method note (`docs/occlip.md` and the like) names a file under docs/."""
+    listed = subprocess.run(["git", "ls-files", "*.py", "*.md", "*.yaml"], cwd=ROOT, capture_output=True, text=True)
+    cited = set()
+    for path in listed.stdout.split():
+        cited |= set(re.findall(r"docs/([\w-]+\.md)", (ROOT / path).read_text()))
+    assert cited and all((ROOT / "docs" / name).is_file() for name in cited), sorted(cited)
