@@ -15,6 +15,7 @@ import pytest
 import torch
 from datasets import Dataset, DatasetDict, Features, Value
 from datasets import Image as ImageFeature
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 from examples import train_clip, train_cloc, train_occlip
@@ -404,5 +405,8 @@ def test_eval_split_without_eval_data_evaluates_that_split_of_the_training_data(
     metrics = run("clip", tmp_path / "out", *flags, config=config)
     assert seen == [captions["test"]]
     assert any(k.startswith("eval/") for k in metrics)  # evaluated at the end, on the test rows
+    card = ModelCard.load(tmp_path / "out" / "README.md").data.to_dict()
+    (entry,) = card["model-index"][0]["results"][:1]
+    assert entry["dataset"]["name"] == "saved" and entry["dataset"]["split"] == "test"
     with pytest.raises(ValueError, match=r"no split 'dev' \(splits: \['train', 'validation', 'test'\]\)"):
         run("clip", tmp_path / "out2", *flags[:-1], "dev", config=config)

@@ -85,8 +85,16 @@ def eval_task(metric: str) -> tuple[str, str]:
     return "image-text-matching", "Image-text matching against hard negatives"
 
 
-def eval_results(metrics: dict, eval_data: str | None) -> list[EvalResult] | None:
-    """The `eval/<metric>` values as card-metadata results on `--eval_data`."""
+def evaluated_data(args) -> str | None:
+    """What the run evaluated on: `--eval_data`, or the training data when only `--eval_split` was given."""
+    if args.eval_data is not None or args.eval_split is None:
+        return args.eval_data
+    return args.dataset_name if args.dataset_name is not None else args.train_data
+
+
+def eval_results(metrics: dict, eval_data: str | None, split: str | None = None) -> list[EvalResult] | None:
+    """The `eval/<metric>` values as card-metadata results on `--eval_data` (its `--eval_split`, when one was
+    named)."""
     values = {k.removeprefix("eval/"): v for k, v in metrics.items() if k.startswith("eval/")}
     if not values or eval_data is None:
         return None
@@ -100,6 +108,7 @@ def eval_results(metrics: dict, eval_data: str | None) -> list[EvalResult] | Non
                 task_name=task_name,
                 dataset_type=dataset,
                 dataset_name=dataset,
+                dataset_split=split,
                 metric_type=metric,
                 metric_name=metric,
                 metric_value=float(value),
@@ -141,7 +150,7 @@ def build_model_card(model, family: str, args, metrics: dict) -> ModelCard:
         tags=tags,
         pipeline_tag=PIPELINE_TAGS[family],
         model_name=f"{TITLES[family]} ({Path(args.output_dir).name})",
-        eval_results=eval_results(metrics, args.eval_data),
+        eval_results=eval_results(metrics, evaluated_data(args), args.eval_split),
     )
     parameters = sum(p.numel() for p in model.parameters())
     start = f"a transformers CLIP checkpoint (`{args.init_from}`)" if args.init_from else "scratch"
