@@ -107,7 +107,7 @@ def ground_phrases(model, processor, image, phrases) -> torch.Tensor:
         input_ids=tokens["input_ids"][None].to(device),
         attention_mask=tokens["attention_mask"][None].to(device),
     )
-    return processor.post_process_grounding(predicted.cpu(), target_sizes=[(image.height, image.width)])[0]["boxes"]
+    return processor.post_process_grounding(predicted, target_sizes=[(image.height, image.width)])[0]["boxes"].cpu()
 
 
 @torch.no_grad()

@@ -188,8 +188,8 @@ class ImageTextScorer:
                 attention_mask=inputs["region_attention_mask"].to(self.device),
             )
             sizes = [(im.height, im.width) for im in chunk]
-            pixels = self.processor.post_process_grounding(predicted.cpu(), target_sizes=sizes)
-            results.extend(found["boxes"][: len(t)] for found, t in zip(pixels, texts))
+            pixels = self.processor.post_process_grounding(predicted, target_sizes=sizes)
+            results.extend(found["boxes"][: len(t)].cpu() for found, t in zip(pixels, texts))
         return results
 
 
