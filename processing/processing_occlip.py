@@ -21,7 +21,14 @@ class OCCLIPProcessorKwargs(ProcessingKwargs, total=False):
     phrases of the scene graphs: `padding=True` / `"longest"` pads to the longest phrase of the batch,
     `"max_length"` to `max_length`, and `truncation` cuts at `max_length`, which defaults to the processor's
     `max_phrase_length`. `padding=False` is refused: the phrases form `[captions, slots, tokens]` tables.
+
+    return_caption_tokens (`bool`, defaults to `False`):
+        With `text=`, also return the captions tokenized as `CLIPProcessor` does with the same `text_kwargs`
+        (`input_ids`, `attention_mask`), which `OCCLIPModel` embeds with its global text tower (`text_embeds`,
+        e.g. for reranking). Off by default: training and scoring need only the scene graphs.
     """
+
+    return_caption_tokens: bool
 
 
 class OCCLIPProcessor(ProcessorMixin):
@@ -50,6 +57,7 @@ class OCCLIPProcessor(ProcessorMixin):
     # Defaults below the call's own kwargs (transformers' `_merge_kwargs` order).
     text_kwargs = {"padding": "longest", "truncation": True, "return_tensors": "pt"}
     images_kwargs = {"return_tensors": "pt"}
+    return_caption_tokens = False
 
     model_input_names = [
         "pixel_values",
@@ -200,11 +208,14 @@ class OCCLIPProcessor(ProcessorMixin):
         `paired=True` (training, `return_loss=True`) image k must go with caption k. Images are PIL images, numpy
         arrays or torch tensors, converted by the rule of `images.py` (strings and URLs are refused). `kwargs` are
         `OCCLIPProcessorKwargs` (`padding`, `max_length`, `truncation`, `text_kwargs=`, `images_kwargs=`,
-        `return_tensors`).
+        `return_tensors`, and `return_caption_tokens` for CLIP-tokenized captions besides the graphs).
         """
         output_kwargs = self._merge_kwargs(tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
         text_kwargs, images_kwargs = output_kwargs["text_kwargs"], output_kwargs["images_kwargs"]
         return_tensors = text_kwargs.get("return_tensors")
+        caption_tokens = output_kwargs.get("return_caption_tokens", False)
+        if caption_tokens and text is None:
+            raise ValueError("return_caption_tokens=True needs the captions as text= (scene_graphs= have none)")
         if images is not None:
             # The shared rule: 8-bit RGB, odd modes and extreme aspect ratios refused by name.
             images = to_rgb_list(images, **images_kwargs)
@@ -230,6 +241,8 @@ class OCCLIPProcessor(ProcessorMixin):
             data.update(self.image_processor(images, **images_kwargs))
         if scene_graphs is not None:
             data.update(self.encode_graphs(self.prepare_graphs(scene_graphs), **text_kwargs))
+        if caption_tokens:
+            data.update(self.tokenizer(text, **text_kwargs))
         return BatchFeature(data=data, tensor_type=return_tensors)
 
 

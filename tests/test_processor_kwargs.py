@@ -144,6 +144,21 @@ def test_occlip_phrase_padding_false_is_refused_and_own_keywords_still_work():
     assert out["node_input_ids"][1, 0].tolist() == [49406, 2442, 2866, 49407]  # "small brown dog" cut to 4 tokens
 
 
+@pytest.mark.parametrize("kwargs", CLIP_KWARGS[:5])
+def test_occlip_caption_tokens_on_request_equal_clip_processor(kwargs):
+    processor = OCCLIPProcessor(image_processor())
+    out = processor(images=images(), text=CAPTIONS, return_caption_tokens=True, **kwargs)
+    clip = clip_processor()(images=images(), text=CAPTIONS, return_tensors="pt", **kwargs)
+    for key in clip:
+        torch.testing.assert_close(out[key], clip[key], atol=0, rtol=0)
+    graphs = processor(images=images(), text=CAPTIONS, **kwargs)
+    assert "input_ids" not in graphs  # off by default: training needs only the graphs
+    for key in graphs:
+        torch.testing.assert_close(out[key], graphs[key], atol=0, rtol=0)
+    with pytest.raises(ValueError, match="return_caption_tokens=True needs the captions as text="):
+        processor(scene_graphs=GRAPHS, return_caption_tokens=True)
+
+
 def test_unknown_keyword_is_reported_not_silently_used(monkeypatch):
     warnings = []
     monkeypatch.setattr(processing_utils.logger, "warning_once", warnings.append)
