@@ -9,6 +9,9 @@ one with less than one pixel left in the processed frame (cropped away, or shrun
 warning. Images go through `images.to_rgb` first (the rule shared with the trainer).
 """
 
+import numbers
+
+import numpy as np
 import torch
 from transformers import CLIPImageProcessorPil
 from transformers.feature_extraction_utils import BatchFeature
@@ -34,7 +37,7 @@ class CLOCProcessorKwargs(ProcessingKwargs, total=False):
 
 def _check_target_sizes(target_sizes, batch: int) -> list[tuple[int, int]]:
     """`target_sizes` (`[B, 2]` tensor or list of `(height, width)`) as a list of int pairs, or a `ValueError`."""
-    if isinstance(target_sizes, torch.Tensor):
+    if isinstance(target_sizes, (torch.Tensor, np.ndarray)):
         target_sizes = target_sizes.tolist()
     if not isinstance(target_sizes, (list, tuple)) or len(target_sizes) != batch:
         count = len(target_sizes) if isinstance(target_sizes, (list, tuple)) else type(target_sizes).__name__
@@ -44,7 +47,7 @@ def _check_target_sizes(target_sizes, batch: int) -> list[tuple[int, int]]:
         if (
             not isinstance(size, (list, tuple))
             or len(size) != 2
-            or not all(float(v) == int(v) and int(v) >= 1 for v in size)
+            or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and v == int(v) >= 1 for v in size)
         ):
             raise ValueError(f"target_sizes[{index}] = {size!r} is not a (height, width) pair of positive integers")
         sizes.append((int(size[0]), int(size[1])))

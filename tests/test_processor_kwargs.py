@@ -186,6 +186,10 @@ def test_post_process_grounding_takes_target_sizes_as_owlv2():
         processor.post_process_grounding(predicted, target_sizes=[(40, 60)])
     with pytest.raises(ValueError, match=r"target_sizes\[1\] = \(48, 0\) is not a \(height, width\) pair"):
         processor.post_process_grounding(predicted, target_sizes=[(40, 60), (48, 0)])
+    with pytest.raises(ValueError, match=r"target_sizes\[0\] = \('40', 60\) is not a \(height, width\) pair"):
+        processor.post_process_grounding(predicted, target_sizes=[("40", 60), (48, 60)])
+    in_numpy = processor.post_process_grounding(predicted, target_sizes=np.array([[40, 60], [48, 60]]))
+    torch.testing.assert_close(in_numpy[1]["boxes"], results[1]["boxes"])
 
 
 def test_boxes_round_trip_through_processor_and_post_processing():
