@@ -3,7 +3,7 @@
 import torch
 from transformers import CLIPImageProcessorPil
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
 from transformers.utils import logging
 
 from .clip_tokenizer import bundled_clip_tokenizer
@@ -12,6 +12,23 @@ from .rule_parser import RuleSceneGraphParser
 from .scene_graph import SceneGraph, canonicalize_scene_graph
 
 logger = logging.get_logger(__name__)
+
+
+class OCCLIPProcessorKwargs(ProcessingKwargs, total=False):
+    """Keyword arguments of `OCCLIPProcessor.__call__`, per modality as in every transformers processor.
+
+    `images_kwargs` go to the image processor as in `CLIPProcessor`. `text_kwargs` apply to the node and predicate
+    phrases of the scene graphs: `padding=True` / `"longest"` pads to the longest phrase of the batch,
+    `"max_length"` to `max_length`, and `truncation` cuts at `max_length`, which defaults to the processor's
+    `max_phrase_length`. `padding=False` is refused: the phrases form `[captions, slots, tokens]` tables.
+
+    return_caption_tokens (`bool`, defaults to `False`):
+        With `text=`, also return the captions tokenized as `CLIPProcessor` does with the same `text_kwargs`
+        (`input_ids`, `attention_mask`), which `OCCLIPModel` embeds with its global text tower (`text_embeds`,
+        e.g. for reranking). Off by default: training and scoring need only the scene graphs.
+    """
+
+    return_caption_tokens: bool
 
 
 class OCCLIPProcessor(ProcessorMixin):
@@ -30,7 +47,17 @@ class OCCLIPProcessor(ProcessorMixin):
         parser: how `text=` is parsed: `"rule"` (offline spaCy rules) or `"llm"` (a causal LM, `parser_model`,
             with the rule parser as fallback).
         parser_model: local path or Hub id of the causal LM for `parser="llm"`.
+
+    `padding`, `truncation`, `max_length`, `text_kwargs=`, `images_kwargs=` and `return_tensors` are taken as in
+    `CLIPProcessor` (see `OCCLIPProcessorKwargs`); defaults: `padding="longest"`, `truncation=True`,
+    `max_length=max_phrase_length`, `return_tensors="pt"`.
     """
+
+    valid_processor_kwargs = OCCLIPProcessorKwargs
+    # Defaults below the call's own kwargs (transformers' `_merge_kwargs` order).
+    text_kwargs = {"padding": "longest", "truncation": True, "return_tensors": "pt"}
+    images_kwargs = {"return_tensors": "pt"}
+    return_caption_tokens = False
 
     model_input_names = [
         "pixel_values",
@@ -110,12 +137,24 @@ class OCCLIPProcessor(ProcessorMixin):
             graphs.append(graph)
         return graphs
 
-    def encode_graphs(self, graphs: list[SceneGraph]) -> dict[str, torch.Tensor]:
-        """Padded graph tensors; each distinct phrase is tokenized once."""
+    def encode_graphs(self, graphs: list[SceneGraph], **text_kwargs) -> dict[str, torch.Tensor]:
+        """Padded graph tensors; each distinct phrase is tokenized once, with `text_kwargs` (see
+        `OCCLIPProcessorKwargs`; `max_length` defaults to `max_phrase_length`)."""
+        padding = text_kwargs.get("padding", "longest")
+        if padding in (None, False, "do_not_pad"):
+            raise ValueError(
+                f"padding={padding!r}: the node and predicate phrases form [captions, slots, tokens] tables, so they "
+                "are padded; use padding=True (to the longest phrase) or 'max_length'"
+            )
+        text_kwargs = {
+            **text_kwargs,
+            "padding": padding,
+            "truncation": text_kwargs.get("truncation", True),
+            "max_length": text_kwargs.get("max_length") or self.max_phrase_length,
+            "return_tensors": "pt",
+        }
         phrases = sorted({text for g in graphs for text in (*g.node_texts, *g.relation_texts)})
-        encoded = self.tokenizer(
-            phrases, padding="longest", truncation=True, max_length=self.max_phrase_length, return_tensors="pt"
-        )
+        encoded = self.tokenizer(phrases, **text_kwargs)
         row = {text: i for i, text in enumerate(phrases)}
         ids, attention = encoded["input_ids"], encoded["attention_mask"]
         pad_id = self.tokenizer.pad_token_id
@@ -154,7 +193,12 @@ class OCCLIPProcessor(ProcessorMixin):
         }
 
     def __call__(
-        self, images=None, text=None, scene_graphs=None, paired: bool = False, return_tensors="pt", **kwargs
+        self,
+        images=None,
+        text=None,
+        scene_graphs=None,
+        paired: bool = False,
+        **kwargs: Unpack[OCCLIPProcessorKwargs],
     ) -> BatchFeature:
         """Preprocess images and captions for `OCCLIPModel`.
 
@@ -162,11 +206,19 @@ class OCCLIPProcessor(ProcessorMixin):
         parser, as `scene_graphs=` (one JSON graph per caption); both reach the same canonical form, so a caption
         and its stored graph give the same tensors. Scoring takes any numbers of images and captions; with
         `paired=True` (training, `return_loss=True`) image k must go with caption k. Images are PIL images, numpy
-        arrays or torch tensors, converted by the rule of `images.py` (strings and URLs are refused).
+        arrays or torch tensors, converted by the rule of `images.py` (strings and URLs are refused). `kwargs` are
+        `OCCLIPProcessorKwargs` (`padding`, `max_length`, `truncation`, `text_kwargs=`, `images_kwargs=`,
+        `return_tensors`, and `return_caption_tokens` for CLIP-tokenized captions besides the graphs).
         """
+        output_kwargs = self._merge_kwargs(tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
+        text_kwargs, images_kwargs = output_kwargs["text_kwargs"], output_kwargs["images_kwargs"]
+        return_tensors = text_kwargs.get("return_tensors")
+        caption_tokens = output_kwargs.get("return_caption_tokens", False)
+        if caption_tokens and text is None:
+            raise ValueError("return_caption_tokens=True needs the captions as text= (scene_graphs= have none)")
         if images is not None:
             # The shared rule: 8-bit RGB, odd modes and extreme aspect ratios refused by name.
-            images = to_rgb_list(images, **kwargs)
+            images = to_rgb_list(images, **images_kwargs)
         if paired:
             num_captions = None
             if text is not None:
@@ -186,10 +238,12 @@ class OCCLIPProcessor(ProcessorMixin):
             raise ValueError("OCCLIPProcessor needs images=, scene_graphs= or both.")
         data = {}
         if images is not None:
-            data.update(self.image_processor(images, return_tensors="pt", **kwargs))
+            data.update(self.image_processor(images, **images_kwargs))
         if scene_graphs is not None:
-            data.update(self.encode_graphs(self.prepare_graphs(scene_graphs)))
+            data.update(self.encode_graphs(self.prepare_graphs(scene_graphs), **text_kwargs))
+        if caption_tokens:
+            data.update(self.tokenizer(text, **text_kwargs))
         return BatchFeature(data=data, tensor_type=return_tensors)
 
 
-__all__ = ["OCCLIPProcessor"]
+__all__ = ["OCCLIPProcessor", "OCCLIPProcessorKwargs"]

@@ -3,7 +3,7 @@
 - `classify_regions(model, processor, image, boxes, class_names)`: each box's class among `class_names`
   (`logits`, `scores`, `labels` per box).
 - `ground_phrases(model, processor, image, phrases)`: one predicted box per phrase, in original pixels (the
-  processor's resize and centre crop undone by `CLOCProcessor.post_process_boxes`).
+  processor's resize and centre crop undone by `CLOCProcessor.post_process_grounding(target_sizes=)`).
 - `retrieve_regions(model, processor, image, boxes, texts)`: the box that best matches each text.
 
 Boxes are `[x0, y0, x1, y1]` in original pixels. A box that the processor's centre crop removes (or shrinks
@@ -14,6 +14,8 @@ so they are plain functions.
 
 import torch
 from torch import nn
+
+from .images import to_rgb
 
 __all__ = ["classify_regions", "ground_phrases", "region_logit_scale", "retrieve_regions", "text_embeddings"]
 
@@ -96,6 +98,7 @@ def ground_phrases(model, processor, image, phrases) -> torch.Tensor:
     original image, so a box can only cover the part of the image that the crop keeps.
     """
     phrases = _check_texts(phrases, "phrases")
+    image = to_rgb(image)  # its size is the target size of the boxes, by the processor's own image rule
     inputs = processor(images=[image])
     tokens = processor.tokenizer(phrases, padding=True, truncation=True, return_tensors="pt")
     device = _device(model)
@@ -104,7 +107,7 @@ def ground_phrases(model, processor, image, phrases) -> torch.Tensor:
         input_ids=tokens["input_ids"][None].to(device),
         attention_mask=tokens["attention_mask"][None].to(device),
     )
-    return processor.post_process_boxes(predicted.cpu(), inputs["original_sizes"])[0]
+    return processor.post_process_grounding(predicted, target_sizes=[(image.height, image.width)])[0]["boxes"].cpu()
 
 
 @torch.no_grad()

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .boxes import box_problem
 from .region_phrases import (
     DEFAULT_MAX_N,
     DEFAULT_MAX_NGRAMS,
@@ -112,6 +113,11 @@ def above_threshold(scores: torch.Tensor, threshold: float) -> torch.Tensor:
     return scores > threshold
 
 
+def _rounded(box: torch.Tensor) -> list[float]:
+    """A box as written to the rows: pixels to two decimals."""
+    return [round(float(v), 2) for v in box]
+
+
 def select_regions(
     logits: torch.Tensor,
     boxes: torch.Tensor,
@@ -134,6 +140,8 @@ def select_regions(
     keep = above_threshold(scores, threshold)
     keep &= (boxes[:, 2] - boxes[:, 0] >= min_box_size) & (boxes[:, 3] - boxes[:, 1] >= min_box_size)
     index = keep.nonzero().flatten()
+    # Written rows must pass the loader's box rule (`processing.boxes`): a NaN or degenerate detection stops here.
+    index = index[torch.tensor([box_problem(_rounded(boxes[i])) is None for i in index.tolist()], dtype=torch.bool)]
     if nms_iou is not None and len(index):
         index = index[nms(boxes[index], scores[index], nms_iou)]
     else:
@@ -141,7 +149,7 @@ def select_regions(
     index = index[:max_regions]
     return [
         {
-            "bbox": [round(float(v), 2) for v in boxes[i]],
+            "bbox": _rounded(boxes[i]),
             "text": phrases[int(labels[i])],
             "score": round(float(scores[i]), 4),
         }

@@ -28,7 +28,7 @@ def test_boxes_follow_resize_and_centre_crop():
     # shortest edge 40 -> 32 (scale 0.8): 48 x 32, crop 32 at left (48 - 32) // 2 = 8, top 0.
     out = processor()(images=[scene()], input_boxes=[[[10, 5, 30, 25]]])
     torch.testing.assert_close(out["input_boxes"], torch.tensor([[[0.0, 0.125, 0.5, 0.625]]]))
-    assert out["original_sizes"].tolist() == [[40, 60]]
+    assert set(out) == {"pixel_values", "input_boxes", "box_mask"}  # model inputs only: no original_sizes
     pixels = out["pixel_values"][0].mean(0)  # the drawn rectangle is where the normalised box says
     inside, outside = pixels[5:19, 1:15].mean(), pixels[22:, 18:].mean()
     assert inside > 1.0 and outside < -1.0
@@ -41,7 +41,7 @@ def test_post_process_inverts_the_map_and_cropped_boxes_are_masked(caplog):
         out = proc(images=[scene()], input_boxes=boxes)
     assert out["box_mask"].tolist() == [[True, True, False, True]]  # box 2 lies in the cropped-off strip
     assert "image 0, box 2" in caplog.text
-    back = proc.post_process_boxes(out["input_boxes"], out["original_sizes"])
+    back = proc.post_process_boxes(out["input_boxes"], target_sizes=[(40, 60)])
     torch.testing.assert_close(back[0, 0], torch.tensor([10.0, 5.0, 30.0, 25.0]))
     torch.testing.assert_close(back[0, 1], torch.tensor([10.0, 0.0, 20.0, 20.0]))  # clipped to image, then crop
     torch.testing.assert_close(back[0, 3], torch.tensor([12.5, 7.5, 40.0, 30.0]))
@@ -52,7 +52,7 @@ def test_post_process_inverts_the_map_and_cropped_boxes_are_masked(caplog):
     [
         ([[[10, 5, 5, 25]]], None, r"image 0, box 0: .*x1 > x0"),
         ([[[10, 5, 30, float("nan")]]], None, "image 0, box 0: .*NaN"),
-        ([[[10, 5, 30]]], None, r"image 0, box 0: expected \[x0, y0, x1, y1\]"),
+        ([[[10, 5, 30]]], None, r"image 0, box 0: box \[10, 5, 30\] is not 4 numbers \[x0, y0, x1, y1\]"),
         ([[10, 5, 30, 25]], None, r"image 0: input_boxes\[0\] must be a list of"),
         ([[[10, 5, 30, 25]], [[1, 1, 2, 2]]], None, "one list of boxes per image: 2 for 1 images"),
         ([[[10, 5, 30, 25], [1, 1, 9, 9]]], [["a cube"]], "image 0: 2 boxes but 1 region captions"),
@@ -78,7 +78,7 @@ def test_outputs_feed_cloc_model_and_round_trip(tmp_path):
     torch.manual_seed(0)
     text = clip_vocab_text_config()
     model = CLOCModel(CLOCConfig(text_config=text, vision_config=tiny_vision_config(), projection_dim=24)).eval()
-    out = model(**{k: v for k, v in inputs.items() if k != "original_sizes"}, return_loss=True)
+    out = model(**inputs, return_loss=True)  # the processor's outputs are exactly model inputs
     assert torch.isfinite(out.loss) and out.loss_region is not None
     proc.save_pretrained(tmp_path)
     reloaded = AutoProcessor.from_pretrained(tmp_path)

@@ -14,7 +14,6 @@ Image files are read only inside the dataset folder (after resolving symlinks), 
 import glob
 import io
 import json
-import math
 import os
 import tarfile
 from pathlib import Path
@@ -25,6 +24,7 @@ from datasets import Features, Image, List, Value
 from PIL import Image as PILImage
 
 from processing import files
+from processing.boxes import box_problem
 from processing.dataset_parsing import SCENE_GRAPH_FEATURE
 from processing.dataset_source import is_hub_id, is_save_to_disk_folder, map_columns, open_dataset, parquet_files
 from processing.images import to_rgb
@@ -69,8 +69,10 @@ def _check_regions_types(regions) -> list[dict]:
         if not isinstance(region, dict):
             raise ValueError(f"region {index} {region!r} is not an object")
         bbox = region.get("bbox")
-        if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
-            raise ValueError(f"region {index}: bbox {bbox!r} is not 4 numbers")
+        # The format only (what Arrow can hold); values are the collator's per-row check, by the same rule.
+        problem = box_problem(bbox, "bbox", values=False)
+        if problem is not None:
+            raise ValueError(f"region {index}: {problem}")
         if region.get("text") is not None and not isinstance(region["text"], str):
             raise ValueError(f"region {index}: text {region['text']!r} is not a string")
         if region.get("score") is not None and not _is_number(region["score"]):
@@ -414,19 +416,14 @@ def open_image(row: dict, where: str, root: Path | None = None, local_files: boo
 
 
 def check_regions(regions, where: str) -> tuple[list[list[float]], list[str]]:
-    """Boxes and texts of a row's `regions`, or `BadSample` for a bbox that is not 4 finite numbers with
-    x1 > x0 and y1 > y0."""
+    """Boxes and texts of a row's `regions`, or `BadSample` for a bbox that breaks `processing.boxes`' rule
+    (4 finite numbers with x1 > x0 and y1 > y0) or an empty text."""
     boxes, texts = [], []
     for index, region in enumerate(regions or []):
         bbox = region.get("bbox") if isinstance(region, dict) else None
-        if (
-            not isinstance(bbox, (list, tuple))
-            or len(bbox) != 4
-            or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)
-        ):
-            raise BadSample(f"{where}, region {index}: bbox {bbox!r} is not 4 finite numbers")
-        if bbox[2] <= bbox[0] or bbox[3] <= bbox[1]:
-            raise BadSample(f"{where}, region {index}: bbox {list(bbox)} needs x1 > x0 and y1 > y0")
+        problem = box_problem(bbox, "bbox")
+        if problem is not None:
+            raise BadSample(f"{where}, region {index}: {problem}")
         text = region.get("text")
         if not isinstance(text, str) or not text.strip():
             raise BadSample(f"{where}, region {index}: empty region text")
@@ -534,5 +531,4 @@ class TrainingCollator:
                 input_boxes=[p["boxes"] for p in prepared],
                 region_captions=[p["texts"] for p in prepared],
             )
-            out.pop("original_sizes", None)
         return {**out, SKIPPED_KEY: torch.tensor(skipped)}

@@ -187,8 +187,9 @@ class ImageTextScorer:
                 input_ids=inputs["region_input_ids"].to(self.device),
                 attention_mask=inputs["region_attention_mask"].to(self.device),
             )
-            pixels = self.processor.post_process_boxes(predicted.cpu(), inputs["original_sizes"])
-            results.extend(pixels[i, : len(t)] for i, t in enumerate(texts))
+            sizes = [(im.height, im.width) for im in chunk]
+            pixels = self.processor.post_process_grounding(predicted, target_sizes=sizes)
+            results.extend(found["boxes"][: len(t)].cpu() for found, t in zip(pixels, texts))
         return results
 
 
