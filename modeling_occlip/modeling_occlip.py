@@ -450,7 +450,7 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
     @can_return_tuple
     def get_text_features(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
@@ -464,7 +464,7 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
             attention_mask: `[B, L]`; position_ids: `[B, L]`, as for `CLIPTextModel`.
             output_attentions / output_hidden_states: the text tower's attentions / hidden states.
         """
-        _refuse_unknown_kwargs("OCCLIPModel.get_text_features", kwargs)
+        _refuse_unknown_kwargs("OCCLIPModel.get_text_features", kwargs)  # before input_ids: names graph inputs
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise ValueError(
