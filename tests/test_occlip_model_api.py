@@ -418,3 +418,27 @@ def test_towers_return_dict_hidden_states_and_config_flags(tower, tester):
     tuple_model = model_class(sub_config).eval()
     tuple_model.load_state_dict(model.state_dict())
     assert_same(tuple_model(**inputs), (as_dict.last_hidden_state, as_dict.pooler_output))
+
+
+def test_readme_occlip_example_runs(tmp_path):
+    """The README's first OC-CLIP block, with its placeholders filled by a tiny saved CLIP and tiny inputs."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## OC-CLIP") :]
+    start = section.index("```python\n") + len("```python\n")
+    block = section[start : section.index("```\n", start)]
+    tiny_clip_model(seed=1).save_pretrained(tmp_path / "clip")
+    graphs = encode_graphs(example_graphs())
+    block = block.replace('"path/to/saved/CLIPModel"', repr(str(tmp_path / "clip")))
+    block = block.replace("pixel_values=...", "pixel_values=pixel_values")
+    block = block.replace("get_graph_features(node_input_ids, ...)", "get_graph_features(**graphs)")
+    for name in graphs:
+        block = block.replace(f"{name}=...", f"{name}=graphs[{name!r}]")
+    captions = OCCLIPModelTester().caption_inputs()
+    namespace = dict(graphs=graphs, pixel_values=random_pixels(4), **captions)
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["top"].indices.shape == (4, 4)
+    out = namespace["out"]
+    torch.testing.assert_close(out.loss, out.loss_itc + out.loss_rel)  # rel_loss_weight 1 by default
+    torch.testing.assert_close(namespace["logits"], out.logits_per_image, atol=1e-6, rtol=1e-6)
