@@ -676,8 +676,8 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
             torch.cat([node_ids, relation_ids]), torch.cat([node_attention, relation_attention])
         )
         num_node_rows = node_ids.shape[0]
-        node_embeds = embeds[:num_node_rows].view(num_captions, num_nodes, -1)
-        relation_embeds = embeds[num_node_rows:].view(num_captions, num_relations, -1)
+        node_embeds = embeds[:num_node_rows].view(num_captions, num_nodes, embeds.shape[-1])
+        relation_embeds = embeds[num_node_rows:].view(num_captions, num_relations, embeds.shape[-1])
         return OCCLIPGraphFeatures(
             node_embeds=torch.where(node_mask[..., None], node_embeds, 0),
             node_mask=node_mask,
@@ -736,11 +736,13 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
         for i0 in range(0, num_images, image_step):
             similarity_row, attention_row = [], []
             for t0 in range(0, num_captions, caption_step):
-                part = GraphPairInputs(**{k: v[:, t0 : t0 + caption_step] for k, v in graphs.__dict__.items()})
-                slots, attentions = self._bind(
-                    keys[i0 : i0 + image_step], values[i0 : i0 + image_step], part, output_attentions
+                caption_chunk = GraphPairInputs(
+                    **{k: v[:, t0 : t0 + caption_step] for k, v in graphs.__dict__.items()}
                 )
-                similarity_row.append(self.similarity(slots, part))
+                slots, attentions = self._bind(
+                    keys[i0 : i0 + image_step], values[i0 : i0 + image_step], caption_chunk, output_attentions
+                )
+                similarity_row.append(self.similarity(slots, caption_chunk))
                 attention_row.append(attentions)
             similarity_rows.append(torch.cat(similarity_row, dim=1))
             if output_attentions:  # captions are dim 2 of an attention map
@@ -808,10 +810,10 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
             valid = offsets[None, :] < tile[:, 2:3]
             positions = torch.where(valid, tile[:, 1:2] + offsets, tile[:, 1:2])
             pair_ids = order[positions]  # [rows, width] pair positions, padded with each row's first pair
-            part = graphs.select(text_index[pair_ids])
+            tile_graphs = graphs.select(text_index[pair_ids])
             keys = image_features.binding_keys[tile[:, 0]]
-            slots, _ = self._bind(keys, image_features.binding_values[tile[:, 0]], part)
-            similarity = self.similarity(slots, part)
+            slots, _ = self._bind(keys, image_features.binding_values[tile[:, 0]], tile_graphs)
+            similarity = self.similarity(slots, tile_graphs)
             output = output.index_put((pair_ids[valid],), similarity[valid])
             tile_start = tile_end
         return output * self._logit_scale() if scale else output
@@ -832,10 +834,10 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
                 f"binding_attention pairs image k with caption k: got {count} images and "
                 f"{graph_features.num_captions} captions."
             )
-        part = self._prepare_graphs(graph_features).select(
+        matched_graphs = self._prepare_graphs(graph_features).select(
             torch.arange(count, device=image_features.binding_keys.device)[:, None]
         )
-        _, attentions = self._bind(image_features.binding_keys, image_features.binding_values, part, True)
+        _, attentions = self._bind(image_features.binding_keys, image_features.binding_values, matched_graphs, True)
         return tuple(attention[:, :, 0] for attention in attentions)
 
     def rerank(

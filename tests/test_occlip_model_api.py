@@ -358,6 +358,21 @@ def test_graph_features_equal_per_phrase_text_tower_outputs(model, inputs):
     assert torch.all(ids[~inputs["relation_mask"]] == -1)
 
 
+@torch.no_grad()
+def test_graphs_without_relations(model, inputs):
+    """No relation tensors, or relation tensors with zero slots: the same node features and empty relations."""
+    with_relations = model.get_graph_features(**graph_only(inputs))
+    node_inputs = {k: v for k, v in graph_only(inputs).items() if k.startswith("node_")}
+    without = model.get_graph_features(**node_inputs)
+    no_slots = {k: v[:, :0] for k, v in graph_only(inputs).items() if k.startswith("relation_")}
+    empty = model.get_graph_features(**node_inputs, **no_slots, validate_inputs=False)
+    for graphs in (without, empty):
+        torch.testing.assert_close(graphs.node_embeds, with_relations.node_embeds, atol=1e-6, rtol=1e-6)
+        assert graphs.relation_embeds.shape == (4, 0, with_relations.relation_embeds.shape[-1])
+        assert graphs.relation_mask.dtype == torch.bool and graphs.relation_predicate_id.shape == (4, 0)
+    assert_same(without.to_tuple(), empty.to_tuple())
+
+
 def test_bool_masks_are_kept_in_the_tuple_form(model, inputs):
     """Deliberate break of transformers' output-equivalence check (it subtracts outputs; README "Limitations"):
     masks stay bool in both forms, because scoring and the relation loss use them as masks."""
