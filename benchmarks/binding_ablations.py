@@ -131,7 +131,7 @@ def evaluate_occlip(model, processor, split: dict) -> dict:
     index = torch.arange(len(rows))
 
     def scores(graphs):
-        text = model.get_text_features(**processor.encode_graphs(processor.prepare_graphs(graphs)))
+        text = model.get_graph_features(**processor.encode_graphs(processor.prepare_graphs(graphs)))
         return model.score_pairs(image, text, index, index, False)
 
     positive = scores([r["scene_graph"] for r in rows])

@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPConfig, CLIPModel
 
 from modeling_occlip import OCCLIPConfig, OCCLIPModel
-from modeling_occlip.modeling_occlip import OCCLIPImageFeatures, OCCLIPTextFeatures
+from modeling_occlip.modeling_occlip import OCCLIPGraphFeatures, OCCLIPImageFeatures
 
 EOS = 49407
 
@@ -219,7 +219,7 @@ def part_b(args) -> None:
         values.append(v)
     images = OCCLIPImageFeatures(binding_keys=torch.cat(keys), binding_values=torch.cat(values))
     del keys, values
-    text = model.get_text_features(**random_graph_batch(args.num_captions, args.nodes, args.relations, generator))
+    text = model.get_graph_features(**random_graph_batch(args.num_captions, args.nodes, args.relations, generator))
     cache_mib = (images.binding_keys.numel() + images.binding_values.numel()) * 4 / 2**20 / args.num_images
     print(
         f"  per-image cache (keys+values, {model.config.binding_config.num_hidden_layers} layers, fp32): "
@@ -227,7 +227,7 @@ def part_b(args) -> None:
     )
 
     def captions(sl):
-        return OCCLIPTextFeatures(**{k: v[sl] for k, v in text.items()})
+        return OCCLIPGraphFeatures(**{k: v[sl] for k, v in text.items()})
 
     with FlopCounterMode(display=False) as counter:
         model.score(

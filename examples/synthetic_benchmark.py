@@ -528,7 +528,7 @@ def binding_map_inputs(out: Path, data: Path, count: int = 4) -> tuple[list, lis
         processor = AutoProcessor.from_pretrained(out / "occlip")
         inputs = processor(images=images, scene_graphs=[row["scene_graph"] for row in rows])
         pixel = inputs.pop("pixel_values")
-        attention = model.binding_attention(model.get_image_features(pixel), model.get_text_features(**inputs))[-1]
+        attention = model.binding_attention(model.get_image_features(pixel), model.get_graph_features(**inputs))[-1]
         grid = int(attention.shape[-1] ** 0.5)
         for i, row in enumerate(rows):
             for node, obj in enumerate(row["scene_graph"]["objects"]):

@@ -8,12 +8,12 @@ from transformers import AutoConfig, AutoModel
 
 from .configuration_occlip import OCCLIPBindingConfig, OCCLIPConfig, OCCLIPTextConfig, OCCLIPVisionConfig
 from .modeling_occlip import (
+    OCCLIPGraphFeatures,
     OCCLIPImageFeatures,
     OCCLIPModel,
     OCCLIPOutput,
     OCCLIPPreTrainedModel,
     OCCLIPRerankOutput,
-    OCCLIPTextFeatures,
     OCCLIPTextModel,
     OCCLIPVisionModel,
 )
@@ -32,13 +32,13 @@ for _config, _model in (
 __all__ = [
     "OCCLIPBindingConfig",
     "OCCLIPConfig",
+    "OCCLIPGraphFeatures",
     "OCCLIPImageFeatures",
     "OCCLIPModel",
     "OCCLIPOutput",
     "OCCLIPPreTrainedModel",
     "OCCLIPRerankOutput",
     "OCCLIPTextConfig",
-    "OCCLIPTextFeatures",
     "OCCLIPTextModel",
     "OCCLIPVisionConfig",
     "OCCLIPVisionModel",

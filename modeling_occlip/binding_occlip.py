@@ -21,8 +21,9 @@ from .configuration_occlip import OCCLIPConfig
 
 
 @dataclass
-class PreparedText:
-    """Per-caption tensors the pair computation needs; leading dims are `[I' , T]` with `I'` 1 or the images."""
+class GraphPairInputs:
+    """The scene-graph side of the pair computation: per-caption tensors (queries, score vectors, relation text
+    halves) computed once per caption; leading dims are `[I', T]` with `I'` 1 (shared by all images) or the images."""
 
     query: torch.Tensor  # [I', T, Q, d] node queries followed by default queries (before the layer norm)
     query_mask: torch.Tensor  # [I', T, Q] bool
@@ -35,9 +36,9 @@ class PreparedText:
     subject_text: torch.Tensor  # [I', T, P, d] text half of f_s's first layer (bias included)
     object_text: torch.Tensor  # [I', T, P, d] text half of f_o's first layer (bias included)
 
-    def select(self, caption_index: torch.Tensor) -> "PreparedText":
+    def select(self, caption_index: torch.Tensor) -> "GraphPairInputs":
         """Captions per image: `caption_index` `[I, C]` turns a shared `[1, T]` preparation into `[I, C]`."""
-        return PreparedText(**{name: value[0][caption_index] for name, value in self.__dict__.items()})
+        return GraphPairInputs(**{name: value[0][caption_index] for name, value in self.__dict__.items()})
 
 
 # The same function stands in modeling_cloc/modeling_cloc.py: each model folder must work alone as remote code.
@@ -247,13 +248,13 @@ class OCCLIPStructuredSimilarity(nn.Module):
         self.log_alpha = nn.Parameter(torch.zeros(()))
         self.log_beta = nn.Parameter(torch.zeros(()))
 
-    def object_terms(self, slots: torch.Tensor, text: PreparedText) -> torch.Tensor:
+    def object_terms(self, slots: torch.Tensor, graphs: GraphPairInputs) -> torch.Tensor:
         """`o_i = cos(U_n E_i, U_s S_i)`, `[I, T, M]`."""
         slot_vectors = nn.functional.normalize(self.slot_proj(slots), dim=-1)
-        return (slot_vectors * text.node_vectors).sum(-1)
+        return (slot_vectors * graphs.node_vectors).sum(-1)
 
     def relation_terms(
-        self, slots: torch.Tensor, text: PreparedText, subject_index: torch.Tensor, object_index: torch.Tensor
+        self, slots: torch.Tensor, graphs: GraphPairInputs, subject_index: torch.Tensor, object_index: torch.Tensor
     ) -> torch.Tensor:
         """`r_j = cos(U_r R_j, f_s([R_j; S_subj]) + f_o([R_j; S_obj]))` for the given endpoints, `[I, T, ..., P]`.
 
@@ -273,11 +274,11 @@ class OCCLIPStructuredSimilarity(nn.Module):
                 tensor = tensor.unsqueeze(2)
             return tensor
 
-        combined = self.subject_mlp(text_view(text.subject_text), gather(subject_index)) + self.object_mlp(
-            text_view(text.object_text), gather(object_index)
+        combined = self.subject_mlp(text_view(graphs.subject_text), gather(subject_index)) + self.object_mlp(
+            text_view(graphs.object_text), gather(object_index)
         )
         combined = nn.functional.normalize(combined, dim=-1)
-        return (combined * text_view(text.relation_vectors)).sum(-1)
+        return (combined * text_view(graphs.relation_vectors)).sum(-1)
 
     def combine(
         self,
@@ -293,7 +294,7 @@ class OCCLIPStructuredSimilarity(nn.Module):
         denominator = alpha * node_mask.sum(-1) + beta * relation_mask.sum(-1)
         return (alpha * object_sum + beta * relation_sum) / denominator
 
-    def prepare_text(
+    def prepare_graphs(
         self,
         binding: OCCLIPBindingModule,
         node_embeds: torch.Tensor,
@@ -302,10 +303,10 @@ class OCCLIPStructuredSimilarity(nn.Module):
         relation_mask: torch.Tensor,
         subject_index: torch.Tensor,
         object_index: torch.Tensor,
-    ) -> PreparedText:
+    ) -> GraphPairInputs:
         """Everything per caption that the pair computation needs, with a leading broadcast dim of 1."""
         query, query_mask = binding.build_queries(node_embeds, node_mask)
-        prepared = PreparedText(
+        prepared = GraphPairInputs(
             query=query,
             query_mask=query_mask,
             node_vectors=nn.functional.normalize(self.node_proj(node_embeds), dim=-1),
@@ -317,12 +318,12 @@ class OCCLIPStructuredSimilarity(nn.Module):
             subject_text=self.subject_mlp.text_part(relation_embeds),
             object_text=self.object_mlp.text_part(relation_embeds),
         )
-        return PreparedText(**{name: value.unsqueeze(0) for name, value in prepared.__dict__.items()})
+        return GraphPairInputs(**{name: value.unsqueeze(0) for name, value in prepared.__dict__.items()})
 
-    def forward(self, slots: torch.Tensor, text: PreparedText) -> torch.Tensor:
+    def forward(self, slots: torch.Tensor, graphs: GraphPairInputs) -> torch.Tensor:
         """Structured similarity `[I, T]` of every pair in the grid."""
-        objects = self.object_terms(slots, text)
-        relations = self.relation_terms(slots, text, text.subject_index, text.object_index)
-        node_mask = text.node_mask.expand_as(objects)
-        relation_mask = text.relation_mask.expand_as(relations)
+        objects = self.object_terms(slots, graphs)
+        relations = self.relation_terms(slots, graphs, graphs.subject_index, graphs.object_index)
+        node_mask = graphs.node_mask.expand_as(objects)
+        relation_mask = graphs.relation_mask.expand_as(relations)
         return self.combine(objects, node_mask, relations, relation_mask)

@@ -7,6 +7,7 @@ relation predicate ("left of"), subject/object indices per relation, and masks.
 
 from dataclasses import dataclass
 from os import PathLike
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,21 +22,63 @@ from transformers.models.clip.modeling_clip import (
     CLIPTextModel,
     CLIPVisionModel,
 )
-from transformers.utils import ModelOutput, logging
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple, logging
 
-from .binding_occlip import OCCLIPBindingModule, OCCLIPStructuredSimilarity, PreparedText
+from .binding_occlip import GraphPairInputs, OCCLIPBindingModule, OCCLIPStructuredSimilarity
 from .configuration_occlip import OCCLIPConfig, OCCLIPTextConfig, OCCLIPVisionConfig
 
 logger = logging.get_logger(__name__)
 
+# The keyword arguments the models honour beyond their named ones (the rest of transformers' `TransformersKwargs`
+# concern packed or MoE language models and would be ignored here, so they are refused).
+_OUTPUT_FLAGS = ("output_attentions", "output_hidden_states")
+_GRAPH_INPUT_NAMES = (
+    "node_input_ids",
+    "node_attention_mask",
+    "node_mask",
+    "relation_input_ids",
+    "relation_attention_mask",
+    "relation_mask",
+    "relation_subject_index",
+    "relation_object_index",
+)
+
+
+def _refuse_unknown_kwargs(method: str, kwargs: dict, allowed: tuple[str, ...] = _OUTPUT_FLAGS) -> None:
+    """Raise `TypeError` naming every keyword argument `method` would otherwise drop silently."""
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        hint = ""
+        if set(unknown) & set(_GRAPH_INPUT_NAMES):
+            hint = " Scene-graph inputs go to OCCLIPModel.get_graph_features (or forward)."
+        raise TypeError(f"{method} got unexpected keyword argument(s) {', '.join(map(repr, unknown))}.{hint}")
+
 
 @dataclass
 class OCCLIPImageFeatures(BaseModelOutputWithPooling):
-    r"""Cacheable per-image features of OC-CLIP.
+    r"""
+    Per-image features of OC-CLIP, cacheable: [`OCCLIPModel.get_image_features`] fills every field it was asked for;
+    [`OCCLIPModel.score`] needs only `binding_keys` and `binding_values`.
 
-    pooler_output (`torch.Tensor` `[B, projection_dim]`): projected, unnormalised global CLIP image embedding.
-    binding_keys (`torch.Tensor` `[B, L, H, N, d]`): per-layer patch keys with the binding query projection folded in.
-    binding_values (`torch.Tensor` `[B, L, H, N, d]`): per-layer patch values with the output projection folded in.
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, num_patches + 1, vision_hidden_size)`):
+            Last hidden state of the vision tower (CLS token first), as in CLIP's `get_image_features`.
+        pooler_output (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
+            The projected, unnormalised global image embedding: `visual_projection` of the vision tower's pooled
+            output, equal to `CLIPModel.get_image_features(...).pooler_output` for the same towers. Used by
+            reranking and global retrieval; the structured loss does not train it (see [`OCCLIPModel`]).
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
+            The vision tower's embeddings output and every layer's output, each `(batch_size, num_patches + 1,
+            vision_hidden_size)`.
+        attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
+            The vision tower's self-attention weights per layer, each `(batch_size, num_heads, num_patches + 1,
+            num_patches + 1)`.
+        binding_keys (`torch.FloatTensor` of shape `(batch_size, binding_layers, binding_heads, num_patches,
+            binding_head_dim)`):
+            Per-layer patch keys of the binding module with its query projection and scale folded in.
+        binding_values (`torch.FloatTensor` of the same shape as `binding_keys`):
+            Per-layer patch values of the binding module with its output projection folded in.
     """
 
     binding_keys: torch.Tensor | None = None
@@ -43,12 +86,30 @@ class OCCLIPImageFeatures(BaseModelOutputWithPooling):
 
 
 @dataclass
-class OCCLIPTextFeatures(ModelOutput):
-    r"""Cacheable per-caption (scene-graph) features of OC-CLIP.
+class OCCLIPGraphFeatures(ModelOutput):
+    r"""
+    Per-caption scene-graph features of OC-CLIP ([`OCCLIPModel.get_graph_features`]), cacheable.
 
-    node_embeds (`[T, M, D_e]`), node_mask (`[T, M]` bool), relation_embeds (`[T, P, D_e]`),
-    relation_mask (`[T, P]` bool), relation_subject_index / relation_object_index (`[T, P]` long; 0 where padded),
-    relation_predicate_id (`[T, P]` long): equal ids mean the same predicate text within this batch, -1 where padded.
+    The masks stay `torch.bool` (and the indices `torch.long`): the structured similarity and the relation loss use
+    them as masks and indices. transformers' generic output-equivalence check subtracts outputs, which bool tensors
+    do not support; `to_tuple()` keeps them, and this project's tests compare such entries exactly.
+
+    Args:
+        node_embeds (`torch.FloatTensor` of shape `(num_captions, max_nodes, text_embed_dim)`):
+            Embedding of each node phrase (text tower pooled output, projected when
+            `config.text_embedding_source == "projected"`); zeros where `node_mask` is False.
+        node_mask (`torch.BoolTensor` of shape `(num_captions, max_nodes)`):
+            True for the caption's nodes, False for padding.
+        relation_embeds (`torch.FloatTensor` of shape `(num_captions, max_relations, text_embed_dim)`):
+            Embedding of each relation predicate ("left of"); zeros where `relation_mask` is False.
+        relation_mask (`torch.BoolTensor` of shape `(num_captions, max_relations)`):
+            True for the caption's relations, False for padding.
+        relation_subject_index (`torch.LongTensor` of shape `(num_captions, max_relations)`):
+            Node index of each relation's subject; 0 where padded.
+        relation_object_index (`torch.LongTensor` of shape `(num_captions, max_relations)`):
+            Node index of each relation's object; 0 where padded.
+        relation_predicate_id (`torch.LongTensor` of shape `(num_captions, max_relations)`):
+            Equal ids mean the same predicate text within this batch; -1 where padded.
     """
 
     node_embeds: torch.Tensor | None = None
@@ -67,13 +128,36 @@ class OCCLIPTextFeatures(ModelOutput):
 
 @dataclass
 class OCCLIPOutput(ModelOutput):
-    r"""Output of [`OCCLIPModel.forward`].
+    r"""
+    Output of [`OCCLIPModel.forward`].
 
-    loss: `loss_itc + rel_loss_weight * loss_rel` when `return_loss=True`.
-    logits_per_image (`[B_i, B_t]`): `exp(t) * s(x, G)`; logits_per_text is its transpose.
-    loss_itc: symmetric InfoNCE over the structured logits; loss_rel: local graph contrastive loss.
-    image_embeds (`[B_i, projection_dim]`): normalised global CLIP image embeddings.
-    image_features / text_features: the caches `score` consumed.
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `return_loss=True`):
+            `loss_itc + rel_loss_weight * loss_rel`.
+        logits_per_image (`torch.FloatTensor` of shape `(image_batch_size, caption_batch_size)`, *optional*):
+            Structured logits `exp(t) * s(x, G)` of every (image, scene graph) pair; absent with `return_logits=False`.
+        logits_per_text (`torch.FloatTensor` of shape `(caption_batch_size, image_batch_size)`, *optional*):
+            The transpose of `logits_per_image`.
+        loss_itc (`torch.FloatTensor` of shape `()`, *optional*, returned when `return_loss=True`):
+            Symmetric InfoNCE over the structured logits.
+        loss_rel (`torch.FloatTensor` of shape `()`, *optional*, returned when `return_loss=True` and
+            `config.rel_loss_weight` is not 0):
+            Local graph contrastive loss (each pair against its relation-perturbed graphs).
+        text_embeds (`torch.FloatTensor` of shape `(caption_batch_size, projection_dim)`, *optional*, returned when
+            `input_ids` are given):
+            Normalised global caption embeddings, as `CLIPOutput.text_embeds`.
+        image_embeds (`torch.FloatTensor` of shape `(image_batch_size, projection_dim)`):
+            Normalised global image embeddings, as `CLIPOutput.image_embeds`.
+        text_model_output (`BaseModelOutputWithPooling`, *optional*, returned when `input_ids` are given):
+            [`OCCLIPModel.get_text_features`] of the plain captions (`pooler_output` projected).
+        image_features (`OCCLIPImageFeatures`):
+            [`OCCLIPModel.get_image_features`] of the images (vision tower outputs and binding keys/values).
+        graph_features (`OCCLIPGraphFeatures`):
+            [`OCCLIPModel.get_graph_features`] of the scene graphs.
+        binding_attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
+            Query-softmax attention of each binding layer for every (image, caption) pair, each `(image_batch_size,
+            binding_heads, caption_batch_size, num_queries, num_patches)`; queries are the caption's nodes, then
+            the default queries.
     """
 
     loss: torch.Tensor | None = None
@@ -81,18 +165,32 @@ class OCCLIPOutput(ModelOutput):
     logits_per_text: torch.Tensor | None = None
     loss_itc: torch.Tensor | None = None
     loss_rel: torch.Tensor | None = None
+    text_embeds: torch.Tensor | None = None
     image_embeds: torch.Tensor | None = None
+    text_model_output: BaseModelOutputWithPooling | None = None
     image_features: OCCLIPImageFeatures | None = None
-    text_features: OCCLIPTextFeatures | None = None
+    graph_features: OCCLIPGraphFeatures | None = None
+    binding_attentions: tuple[torch.Tensor, ...] | None = None
+
+    def to_tuple(self) -> tuple[Any]:
+        """The set fields in order, nested outputs turned into tuples too (as `CLIPOutput.to_tuple`)."""
+        return tuple(value.to_tuple() if isinstance(value, ModelOutput) else value for value in self.values())
 
 
 @dataclass
 class OCCLIPRerankOutput(ModelOutput):
-    r"""Output of [`OCCLIPModel.rerank`]: per query, the shortlisted candidates re-ordered by the fused score.
+    r"""
+    Output of [`OCCLIPModel.rerank`]: per query, the shortlisted candidates re-ordered by the fused score.
 
-    indices (`[Q, k]` long): candidate indices (images for text queries, captions for image queries), best first.
-    scores (`[Q, k]`): fused scores `z_oc + global_weight * z_global` in the same order.
-    structured_logits / global_logits (`[Q, k]`): the two parts.
+    Args:
+        indices (`torch.LongTensor` of shape `(num_queries, top_k)`):
+            Candidate indices (images for text queries, captions for image queries), best first.
+        scores (`torch.FloatTensor` of shape `(num_queries, top_k)`):
+            Fused scores `z_oc + global_weight * z_global`, in the order of `indices`.
+        structured_logits (`torch.FloatTensor` of shape `(num_queries, top_k)`):
+            The OC-CLIP part `z_oc`, in the order of `indices`.
+        global_logits (`torch.FloatTensor` of shape `(num_queries, top_k)`):
+            The first-stage part `z_global`, in the order of `indices`.
     """
 
     indices: torch.Tensor | None = None
@@ -222,8 +320,14 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
     """OC-CLIP: CLIP towers, a binding module that gives one visual slot per scene-graph node, and a structured
     similarity (object terms + relation terms) in place of the single cosine.
 
-    Use `get_image_features` / `get_text_features` to cache each side once, `score` for all pairs, `score_pairs`
-    for selected pairs and `rerank` to rescore a global-CLIP shortlist.
+    Use `get_image_features` / `get_graph_features` to cache each side once, `score` for all pairs, `score_pairs`
+    for selected pairs and `rerank` to rescore a global-CLIP shortlist. `get_text_features` gives CLIP's global
+    caption embedding of plain tokenized captions.
+
+    The global embeddings (`visual_projection` over the vision tower's `post_layernorm`, and `text_projection` of
+    whole captions) serve `get_image_features` / `get_text_features` and reranking. The structured loss reads the
+    patch tokens and phrase embeddings only, so it does not train `visual_projection` or the vision
+    `post_layernorm`: they keep the values of the CLIP the model was built from.
     """
 
     main_input_name = "pixel_values"
@@ -274,15 +378,26 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
 
     # ------------------------------------------------------------------ per-image side
 
-    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+    def _output_flag(self, kwargs: dict, name: str) -> bool:
+        """An output flag from the call, else from the config (as transformers' `merge_with_config_defaults`)."""
+        value = kwargs.get(name)
+        return bool(getattr(self.config, name, False) if value is None else value)
+
+    def _check_pixel_values(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> None:
         vision = self.config.vision_config
         if not isinstance(pixel_values, torch.Tensor):
             raise ValueError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}.")
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != vision.num_channels:
+            raise ValueError(
+                f"pixel_values has shape {tuple(pixel_values.shape)}, expected [batch, {vision.num_channels}, "
+                "height, width]."
+            )
         expected = (vision.num_channels, vision.image_size, vision.image_size)
-        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
+        if not interpolate_pos_encoding and tuple(pixel_values.shape[1:]) != expected:
             raise ValueError(
                 f"pixel_values has shape {tuple(pixel_values.shape)}, expected [batch, {expected[0]}, {expected[1]}, "
-                f"{expected[2]}] for this model (image_size={vision.image_size}); resize the images with the processor."
+                f"{expected[2]}] for this model (image_size={vision.image_size}); resize the images with the "
+                "processor, or pass interpolate_pos_encoding=True."
             )
         if pixel_values.shape[0] == 0:
             raise ValueError("pixel_values holds no image.")
@@ -293,46 +408,79 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
                 "processor's output), not raw 0-255 values."
             )
 
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> OCCLIPImageFeatures:
-        """Per-image cache: global CLIP embedding (`pooler_output`) and folded binding keys/values."""
-        self._check_pixel_values(pixel_values)
+    @can_return_tuple
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool = False,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | OCCLIPImageFeatures:
+        """Per-image cache, CLIP-shaped: the vision tower's outputs with `pooler_output` the projected global image
+        embedding (as `CLIPModel.get_image_features`), plus the folded binding keys/values `score` needs.
+
+        Args:
+            pixel_values: `[B, C, H, W]` normalised images (the processor's output).
+            interpolate_pos_encoding: interpolate the tower's position embeddings for images of another size.
+            output_attentions / output_hidden_states: the vision tower's attentions / hidden states.
+        """
+        _refuse_unknown_kwargs("OCCLIPModel.get_image_features", kwargs)
+        self._check_pixel_values(pixel_values, interpolate_pos_encoding)
         layer = self.config.binding_config.vision_feature_layer
+        output_hidden_states = self._output_flag(kwargs, "output_hidden_states")
         vision_outputs = self.vision_model(
-            pixel_values=pixel_values, output_hidden_states=layer != -1, return_dict=True, **kwargs
+            pixel_values=pixel_values,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            output_hidden_states=output_hidden_states or layer != -1,
+            output_attentions=self._output_flag(kwargs, "output_attentions"),
+            return_dict=True,
         )
         hidden = vision_outputs.last_hidden_state if layer == -1 else vision_outputs.hidden_states[layer]
         keys, values = self.binding.encode_image(hidden[:, 1:])  # CLS dropped: binding sees patches only
         return OCCLIPImageFeatures(
+            last_hidden_state=vision_outputs.last_hidden_state,
             pooler_output=self.visual_projection(vision_outputs.pooler_output),
+            hidden_states=vision_outputs.hidden_states if output_hidden_states else None,
+            attentions=vision_outputs.attentions,
             binding_keys=keys,
             binding_values=values,
         )
 
     # ------------------------------------------------------------------ per-caption side
 
-    def _encode_phrases(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embed phrases `[n, L]`; each distinct phrase runs through the text tower once.
+    @can_return_tuple
+    def get_text_features(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | BaseModelOutputWithPooling:
+        """Global embedding of plain tokenized captions, exactly as `CLIPModel.get_text_features`: the text tower's
+        outputs with `pooler_output` replaced by its `text_projection`. OC-CLIP keeps it for reranking; the
+        scene-graph features that `score` consumes come from `get_graph_features`.
 
-        Returns the embeddings `[n, D_e]` and an id per phrase (equal ids = equal text).
+        Args:
+            input_ids: `[B, L]` caption token ids (the CLIP tokenizer's output).
+            attention_mask: `[B, L]`; position_ids: `[B, L]`, as for `CLIPTextModel`.
+            output_attentions / output_hidden_states: the text tower's attentions / hidden states.
         """
-        key = torch.where(attention_mask.bool(), input_ids, torch.full_like(input_ids, -1))
-        unique_keys, inverse = torch.unique(key, dim=0, return_inverse=True)
-        first = torch.full((unique_keys.shape[0],), input_ids.shape[0], dtype=torch.long, device=input_ids.device)
-        first = first.scatter_reduce(0, inverse, torch.arange(input_ids.shape[0], device=input_ids.device), "amin")
-        input_ids, attention_mask = input_ids[first], attention_mask[first]
-        # Columns masked in every phrase only cost compute: causal attention and pooling at the end-of-text token
-        # make the result independent of trailing padding.
-        used = attention_mask.bool().any(0).nonzero()
-        length = int(used.max()) + 1 if used.numel() else input_ids.shape[-1]
-        outputs = self.text_model(
-            input_ids=input_ids[:, :length], attention_mask=attention_mask[:, :length], return_dict=True
+        _refuse_unknown_kwargs("OCCLIPModel.get_text_features", kwargs)  # before input_ids: names graph inputs
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(
+                f"input_ids must be a [captions, tokens] tensor of plain tokenized captions, got {shape}; "
+                "scene graphs go to get_graph_features."
+            )
+        text_outputs = self.text_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            output_attentions=self._output_flag(kwargs, "output_attentions"),
+            output_hidden_states=self._output_flag(kwargs, "output_hidden_states"),
+            return_dict=True,
         )
-        embeds = outputs.pooler_output
-        if self.config.text_embedding_source == "projected":
-            embeds = self.text_projection(embeds)
-        return embeds[inverse], inverse
+        text_outputs.pooler_output = self.text_projection(text_outputs.pooler_output)
+        return text_outputs
 
     def _check_phrase_tokens(self, name: str, input_ids: torch.Tensor, attention_mask: torch.Tensor, valid) -> None:
         eos = self.config.text_config.eos_token_id
@@ -345,6 +493,8 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
             raise ValueError(
                 f"{name} holds token ids outside the vocabulary [0, {self.config.text_config.vocab_size})."
             )
+        # CLIPTextTransformer pools at the first eos token, except when eos_token_id == 2: that legacy value of early
+        # CLIP configs makes it pool at the highest token id instead, so there is no eos token to require.
         if isinstance(eos, int) and eos != 2:
             has_eos = ((input_ids == eos) & attention_mask.bool()).any(-1)
             missing = (~has_eos) & valid
@@ -355,7 +505,7 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
                     f"tower pools at that token. Tokenize phrases with the CLIP tokenizer."
                 )
 
-    def get_text_features(
+    def check_graph_inputs(
         self,
         node_input_ids: torch.Tensor,
         node_attention_mask: torch.Tensor | None = None,
@@ -365,16 +515,12 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
         relation_mask: torch.Tensor | None = None,
         relation_subject_index: torch.Tensor | None = None,
         relation_object_index: torch.Tensor | None = None,
-    ) -> OCCLIPTextFeatures:
-        """Per-caption cache: node and predicate embeddings of padded scene graphs, validated.
+    ) -> None:
+        """Raise `ValueError` naming the caption and field if the padded scene graphs are malformed.
 
-        Args:
-            node_input_ids: `[T, M, L]` token ids of each node phrase ("red cube").
-            node_attention_mask: `[T, M, L]`; defaults to all ones.
-            node_mask: `[T, M]` valid nodes; defaults to all valid.
-            relation_input_ids: `[T, P, L']` token ids of each predicate ("left of"), or `None` for no relations.
-            relation_attention_mask: `[T, P, L']`; relation_mask: `[T, P]`.
-            relation_subject_index / relation_object_index: `[T, P]` node index of each relation's endpoints.
+        `get_graph_features(validate_inputs=True)` (the default) runs it first. It reads values on the host (one
+        device sync per check), so inputs built by `OCCLIPProcessor`, valid by construction, may skip it with
+        `validate_inputs=False`.
         """
         if not isinstance(node_input_ids, torch.Tensor) or node_input_ids.dim() != 3:
             shape = tuple(node_input_ids.shape) if isinstance(node_input_ids, torch.Tensor) else type(node_input_ids)
@@ -395,16 +541,10 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
                 f"caption {empty[0]} has zero valid nodes (node_mask is all False); a graph needs a node."
             )
         self._check_phrase_tokens("node_input_ids", node_input_ids, node_attention_mask, node_mask)
-
         if relation_input_ids is None:
             if relation_subject_index is not None or relation_object_index is not None:
                 raise ValueError("relation indices were given without relation_input_ids.")
-            relation_input_ids = node_input_ids.new_zeros(num_captions, 0, 1)
-            relation_attention_mask = relation_input_ids
-            relation_mask = torch.zeros(num_captions, 0, dtype=torch.bool, device=device)
-            relation_subject_index = relation_object_index = torch.zeros(
-                num_captions, 0, dtype=torch.long, device=device
-            )
+            return
         if relation_input_ids.dim() != 3 or relation_input_ids.shape[0] != num_captions:
             raise ValueError(
                 f"relation_input_ids has shape {tuple(relation_input_ids.shape)}, expected [{num_captions}, relations,"
@@ -435,43 +575,117 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
                     f"caption {caption}, relation {relation}: {name} = {int(index[caption, relation])} does not point to"
                     f" a valid node (the caption has {int(node_mask[caption].sum())} valid of {num_nodes} node slots)."
                 )
-        subject_index = torch.where(relation_mask, relation_subject_index.long(), 0)
-        object_index = torch.where(relation_mask, relation_object_index.long(), 0)
-        self_loops = relation_mask & (subject_index == object_index)
+        self_loops = relation_mask & (relation_subject_index.long() == relation_object_index.long())
         if self_loops.any():
             caption, relation = self_loops.nonzero()[0].tolist()
             raise ValueError(f"caption {caption}, relation {relation}: subject and object are the same node.")
         if num_relations:
             self._check_phrase_tokens("relation_input_ids", relation_input_ids, relation_attention_mask, relation_mask)
 
-        # Nodes and predicates share one pass through the text tower, padded to a common length.
+    def _encode_phrases(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embed phrases `[n, L]`; each distinct phrase runs through the text tower once.
+
+        Returns the embeddings `[n, D_e]` and an id per phrase (equal ids = equal text). `torch.unique` is the one
+        device sync of the graph path: its output size depends on the data, and it is what lets a batch's repeated
+        phrases ("left of", "red cube") cost one text-tower row each.
+        """
+        key = torch.where(attention_mask.bool(), input_ids, torch.full_like(input_ids, -1))
+        unique_keys, inverse = torch.unique(key, dim=0, return_inverse=True)
+        representative = torch.full(
+            (unique_keys.shape[0],), input_ids.shape[0], dtype=torch.long, device=input_ids.device
+        )
+        representative = representative.scatter_reduce(
+            0, inverse, torch.arange(input_ids.shape[0], device=input_ids.device), "amin"
+        )
+        outputs = self.text_model(
+            input_ids=input_ids[representative], attention_mask=attention_mask[representative], return_dict=True
+        )
+        embeds = outputs.pooler_output
+        if self.config.text_embedding_source == "projected":
+            embeds = self.text_projection(embeds)
+        return embeds[inverse], inverse
+
+    @can_return_tuple
+    def get_graph_features(
+        self,
+        node_input_ids: torch.Tensor,
+        node_attention_mask: torch.Tensor | None = None,
+        node_mask: torch.Tensor | None = None,
+        relation_input_ids: torch.Tensor | None = None,
+        relation_attention_mask: torch.Tensor | None = None,
+        relation_mask: torch.Tensor | None = None,
+        relation_subject_index: torch.Tensor | None = None,
+        relation_object_index: torch.Tensor | None = None,
+        validate_inputs: bool = True,
+    ) -> tuple | OCCLIPGraphFeatures:
+        """Per-caption cache for `score`: node and predicate embeddings of padded scene graphs.
+
+        Args:
+            node_input_ids: `[T, M, L]` token ids of each node phrase ("red cube").
+            node_attention_mask: `[T, M, L]`; defaults to all ones.
+            node_mask: `[T, M]` valid nodes; defaults to all valid.
+            relation_input_ids: `[T, P, L']` token ids of each predicate ("left of"), or `None` for no relations.
+            relation_attention_mask: `[T, P, L']`; relation_mask: `[T, P]`.
+            relation_subject_index / relation_object_index: `[T, P]` node index of each relation's endpoints.
+            validate_inputs: run `check_graph_inputs` first (host syncs); `False` for processor outputs.
+        """
+        if validate_inputs:
+            self.check_graph_inputs(
+                node_input_ids,
+                node_attention_mask,
+                node_mask,
+                relation_input_ids,
+                relation_attention_mask,
+                relation_mask,
+                relation_subject_index,
+                relation_object_index,
+            )
+        device = node_input_ids.device
+        num_captions, num_nodes, _ = node_input_ids.shape
+        if node_attention_mask is None:
+            node_attention_mask = torch.ones_like(node_input_ids)
+        node_mask = node_input_ids.new_ones(num_captions, num_nodes) if node_mask is None else node_mask
+        if relation_input_ids is None:
+            relation_input_ids = node_input_ids.new_zeros(num_captions, 0, 1)
+            relation_mask = relation_subject_index = relation_object_index = node_input_ids.new_zeros(num_captions, 0)
+        if relation_attention_mask is None:
+            relation_attention_mask = torch.ones_like(relation_input_ids)
+        if relation_mask is None:
+            relation_mask = relation_input_ids.new_ones(relation_input_ids.shape[:2])
+        node_mask, relation_mask = node_mask.to(device, torch.bool), relation_mask.to(device, torch.bool)
+        num_relations = relation_input_ids.shape[1]
+
+        # Nodes and predicates share one pass through the text tower, padded to a common length. Padded entries
+        # become one all-pad phrase with a full attention mask (a fully masked row could give NaN attention), so
+        # no host-side selection of the valid entries is needed; their embeddings are zeroed below.
         length = max(node_input_ids.shape[-1], relation_input_ids.shape[-1])
         pad_id = self.config.text_config.pad_token_id or 0
 
-        def rows(ids, mask, valid):
-            ids, mask = ids[valid], mask[valid]
+        def rows(ids, attention, valid):
             pad = length - ids.shape[-1]
-            return nn.functional.pad(ids, (0, pad), value=pad_id), nn.functional.pad(mask, (0, pad), value=0)
+            ids = nn.functional.pad(ids, (0, pad), value=pad_id).flatten(0, 1)
+            attention = nn.functional.pad(attention, (0, pad), value=0).flatten(0, 1)
+            valid = valid.flatten()[:, None]
+            return torch.where(valid, ids, pad_id), torch.where(valid, attention, 1)
 
-        node_ids, node_attn = rows(node_input_ids, node_attention_mask, node_mask)
-        rel_ids, rel_attn = rows(relation_input_ids, relation_attention_mask, relation_mask)
-        embeds, phrase_ids = self._encode_phrases(torch.cat([node_ids, rel_ids]), torch.cat([node_attn, rel_attn]))
-        num_valid_nodes = node_ids.shape[0]
-
-        node_embeds = embeds.new_zeros(num_captions, num_nodes, embeds.shape[-1])
-        node_embeds = node_embeds.masked_scatter(node_mask[..., None], embeds[:num_valid_nodes])
-        relation_embeds = embeds.new_zeros(num_captions, num_relations, embeds.shape[-1])
-        relation_embeds = relation_embeds.masked_scatter(relation_mask[..., None], embeds[num_valid_nodes:])
-        predicate_id = torch.full((num_captions, num_relations), -1, dtype=torch.long, device=device)
-        predicate_id[relation_mask] = phrase_ids[num_valid_nodes:]
-        return OCCLIPTextFeatures(
-            node_embeds=node_embeds,
+        node_ids, node_attention = rows(node_input_ids, node_attention_mask, node_mask)
+        relation_ids, relation_attention = rows(relation_input_ids, relation_attention_mask, relation_mask)
+        embeds, phrase_ids = self._encode_phrases(
+            torch.cat([node_ids, relation_ids]), torch.cat([node_attention, relation_attention])
+        )
+        num_node_rows = node_ids.shape[0]
+        node_embeds = embeds[:num_node_rows].view(num_captions, num_nodes, embeds.shape[-1])
+        relation_embeds = embeds[num_node_rows:].view(num_captions, num_relations, embeds.shape[-1])
+        return OCCLIPGraphFeatures(
+            node_embeds=torch.where(node_mask[..., None], node_embeds, 0),
             node_mask=node_mask,
-            relation_embeds=relation_embeds,
+            relation_embeds=torch.where(relation_mask[..., None], relation_embeds, 0),
             relation_mask=relation_mask,
-            relation_subject_index=subject_index,
-            relation_object_index=object_index,
-            relation_predicate_id=predicate_id,
+            relation_subject_index=torch.where(relation_mask, relation_subject_index.long(), 0),
+            relation_object_index=torch.where(relation_mask, relation_object_index.long(), 0),
+            relation_predicate_id=torch.where(relation_mask, phrase_ids[num_node_rows:].view_as(relation_mask), -1),
         )
 
     # ------------------------------------------------------------------ pair scoring
@@ -479,58 +693,80 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
     def _logit_scale(self) -> torch.Tensor:
         return self.logit_scale.exp().clamp(max=self.config.logit_scale_max)
 
-    def _prepare_text(self, text_features: OCCLIPTextFeatures) -> PreparedText:
-        return self.similarity.prepare_text(
+    def _prepare_graphs(self, graph_features: OCCLIPGraphFeatures) -> GraphPairInputs:
+        return self.similarity.prepare_graphs(
             self.binding,
-            text_features.node_embeds,
-            text_features.node_mask,
-            text_features.relation_embeds,
-            text_features.relation_mask,
-            text_features.relation_subject_index,
-            text_features.relation_object_index,
+            graph_features.node_embeds,
+            graph_features.node_mask,
+            graph_features.relation_embeds,
+            graph_features.relation_mask,
+            graph_features.relation_subject_index,
+            graph_features.relation_object_index,
         )
 
-    def _bind(self, keys, values, text: PreparedText, output_attentions: bool = False):
+    def _bind(self, keys, values, graphs: GraphPairInputs, output_attentions: bool = False):
         return self.binding(
-            keys, values, text.query, text.query_mask, text.node_mask.shape[-1], output_attentions=output_attentions
+            keys,
+            values,
+            graphs.query,
+            graphs.query_mask,
+            graphs.node_mask.shape[-1],
+            output_attentions=output_attentions,
         )
 
     @staticmethod
-    def _check_features(image_features: OCCLIPImageFeatures, text_features: OCCLIPTextFeatures) -> None:
+    def _check_features(image_features: OCCLIPImageFeatures, graph_features: OCCLIPGraphFeatures) -> None:
         if not isinstance(image_features, OCCLIPImageFeatures) or image_features.binding_keys is None:
             raise ValueError("image_features must come from OCCLIPModel.get_image_features.")
-        if not isinstance(text_features, OCCLIPTextFeatures) or text_features.node_embeds is None:
-            raise ValueError("text_features must come from OCCLIPModel.get_text_features.")
+        if not isinstance(graph_features, OCCLIPGraphFeatures) or graph_features.node_embeds is None:
+            raise ValueError("graph_features must come from OCCLIPModel.get_graph_features.")
+
+    def _score_grid(
+        self, image_features: OCCLIPImageFeatures, graph_features: OCCLIPGraphFeatures, output_attentions: bool
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """Unscaled structured similarity `[I, T]` of every pair, in tiles of about `pair_chunk_size` pairs, and with
+        `output_attentions` each binding layer's attention `[I, H, T, Q, N]`."""
+        keys, values = image_features.binding_keys, image_features.binding_values
+        num_images, num_captions = keys.shape[0], graph_features.num_captions
+        graphs = self._prepare_graphs(graph_features)
+        chunk = self.config.pair_chunk_size
+        caption_step = min(num_captions, chunk)
+        image_step = max(1, chunk // caption_step)
+        similarity_rows, attention_rows = [], []
+        for i0 in range(0, num_images, image_step):
+            similarity_row, attention_row = [], []
+            for t0 in range(0, num_captions, caption_step):
+                caption_chunk = GraphPairInputs(
+                    **{k: v[:, t0 : t0 + caption_step] for k, v in graphs.__dict__.items()}
+                )
+                slots, attentions = self._bind(
+                    keys[i0 : i0 + image_step], values[i0 : i0 + image_step], caption_chunk, output_attentions
+                )
+                similarity_row.append(self.similarity(slots, caption_chunk))
+                attention_row.append(attentions)
+            similarity_rows.append(torch.cat(similarity_row, dim=1))
+            if output_attentions:  # captions are dim 2 of an attention map
+                attention_rows.append([torch.cat(per_layer, dim=2) for per_layer in zip(*attention_row)])
+        similarity = torch.cat(similarity_rows, dim=0)
+        if not output_attentions:
+            return similarity, None
+        return similarity, tuple(torch.cat(per_layer, dim=0) for per_layer in zip(*attention_rows))
 
     def score(
-        self, image_features: OCCLIPImageFeatures, text_features: OCCLIPTextFeatures, scale: bool = True
+        self, image_features: OCCLIPImageFeatures, graph_features: OCCLIPGraphFeatures, scale: bool = True
     ) -> torch.Tensor:
         """Structured logits `[I, T]` for every (image, caption) pair, computed in chunks of `pair_chunk_size` pairs.
 
         With `scale=False` the unscaled structured similarity `s(x, G)` in [-1, 1] is returned.
         """
-        self._check_features(image_features, text_features)
-        keys, values = image_features.binding_keys, image_features.binding_values
-        num_images, num_captions = keys.shape[0], text_features.num_captions
-        text = self._prepare_text(text_features)
-        chunk = self.config.pair_chunk_size
-        caption_step = min(num_captions, chunk)
-        image_step = max(1, chunk // caption_step)
-        rows = []
-        for i0 in range(0, num_images, image_step):
-            row = []
-            for t0 in range(0, num_captions, caption_step):
-                part = PreparedText(**{k: v[:, t0 : t0 + caption_step] for k, v in text.__dict__.items()})
-                slots, _ = self._bind(keys[i0 : i0 + image_step], values[i0 : i0 + image_step], part)
-                row.append(self.similarity(slots, part))
-            rows.append(torch.cat(row, dim=1))
-        similarity = torch.cat(rows, dim=0)
+        self._check_features(image_features, graph_features)
+        similarity, _ = self._score_grid(image_features, graph_features, output_attentions=False)
         return similarity * self._logit_scale() if scale else similarity
 
     def score_pairs(
         self,
         image_features: OCCLIPImageFeatures,
-        text_features: OCCLIPTextFeatures,
+        graph_features: OCCLIPGraphFeatures,
         image_index: torch.Tensor,
         text_index: torch.Tensor,
         scale: bool = True,
@@ -539,7 +775,7 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
 
         Pairs are grouped by image so each image's keys/values are read once per chunk, never copied per pair.
         """
-        self._check_features(image_features, text_features)
+        self._check_features(image_features, graph_features)
         image_index = torch.as_tensor(image_index, dtype=torch.long, device=image_features.binding_keys.device)
         text_index = torch.as_tensor(text_index, dtype=torch.long, device=image_index.device)
         if image_index.shape != text_index.shape or image_index.dim() != 1:
@@ -547,12 +783,12 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
                 f"image_index {tuple(image_index.shape)} and text_index {tuple(text_index.shape)} must be equal-length"
                 " 1-D tensors."
             )
-        num_images, num_captions = image_features.binding_keys.shape[0], text_features.num_captions
+        num_images, num_captions = image_features.binding_keys.shape[0], graph_features.num_captions
         if image_index.numel() and (image_index.min() < 0 or image_index.max() >= num_images):
             raise ValueError(f"image_index holds values outside [0, {num_images}).")
         if text_index.numel() and (text_index.min() < 0 or text_index.max() >= num_captions):
             raise ValueError(f"text_index holds values outside [0, {num_captions}).")
-        text = self._prepare_text(text_features)
+        graphs = self._prepare_graphs(graph_features)
         output = image_features.binding_keys.new_zeros(image_index.shape[0])
         order = torch.argsort(image_index, stable=True)
         images, counts = torch.unique_consecutive(image_index[order], return_counts=True)
@@ -565,47 +801,49 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
             for offset in range(0, count, chunk)
         ]
         rows.sort(key=lambda row: -row[2])
-        first = 0
-        while first < len(rows):
-            width = rows[first][2]
-            last = min(len(rows), first + max(1, chunk // width))
-            tile = torch.tensor(rows[first:last], device=image_index.device)
+        tile_start = 0
+        while tile_start < len(rows):
+            width = rows[tile_start][2]
+            tile_end = min(len(rows), tile_start + max(1, chunk // width))
+            tile = torch.tensor(rows[tile_start:tile_end], device=image_index.device)
             offsets = torch.arange(width, device=image_index.device)
             valid = offsets[None, :] < tile[:, 2:3]
             positions = torch.where(valid, tile[:, 1:2] + offsets, tile[:, 1:2])
             pair_ids = order[positions]  # [rows, width] pair positions, padded with each row's first pair
-            part = text.select(text_index[pair_ids])
+            tile_graphs = graphs.select(text_index[pair_ids])
             keys = image_features.binding_keys[tile[:, 0]]
-            slots, _ = self._bind(keys, image_features.binding_values[tile[:, 0]], part)
-            similarity = self.similarity(slots, part)
+            slots, _ = self._bind(keys, image_features.binding_values[tile[:, 0]], tile_graphs)
+            similarity = self.similarity(slots, tile_graphs)
             output = output.index_put((pair_ids[valid],), similarity[valid])
-            first = last
+            tile_start = tile_end
         return output * self._logit_scale() if scale else output
 
     def binding_attention(
-        self, image_features: OCCLIPImageFeatures, text_features: OCCLIPTextFeatures
+        self, image_features: OCCLIPImageFeatures, graph_features: OCCLIPGraphFeatures
     ) -> tuple[torch.Tensor, ...]:
         """Query-softmax attention of each binding layer for the pairs (image k, caption k): `[B, H, Q, N]` per layer.
 
-        Queries are the caption's nodes then the default queries; reshape `N` to the patch grid for binding maps.
+        A convenience over `forward(..., output_attentions=True).binding_attentions`, equal to its matched pairs
+        `[k, :, k]` but computed for those pairs only. Queries are the caption's nodes then the default queries;
+        reshape `N` to the patch grid for binding maps.
         """
-        self._check_features(image_features, text_features)
+        self._check_features(image_features, graph_features)
         count = image_features.binding_keys.shape[0]
-        if text_features.num_captions != count:
+        if graph_features.num_captions != count:
             raise ValueError(
                 f"binding_attention pairs image k with caption k: got {count} images and "
-                f"{text_features.num_captions} captions."
+                f"{graph_features.num_captions} captions."
             )
-        part = self._prepare_text(text_features).select(
+        matched_graphs = self._prepare_graphs(graph_features).select(
             torch.arange(count, device=image_features.binding_keys.device)[:, None]
         )
-        _, attentions = self._bind(image_features.binding_keys, image_features.binding_values, part, True)
+        _, attentions = self._bind(image_features.binding_keys, image_features.binding_values, matched_graphs, True)
         return tuple(attention[:, :, 0] for attention in attentions)
 
     def rerank(
         self,
         image_features: OCCLIPImageFeatures,
-        text_features: OCCLIPTextFeatures,
+        graph_features: OCCLIPGraphFeatures,
         global_logits: torch.Tensor,
         top_k: int = 50,
         global_weight: float = 0.0,
@@ -620,7 +858,7 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
         """
         if query not in ("text", "image"):
             raise ValueError(f"query must be 'text' or 'image', got {query!r}.")
-        num_images, num_captions = image_features.binding_keys.shape[0], text_features.num_captions
+        num_images, num_captions = image_features.binding_keys.shape[0], graph_features.num_captions
         expected = (num_captions, num_images) if query == "text" else (num_images, num_captions)
         if not isinstance(global_logits, torch.Tensor) or tuple(global_logits.shape) != expected:
             shape = tuple(global_logits.shape) if isinstance(global_logits, torch.Tensor) else type(global_logits)
@@ -634,7 +872,7 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
             image_index, text_index = candidates.flatten(), queries.flatten()
         else:
             image_index, text_index = queries.flatten(), candidates.flatten()
-        structured = self.score_pairs(image_features, text_features, image_index, text_index).view_as(candidates)
+        structured = self.score_pairs(image_features, graph_features, image_index, text_index).view_as(candidates)
         fused = structured + global_weight * shortlist_global.to(structured.dtype)
         fused, order = fused.sort(dim=1, descending=True)
         return OCCLIPRerankOutput(
@@ -647,7 +885,7 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
     # ------------------------------------------------------------------ losses
 
     def _relation_negatives(
-        self, text_features: OCCLIPTextFeatures
+        self, text_features: OCCLIPGraphFeatures
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Negative graphs with the same nodes: `[T, K, P]` subject/object indices and a `[T, K]` validity mask.
 
@@ -695,7 +933,7 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
         return subjects, objects, valid & ~same_as_positive
 
     def _relation_loss_terms(
-        self, image_features: OCCLIPImageFeatures, text_features: OCCLIPTextFeatures
+        self, image_features: OCCLIPImageFeatures, text_features: OCCLIPGraphFeatures
     ) -> torch.Tensor:
         """Local graph contrastive loss per usable (image, graph) pair, `[n]`: the pair against its own
         relation-perturbed graphs (pairs whose graph has no valid negative are left out)."""
@@ -704,7 +942,7 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
         if not bool(usable.any()):
             return image_features.binding_keys.new_zeros(0) * self.logit_scale
         index = usable.nonzero().flatten()
-        text = self._prepare_text(text_features).select(index[:, None])  # [n, 1, ...]
+        text = self._prepare_graphs(text_features).select(index[:, None])  # [n, 1, ...]
         slots, _ = self._bind(image_features.binding_keys[index], image_features.binding_values[index], text)
         objects_terms = self.similarity.object_terms(slots, text)  # [n, 1, M]
         positive = self.similarity.combine(
@@ -732,7 +970,7 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
     def loss_from_features(
         self,
         image_features: OCCLIPImageFeatures,
-        text_features: OCCLIPTextFeatures,
+        text_features: OCCLIPGraphFeatures,
         gatherer=None,
         local_loss: bool = False,
         logits_per_image: torch.Tensor | None = None,
@@ -766,7 +1004,7 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
                 [0, 0, 0, False, 0, False, 0, 0],
             )
             all_images = OCCLIPImageFeatures(binding_keys=keys, binding_values=values)
-            all_texts = OCCLIPTextFeatures(**dict(zip(names, text)))
+            all_texts = OCCLIPGraphFeatures(**dict(zip(names, text)))
             if all_images.binding_keys.shape[0] != world * num_local:
                 raise ValueError("every process needs the same batch size for the gathered OC-CLIP loss")
             if local_loss:  # this process's rows and columns against the global batch
@@ -790,6 +1028,7 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
             loss = loss + self.config.rel_loss_weight * loss_rel
         return loss, loss_itc, loss_rel
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -801,18 +1040,37 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
         relation_mask: torch.Tensor | None = None,
         relation_subject_index: torch.Tensor | None = None,
         relation_object_index: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
         return_loss: bool | None = None,
-        return_dict: bool | None = None,
         return_logits: bool = True,
-        **kwargs,
-    ) -> OCCLIPOutput | tuple:
-        """Structured logits for every (image, caption) pair and, with `return_loss=True`, the OC-CLIP loss
-        `L_itc + rel_loss_weight * L_rel` (image k is paired with caption k). `return_logits=False` skips the
-        logit grid (trainers that compute the loss over gathered features only need the features)."""
+        interpolate_pos_encoding: bool = False,
+        validate_inputs: bool = True,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | OCCLIPOutput:
+        """Structured logits for every (image, scene graph) pair and, with `return_loss=True`, the OC-CLIP loss
+        `L_itc + rel_loss_weight * L_rel` (image k is paired with caption k).
+
+        Args:
+            pixel_values, interpolate_pos_encoding: as for `get_image_features`.
+            node_input_ids ... relation_object_index, validate_inputs: the scene graphs, as for `get_graph_features`.
+            input_ids, attention_mask, position_ids: optional plain tokenized captions; when given, `text_embeds`
+                and `text_model_output` hold their global embedding (`get_text_features`), as in `CLIPOutput`.
+            return_loss: also compute the loss. return_logits: `False` skips the logit grid (trainers that compute
+                the loss over gathered features need the features only).
+            output_attentions: the vision (and caption) tower attentions, and `binding_attentions` of every pair.
+            output_hidden_states: the vision (and caption) tower hidden states.
+        """
+        _refuse_unknown_kwargs("OCCLIPModel.forward", kwargs)
         if pixel_values is None or node_input_ids is None:
             raise ValueError("OCCLIPModel.forward needs pixel_values and node_input_ids.")
-        image_features = self.get_image_features(pixel_values)
-        text_features = self.get_text_features(
+        output_attentions = self._output_flag(kwargs, "output_attentions")
+        output_flags = {name: self._output_flag(kwargs, name) for name in _OUTPUT_FLAGS}
+        image_features = self.get_image_features(
+            pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **output_flags
+        )
+        graph_features = self.get_graph_features(
             node_input_ids,
             node_attention_mask,
             node_mask,
@@ -821,26 +1079,44 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
             relation_mask,
             relation_subject_index,
             relation_object_index,
+            validate_inputs=validate_inputs,
+            return_dict=True,
         )
-        logits_per_image = self.score(image_features, text_features) if return_logits else None
+        text_outputs = text_embeds = None
+        if input_ids is not None:
+            text_outputs = self.get_text_features(
+                input_ids, attention_mask, position_ids, return_dict=True, **output_flags
+            )
+            text_embeds = nn.functional.normalize(text_outputs.pooler_output, dim=-1)
+        logits_per_image = binding_attentions = None
+        if return_logits or output_attentions:
+            self._check_features(image_features, graph_features)
+            similarity, binding_attentions = self._score_grid(image_features, graph_features, output_attentions)
+            logits_per_image = similarity * self._logit_scale() if return_logits else None
         loss = loss_itc = loss_rel = None
         if return_loss:
             loss, loss_itc, loss_rel = self.loss_from_features(
-                image_features, text_features, logits_per_image=logits_per_image
+                image_features, graph_features, logits_per_image=logits_per_image
             )
-        output = OCCLIPOutput(
+        return OCCLIPOutput(
             loss=loss,
             logits_per_image=logits_per_image,
             logits_per_text=None if logits_per_image is None else logits_per_image.t(),
             loss_itc=loss_itc,
             loss_rel=loss_rel,
+            text_embeds=text_embeds,
             image_embeds=nn.functional.normalize(image_features.pooler_output, dim=-1),
+            text_model_output=text_outputs,
             image_features=image_features,
-            text_features=text_features,
+            graph_features=graph_features,
+            binding_attentions=binding_attentions,
         )
-        if return_dict is False:
-            return output.to_tuple()
-        return output
+
+
+def _check_tower_kwargs(model: nn.Module, kwargs: dict) -> None:
+    """The standalone towers take transformers' own keyword arguments; anything else is an error, not dropped."""
+    allowed = (*TransformersKwargs.__annotations__, "return_dict")
+    _refuse_unknown_kwargs(f"{type(model).__name__}.forward", kwargs, allowed)
 
 
 class OCCLIPVisionModel(CLIPVisionModel):
@@ -850,6 +1126,17 @@ class OCCLIPVisionModel(CLIPVisionModel):
     """
 
     config: OCCLIPVisionConfig
+    main_input_name = "pixel_values"
+
+    def forward(
+        self,
+        pixel_values: torch.FloatTensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | BaseModelOutputWithPooling:
+        """`CLIPVisionModel.forward`; unknown keyword arguments are an error."""
+        _check_tower_kwargs(self, kwargs)
+        return super().forward(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
 
     def export_clip_vision(self, folder, image_processor=None) -> None:
         """Write a plain `clip_vision_model` checkpoint (`vision_model.*` keys) that `CLIPVisionModel.from_pretrained`
@@ -877,6 +1164,18 @@ class OCCLIPTextModel(CLIPTextModel):
     """OC-CLIP's text tower alone (a CLIP text transformer); encodes node and predicate phrases."""
 
     config: OCCLIPTextConfig
+    main_input_name = "input_ids"
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | BaseModelOutputWithPooling:
+        """`CLIPTextModel.forward`; unknown keyword arguments are an error."""
+        _check_tower_kwargs(self, kwargs)
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
 
 
 # Saved and loaded under CLIP's `vision_model.` / `text_model.` prefixes, as transformers does for CLIPVisionModel,
@@ -890,12 +1189,12 @@ register_checkpoint_conversion_mapping(
 
 
 __all__ = [
+    "OCCLIPGraphFeatures",
     "OCCLIPImageFeatures",
     "OCCLIPModel",
     "OCCLIPOutput",
     "OCCLIPPreTrainedModel",
     "OCCLIPRerankOutput",
-    "OCCLIPTextFeatures",
     "OCCLIPTextModel",
     "OCCLIPVisionModel",
 ]

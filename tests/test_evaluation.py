@@ -107,7 +107,7 @@ def test_scorer_matches_the_models_own_computations(tmp_path):
     inputs = processor(images=images, text=texts)
     direct = occlip.score(
         occlip.get_image_features(inputs["pixel_values"]),
-        occlip.get_text_features(**{k: v for k, v in inputs.items() if k != "pixel_values"}),
+        occlip.get_graph_features(**{k: v for k, v in inputs.items() if k != "pixel_values"}),
         scale=False,
     )
     torch.testing.assert_close(scorer.similarity(images, texts), direct)

@@ -130,7 +130,7 @@ def test_mismatched_sub_config_widths():
 def test_score_pairs_index_errors(model):
     with torch.no_grad():
         images = model.get_image_features(random_pixels(2))
-        text = model.get_text_features(**graph_inputs())
+        text = model.get_graph_features(**graph_inputs())
     with pytest.raises(ValueError, match="text_index holds values outside"):
         model.score_pairs(images, text, torch.tensor([0]), torch.tensor([9]))
     with pytest.raises(ValueError, match="global_logits has shape"):

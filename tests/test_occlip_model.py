@@ -107,8 +107,8 @@ def test_swapping_subject_and_object_changes_relation_score(inputs):
     torch.testing.assert_close(a[:, 1:], b[:, 1:])  # other captions untouched
     # Same nodes, so the object terms agree; the difference is entirely in the relation term.
     feats = model.get_image_features(inputs["pixel_values"])
-    text_a = model.get_text_features(**encode_graphs(graphs[:1]))
-    text_b = model.get_text_features(**encode_graphs(swapped[:1]))
+    text_a = model.get_graph_features(**encode_graphs(graphs[:1]))
+    text_b = model.get_graph_features(**encode_graphs(swapped[:1]))
     torch.testing.assert_close(text_a.node_embeds, text_b.node_embeds)
     s_a, s_b = model.score(feats, text_a, scale=False), model.score(feats, text_b, scale=False)
     # s = (o1 + o2 + r) / 3 with alpha = beta = 1: the relation terms differ by 3 * (s_a - s_b).
@@ -121,7 +121,7 @@ def test_score_chunking_and_pair_scoring_agree_with_full_grid(inputs):
     full = model(**inputs).logits_per_image
     model.config.pair_chunk_size = 3  # forces tiles of 1 image x 3 captions, then 1 x 1
     image_features = model.get_image_features(inputs["pixel_values"])
-    text_features = model.get_text_features(**{k: v for k, v in inputs.items() if k != "pixel_values"})
+    text_features = model.get_graph_features(**{k: v for k, v in inputs.items() if k != "pixel_values"})
     torch.testing.assert_close(model.score(image_features, text_features), full, atol=1e-6, rtol=1e-6)
     # Image 3 has more pairs than one tile holds, so its pairs are split over rows.
     image_index = torch.tensor([3, 0, 2, 0, 1, 3, 3, 3, 3])
@@ -133,7 +133,7 @@ def test_score_chunking_and_pair_scoring_agree_with_full_grid(inputs):
 @torch.no_grad()
 def test_rerank_reorders_a_global_shortlist(model, inputs):
     image_features = model.get_image_features(inputs["pixel_values"])
-    text_features = model.get_text_features(**{k: v for k, v in inputs.items() if k != "pixel_values"})
+    text_features = model.get_graph_features(**{k: v for k, v in inputs.items() if k != "pixel_values"})
     full = model.score(image_features, text_features)  # [I, T]
     global_logits = torch.tensor([[4.0, 3.0, 2.0, 1.0], [1.0, 4.0, 3.0, 2.0], [2.0, 1.0, 4.0, 3.0], [3, 2, 1, 4.0]])
     out = model.rerank(image_features, text_features, global_logits, top_k=2, global_weight=0.5)
@@ -154,7 +154,7 @@ def test_relation_negatives_known_answer(model):
         {"nodes": [[1, 10]], "relations": []},
     ]
     with torch.no_grad():
-        text = model.get_text_features(**encode_graphs(graphs))
+        text = model.get_graph_features(**encode_graphs(graphs))
     subjects, objects, valid = model._relation_negatives(text)
     # Graph 0: swap of relation 0, swap of relation 1, node shift by 1, node shift by 2.
     assert subjects[0].tolist()[:4] == [[1, 2], [0, 0], [1, 0], [2, 1]]
@@ -169,7 +169,7 @@ def test_relation_loss_equals_explicit_negative_graphs(model, inputs):
     """L_rel computed internally equals InfoNCE over negatives fed to the model as ordinary graphs."""
     with torch.no_grad():
         out = model(**inputs, return_loss=True)
-        text = out.text_features
+        text = out.graph_features
         subjects, objects, valid = model._relation_negatives(text)
         losses = []
         graph_inputs = {k: v for k, v in inputs.items() if k != "pixel_values"}
@@ -183,7 +183,7 @@ def test_relation_loss_equals_explicit_negative_graphs(model, inputs):
                 g = {k: v[b : b + 1].clone() for k, v in graph_inputs.items()}
                 g["relation_subject_index"][0], g["relation_object_index"][0] = subj, obj
                 feats = model.get_image_features(inputs["pixel_values"][b : b + 1])
-                logits.append(model.score(feats, model.get_text_features(**g))[0, 0])
+                logits.append(model.score(feats, model.get_graph_features(**g))[0, 0])
             logits = torch.stack(logits)
             losses.append(-logits.log_softmax(0)[0])
         torch.testing.assert_close(out.loss_rel, torch.stack(losses).mean(), atol=1e-5, rtol=1e-5)

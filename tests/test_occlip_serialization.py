@@ -97,7 +97,7 @@ def test_from_clip_towers_match_clip_exactly(tmp_path):
             atol=0,
             rtol=0,
         )
-        text = model.get_text_features(**graph)
+        text = model.get_graph_features(**graph)
         valid = graph["node_mask"]
         expected = clip.get_text_features(
             input_ids=graph["node_input_ids"][valid], attention_mask=graph["node_attention_mask"][valid]

@@ -244,7 +244,7 @@ def test_occlip_and_cloc_keep_the_converted_towers():
 
     occlip = occlip_from_open_clip(state, config, binding_config=tiny_binding_config()).eval()
     torch.testing.assert_close(occlip.get_image_features(pixels).pooler_output, image, atol=1e-5, rtol=0)
-    occlip_text = occlip.text_projection(occlip.text_model(input_ids=tokens).pooler_output)
+    occlip_text = occlip.get_text_features(input_ids=tokens).pooler_output
     torch.testing.assert_close(occlip_text, text, atol=1e-5, rtol=0)
     torch.testing.assert_close(occlip.logit_scale, state["logit_scale"])
 

@@ -270,9 +270,9 @@ def occlip_diagnostics(model, processor, train_rows: list[dict], test_rows: list
         pixels = inputs.pop("pixel_values")
         hidden = model.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states[layer][:, 1:]
         keys, values = model.binding.encode_image(hidden)  # what get_image_features builds, from the same pass
-        text = model.get_text_features(**inputs)
+        text = model.get_graph_features(**inputs)
         index = torch.arange(len(rows))
-        prepared = model._prepare_text(text).select(index[:, None])
+        prepared = model._prepare_graphs(text).select(index[:, None])
         slots, attentions = model._bind(keys, values, prepared, output_attentions=True)
         return hidden, slots[:, 0], attentions[-1][:, :, 0], text
 

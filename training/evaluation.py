@@ -119,7 +119,7 @@ class ImageTextScorer:
             else:
                 inputs = self.processor(text=texts)
             inputs = {k: v.to(self.device) for k, v in inputs.items()}
-            return self.model.get_text_features(**inputs)
+            return self.model.get_graph_features(**inputs)
         tokens = self.processor.tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(self.device)
         embeds = self.model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
         return nn.functional.normalize(embeds.pooler_output, dim=-1)

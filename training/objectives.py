@@ -12,7 +12,7 @@ from transformers import CLIPModel
 from modeling_cloc import CLOCModel
 from modeling_cloc.modeling_cloc import contrastive_loss
 from modeling_occlip import OCCLIPModel
-from modeling_occlip.modeling_occlip import OCCLIPImageFeatures, OCCLIPTextFeatures
+from modeling_occlip.modeling_occlip import OCCLIPGraphFeatures, OCCLIPImageFeatures
 
 from .distributed import pad_to_shape
 
@@ -95,7 +95,7 @@ class OCCLIPObjective:
     new_module_prefixes = ("binding.", "similarity.")
     logit_scale_names = ("logit_scale",)
     _image_keys = ("pooler_output", "binding_keys", "binding_values")
-    _text_keys = tuple(OCCLIPTextFeatures.__dataclass_fields__)
+    _text_keys = tuple(OCCLIPGraphFeatures.__dataclass_fields__)
 
     def forward_kwargs(self) -> dict:
         """Features only: the logit grid is built by the loss, over the gathered batch."""
@@ -103,13 +103,13 @@ class OCCLIPObjective:
 
     def features(self, outputs, batch=None) -> dict[str, torch.Tensor]:
         """Image features (global embedding, folded binding keys/values) and scene-graph text features."""
-        image, text = outputs.image_features, outputs.text_features
+        image, text = outputs.image_features, outputs.graph_features
         return {**{k: getattr(image, k) for k in self._image_keys}, **{k: getattr(text, k) for k in self._text_keys}}
 
     def loss(self, model, features, gatherer=None, local_loss=False) -> tuple[torch.Tensor, dict]:
         """`(L_itc + w L_rel, parts)`."""
         image = OCCLIPImageFeatures(**{k: features[k] for k in self._image_keys})
-        text = OCCLIPTextFeatures(**{k: features[k] for k in self._text_keys})
+        text = OCCLIPGraphFeatures(**{k: features[k] for k in self._text_keys})
         loss, loss_itc, loss_rel = model.loss_from_features(image, text, gatherer=gatherer, local_loss=local_loss)
         parts = {"loss_itc": loss_itc.detach()}
         if loss_rel is not None:
