@@ -12,14 +12,21 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import CLIPImageProcessorPil, CLIPVisionConfig, PreTrainedConfig
+from transformers import CLIPImageProcessorPil, CLIPVisionConfig, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import PrefixChange
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.models.clip.modeling_clip import CLIPModel, CLIPPreTrainedModel, CLIPTextModel, CLIPVisionModel
+from transformers.models.clip.modeling_clip import (
+    CLIPEncoder,
+    CLIPModel,
+    CLIPPreTrainedModel,
+    CLIPTextModel,
+    CLIPVisionEmbeddings,
+    CLIPVisionModel,
+)
 from transformers.utils import ModelOutput
 
 from .configuration_cloc import CLOCConfig, CLOCPrompterConfig, CLOCVisionConfig
@@ -429,41 +436,77 @@ class CLOCPreTrainedModel(CLIPPreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        """CLIP towers as CLIP does; Prompter and box head from `prompter_config.initializer_range`."""
+        """CLIP towers, projections and logit scale as `CLIPModel` does; the new modules by their own rules: the
+        Prompter, box head and RoI head from `prompter_config.initializer_std` (see `_init_prompter`), the box
+        head's last layer at zero (every box starts at the image centre), the region logit scale from the config."""
         super()._init_weights(module)
         if not isinstance(self.config, CLOCConfig):
             return
         std = self.config.prompter_config.initializer_std(self.config.vision_config.hidden_size)
-        factor = self.config.initializer_factor
         if isinstance(module, CLOCModel):
-            init.normal_(module.text_projection.weight, std=module.config.text_config.hidden_size**-0.5 * factor)
-            init.normal_(module.visual_projection.weight, std=module.config.vision_config.hidden_size**-0.5 * factor)
-            init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+            _init_clip_head(module, self.config)
             init.constant_(module.region_logit_scale, self.config.region_logit_scale_init_value)
-            # The box head owns no parameter directly, so transformers skips it: initialise it from here.
-            self._init_head(module.box_head, std)
-            init.zeros_(module.box_head.fc2.weight)
-            if module.roi_head is not None:
-                self._init_head(module.roi_head, std)
         elif isinstance(module, CLOCPrompter):
             _init_prompter(module, std)
+        elif isinstance(module, CLOCBoxHead):
+            _init_head(module, std)
+            init.zeros_(module.fc2.weight)
+        elif isinstance(module, CLOCRoIHead):
+            _init_head(module, std)
 
-    @staticmethod
-    def _init_head(module: nn.Module, std: float) -> None:
-        """Normal(0, std) linear weights, zero biases, unit LayerNorms for every submodule."""
-        for child in module.modules():
-            if isinstance(child, nn.Linear):
-                init.normal_(child.weight, std=std)
-                if child.bias is not None:
-                    init.zeros_(child.bias)
-            elif isinstance(child, nn.LayerNorm):
-                init.ones_(child.weight)
+    def initialize_weights(self):
+        """Every module through `_init_weights`, as transformers does for its own models (see
+        `_initialize_every_module`)."""
+        _initialize_every_module(self)
+
+
+# The same function stands in modeling_occlip/modeling_occlip.py: each model folder must work alone as remote code.
+@torch.no_grad()
+def _initialize_every_module(model: PreTrainedModel) -> None:
+    """`PreTrainedModel.initialize_weights` without the shortcut transformers takes for custom code.
+
+    For a model defined outside the library, transformers skips every module that owns no parameter directly (CLIP's
+    attention and MLP blocks, our heads), so their linear layers keep the generic N(0, 0.02) instead of CLIP's
+    depth-scaled init. That shortcut protects remote code that writes weights in place; our `_init_weights` only
+    writes through `transformers.initialization`, which leaves loaded (`_is_hf_initialized`) tensors alone, so every
+    module is visited as for the library's own models: children first, each sub-model with its own `_init_weights`.
+    """
+
+    def visit(module: nn.Module, initialize) -> None:
+        for child in module.children():
+            visit(child, child._initialize_weights if isinstance(child, PreTrainedModel) else initialize)
+        initialize(module, is_custom_code=False)
+
+    with init.guard_torch_init_functions():
+        visit(model, model._initialize_weights)
+
+
+# The same function stands in modeling_occlip/modeling_occlip.py: each model folder must work alone as remote code.
+def _init_clip_head(model: nn.Module, config) -> None:
+    """The projections and logit scale of a model built from a CLIP config, exactly as `CLIPModel._init_weights`."""
+    factor = config.initializer_factor
+    init.normal_(model.text_projection.weight, std=config.text_config.hidden_size**-0.5 * factor)
+    init.normal_(model.visual_projection.weight, std=config.vision_config.hidden_size**-0.5 * factor)
+    init.constant_(model.logit_scale, config.logit_scale_init_value)
+
+
+# The same function stands in modeling_occlip/modeling_occlip.py: each model folder must work alone as remote code.
+def _init_head(module: nn.Module, std: float) -> None:
+    """Normal(0, std) linear weights, zero biases, unit LayerNorms for `module` and every submodule."""
+    for child in module.modules():
+        if isinstance(child, nn.Linear):
+            init.normal_(child.weight, std=std)
+            if child.bias is not None:
                 init.zeros_(child.bias)
+        elif isinstance(child, nn.LayerNorm):
+            init.ones_(child.weight)
+            init.zeros_(child.bias)
 
 
 def _init_prompter(prompter: CLOCPrompter, std: float) -> None:
-    # Initialised from the Prompter itself: transformers skips custom children without direct params (the layers).
-    CLOCPreTrainedModel._init_head(prompter, std)
+    """The Prompter's rule: `_init_head(std)`, prompt type and corner embeddings N(0, std), the position map at
+    unit scale, the box attention scale at `prompter_config.box_attention_bias`."""
+    _init_head(prompter, std)
     init.normal_(prompter.text_type_embedding, std=std)
     if prompter.position_proj is not None:
         # Unit scale, like the layer-normed tokens it is added to, so position is used from the first step.
@@ -1029,21 +1072,31 @@ class CLOCVisionModel(CLIPVisionModel):
     config: CLOCVisionConfig
 
     def __init__(self, config: CLOCVisionConfig):
+        # CLIPVisionModel's body, with the Prompter built before `post_init` so that it is initialised there too.
+        CLIPPreTrainedModel.__init__(self, config)
+        self.embeddings = CLIPVisionEmbeddings(config)
+        self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.encoder = CLIPEncoder(config)
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         prompter_config = config.build_prompter_config()
-        super().__init__(config)
         self.prompter = None
         if prompter_config is not None:
             self.prompter = CLOCPrompter(
                 prompter_config, config.hidden_size, config.projection_dim, config.layer_norm_eps
             )
-            _init_prompter(self.prompter, prompter_config.initializer_std(config.hidden_size))
+        self.post_init()
 
     @torch.no_grad()
     def _init_weights(self, module):
-        """CLIP's initialisation for the tower; the Prompter's from `prompter_config.initializer_range`."""
+        """CLIP's initialisation for the tower; the Prompter's rule (`_init_prompter`) from `prompter_config`."""
         super()._init_weights(module)
         if isinstance(module, CLOCPrompter):
             _init_prompter(module, self.config.build_prompter_config().initializer_std(self.config.hidden_size))
+
+    def initialize_weights(self):
+        """Every module through `_init_weights`, as transformers does for its own models (see
+        `_initialize_every_module`)."""
+        _initialize_every_module(self)
 
     def forward(
         self,

@@ -10,7 +10,7 @@ from os import PathLike
 
 import torch
 from torch import nn
-from transformers import CLIPImageProcessorPil, CLIPVisionConfig, PreTrainedConfig
+from transformers import CLIPImageProcessorPil, CLIPVisionConfig, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import PrefixChange
@@ -172,36 +172,74 @@ class OCCLIPPreTrainedModel(CLIPPreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        """Initialise CLIP tower weights as CLIP does, and the binding/scoring weights from `binding_config`."""
+        """CLIP towers, projections and logit scale as `CLIPModel` does; the binding module and structured
+        similarity by their own rule: `_init_head(binding_config.initializer_std)`, default queries N(0, std), the
+        position map at unit scale, alpha and beta at `binding_config.score_weight_init`."""
         super()._init_weights(module)
         if not isinstance(self.config, OCCLIPConfig):
             return
         std = self.config.binding_config.initializer_std(self.config.binding_width)
-        factor = self.config.initializer_factor
         if isinstance(module, OCCLIPModel):
-            init.normal_(module.text_projection.weight, std=module.config.text_config.hidden_size**-0.5 * factor)
-            init.normal_(module.visual_projection.weight, std=module.config.vision_config.hidden_size**-0.5 * factor)
-            init.constant_(module.logit_scale, self.config.logit_scale_init_value)
-        elif isinstance(module, (OCCLIPBindingModule, OCCLIPStructuredSimilarity)):
-            # Handled from these parents, which own parameters directly: transformers skips param-less custom
-            # modules (binding layers, MLPs) during initialisation.
-            for child in module.modules():
-                if isinstance(child, nn.Linear):
-                    init.normal_(child.weight, std=std)
-                    if child.bias is not None:
-                        init.zeros_(child.bias)
-                elif isinstance(child, nn.LayerNorm):
-                    init.ones_(child.weight)
-                    init.zeros_(child.bias)
-        if isinstance(module, OCCLIPBindingModule):
+            _init_clip_head(module, self.config)
+        elif isinstance(module, OCCLIPBindingModule):
+            _init_head(module, std)
             init.normal_(module.default_queries, std=std)
             if module.position_proj is not None:
                 # Unit scale, like the layer-normed patch features it is added to, so position is used from step 0.
                 init.normal_(module.position_proj.weight, std=module.position_proj.in_features**-0.5)
         elif isinstance(module, OCCLIPStructuredSimilarity):
+            _init_head(module, std)
             log_weight = torch.log(torch.tensor(self.config.binding_config.score_weight_init)).item()
             init.constant_(module.log_alpha, log_weight)
             init.constant_(module.log_beta, log_weight)
+
+    def initialize_weights(self):
+        """Every module through `_init_weights`, as transformers does for its own models (see
+        `_initialize_every_module`)."""
+        _initialize_every_module(self)
+
+
+# The same function stands in modeling_cloc/modeling_cloc.py: each model folder must work alone as remote code.
+@torch.no_grad()
+def _initialize_every_module(model: PreTrainedModel) -> None:
+    """`PreTrainedModel.initialize_weights` without the shortcut transformers takes for custom code.
+
+    For a model defined outside the library, transformers skips every module that owns no parameter directly (CLIP's
+    attention and MLP blocks, our heads), so their linear layers keep the generic N(0, 0.02) instead of CLIP's
+    depth-scaled init. That shortcut protects remote code that writes weights in place; our `_init_weights` only
+    writes through `transformers.initialization`, which leaves loaded (`_is_hf_initialized`) tensors alone, so every
+    module is visited as for the library's own models: children first, each sub-model with its own `_init_weights`.
+    """
+
+    def visit(module: nn.Module, initialize) -> None:
+        for child in module.children():
+            visit(child, child._initialize_weights if isinstance(child, PreTrainedModel) else initialize)
+        initialize(module, is_custom_code=False)
+
+    with init.guard_torch_init_functions():
+        visit(model, model._initialize_weights)
+
+
+# The same function stands in modeling_cloc/modeling_cloc.py: each model folder must work alone as remote code.
+def _init_clip_head(model: nn.Module, config) -> None:
+    """The projections and logit scale of a model built from a CLIP config, exactly as `CLIPModel._init_weights`."""
+    factor = config.initializer_factor
+    init.normal_(model.text_projection.weight, std=config.text_config.hidden_size**-0.5 * factor)
+    init.normal_(model.visual_projection.weight, std=config.vision_config.hidden_size**-0.5 * factor)
+    init.constant_(model.logit_scale, config.logit_scale_init_value)
+
+
+# The same function stands in modeling_cloc/modeling_cloc.py: each model folder must work alone as remote code.
+def _init_head(module: nn.Module, std: float) -> None:
+    """Normal(0, std) linear weights, zero biases, unit LayerNorms for `module` and every submodule."""
+    for child in module.modules():
+        if isinstance(child, nn.Linear):
+            init.normal_(child.weight, std=std)
+            if child.bias is not None:
+                init.zeros_(child.bias)
+        elif isinstance(child, nn.LayerNorm):
+            init.ones_(child.weight)
+            init.zeros_(child.bias)
 
 
 def _check_shape(name: str, tensor: torch.Tensor, shape: tuple, what: str) -> None:
@@ -851,6 +889,11 @@ class OCCLIPVisionModel(CLIPVisionModel):
 
     config: OCCLIPVisionConfig
 
+    def initialize_weights(self):
+        """Every module through `_init_weights`, as transformers does for its own models (see
+        `_initialize_every_module`)."""
+        _initialize_every_module(self)
+
     def export_clip_vision(self, folder, image_processor=None) -> None:
         """Write a plain `clip_vision_model` checkpoint (`vision_model.*` keys) that `CLIPVisionModel.from_pretrained`
         loads in code that hard-codes it (original LLaVA), with a preprocessor_config.json: `image_processor`'s, else
@@ -877,6 +920,11 @@ class OCCLIPTextModel(CLIPTextModel):
     """OC-CLIP's text tower alone (a CLIP text transformer); encodes node and predicate phrases."""
 
     config: OCCLIPTextConfig
+
+    def initialize_weights(self):
+        """Every module through `_init_weights`, as transformers does for its own models (see
+        `_initialize_every_module`)."""
+        _initialize_every_module(self)
 
 
 # Saved and loaded under CLIP's `vision_model.` / `text_model.` prefixes, as transformers does for CLIPVisionModel,

@@ -15,6 +15,9 @@ COPIES = [
     (cloc._refuse_incomplete_load, occlip._refuse_incomplete_load),
     (cloc._hub_kwargs, occlip._hub_kwargs),
     (cloc.patch_position_features, occlip_binding.patch_position_features),
+    (cloc._initialize_every_module, occlip._initialize_every_module),
+    (cloc._init_clip_head, occlip._init_clip_head),
+    (cloc._init_head, occlip._init_head),
 ]
 
 
