@@ -19,7 +19,7 @@ class CLOCVisionConfig(CLIPVisionConfig):
 
     Args:
         prompter_config (`dict`, *optional*): when set, `CLOCVisionModel` also holds the Prompter and its
-            `forward(..., boxes=...)` returns region hidden states and embeddings (Ferret-style region inputs).
+            `forward(..., input_boxes=...)` returns region hidden states and embeddings (Ferret-style region inputs).
             Loading the config from a full CLOC folder fills it in (and `projection_dim`) from the CLOC config.
     """
 

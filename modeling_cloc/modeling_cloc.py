@@ -27,25 +27,61 @@ from transformers.models.clip.modeling_clip import (
     CLIPVisionEmbeddings,
     CLIPVisionModel,
 )
-from transformers.utils import ModelOutput
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple
 
 from .configuration_cloc import CLOCConfig, CLOCPrompterConfig, CLOCVisionConfig
 
 
 @dataclass
 class CLOCOutput(ModelOutput):
-    r"""Output of [`CLOCModel.forward`].
+    r"""Output of [`CLOCModel.forward`]; the CLIP fields mean what they mean in `CLIPOutput`.
 
-    loss: `loss_clip + lambda * (loss_region + loss_grounding)` with lambda scaled by the fraction of images with
-    regions. logits_per_image / logits_per_text: image-caption logits as in CLIP. image_embeds / text_embeds:
-    normalised. region_embeds: `[B, R, D]` normalised region embeddings of the input boxes (zero where `box_mask`
-    is False). With region captions: region_text_embeds (`[B, R, D]`, normalised caption embeddings),
-    predicted_boxes (`[B, R, 4]`, grounding of each caption), grounding_mask (`[B, R]`, the captions the box
-    loss uses) and region_caption_keys (`[B, R]` int64, equal for captions with identical tokens: what the
-    `"exact"` near-duplicate filter compares). With `grounding_attention_loss_weight > 0`:
-    grounding_attention_mass (`[B, R]`, the share of each caption's text-prompt attention over the image patches
-    that falls inside its own box) and loss_grounding_attention (mean `-log` of it over the grounding targets).
-    These are the features `loss_from_features` takes.
+    loss (`torch.Tensor` of shape `()`, *optional*, returned when `return_loss` is `True`):
+        `loss_clip + lambda * (loss_region + loss_grounding + w * loss_grounding_attention)`, lambda =
+        `region_loss_weight` x the fraction of images with regions (see `CLOCModel.loss_from_features`).
+    logits_per_image (`torch.Tensor` of shape `(image_batch_size, text_batch_size)`):
+        Image-caption similarity scores, `exp(logit_scale)` (clamped at `logit_scale_max`) x cosine.
+    logits_per_text (`torch.Tensor` of shape `(text_batch_size, image_batch_size)`):
+        The transpose of `logits_per_image`.
+    loss_clip (`torch.Tensor` of shape `()`, *optional*, returned when `return_loss` is `True`):
+        Symmetric image-caption InfoNCE (CLIP's loss).
+    loss_region (`torch.Tensor` of shape `()`, *optional*, returned with `return_loss` and region captions):
+        Region-caption InfoNCE over the valid regions, near-duplicate captions left out of the softmax.
+    loss_grounding (`torch.Tensor` of shape `()`, *optional*, returned with `return_loss` and region captions):
+        Mean box error (`grounding_loss`) of the grounded captions against their boxes.
+    image_embeds (`torch.Tensor` of shape `(image_batch_size, projection_dim)`):
+        Normalised image embeddings (the projected pooled output of the vision tower).
+    text_embeds (`torch.Tensor` of shape `(text_batch_size, projection_dim)`):
+        Normalised caption embeddings (the projected pooled output of the text tower).
+    region_embeds (`torch.Tensor` of shape `(image_batch_size, regions, projection_dim)`, *optional*, returned with
+        `input_boxes`):
+        Normalised region embeddings of the input boxes; zero where `box_mask` is False.
+    box_mask (`torch.BoolTensor` of shape `(image_batch_size, regions)`, *optional*, returned with `input_boxes`):
+        The boxes that take part (the input `box_mask`, or all True).
+    region_text_embeds (`torch.Tensor` of shape `(image_batch_size, regions, projection_dim)`, *optional*, returned
+        with `region_input_ids`):
+        Normalised embeddings of the region captions; zero where `box_mask` is False.
+    predicted_boxes (`torch.Tensor` of shape `(image_batch_size, regions, 4)`, *optional*, returned with
+        `region_input_ids`):
+        The box each region caption is grounded to, normalised xyxy in [0, 1].
+    grounding_mask (`torch.BoolTensor` of shape `(image_batch_size, regions)`, *optional*, returned with
+        `region_input_ids`):
+        The captions the box loss uses (valid, and with `grounding_unique_only` unique in their image).
+    region_caption_keys (`torch.LongTensor` of shape `(image_batch_size, regions)`, *optional*, returned with
+        `region_input_ids`):
+        Equal for captions with identical tokens, -1 where masked: what the `"exact"` near-duplicate filter compares.
+    grounding_attention_mass (`torch.Tensor` of shape `(image_batch_size, regions)`, *optional*, returned with
+        `region_input_ids` when `grounding_attention_loss_weight > 0`):
+        The share of each caption's text-prompt attention over the image patches that falls inside its own box.
+    loss_grounding_attention (`torch.Tensor` of shape `()`, *optional*, returned with `return_loss` when
+        `grounding_attention_loss_weight > 0`):
+        Mean `-log grounding_attention_mass` over the grounding targets.
+    text_model_output (`BaseModelOutputWithPooling`):
+        The output of `get_text_features` (the text tower, `pooler_output` projected), with its hidden states and
+        attentions when asked for.
+    vision_model_output (`BaseModelOutputWithPooling`):
+        The output of `get_image_features` (the vision tower, `pooler_output` projected).
     """
 
     loss: torch.Tensor | None = None
@@ -64,6 +100,48 @@ class CLOCOutput(ModelOutput):
     region_caption_keys: torch.Tensor | None = None
     grounding_attention_mass: torch.Tensor | None = None
     loss_grounding_attention: torch.Tensor | None = None
+    text_model_output: BaseModelOutputWithPooling | None = None
+    vision_model_output: BaseModelOutputWithPooling | None = None
+
+    def to_tuple(self) -> tuple:
+        """The fields that are set, nested outputs as tuples too (as `CLIPOutput.to_tuple`)."""
+        return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in self.values())
+
+
+@dataclass
+class CLOCRegionOutput(ModelOutput):
+    r"""Output of [`CLOCModel.get_region_features`].
+
+    region_embeds (`torch.Tensor` of shape `(batch_size, regions, projection_dim)`):
+        Normalised region embeddings of the boxes, in the joint space of the image and caption embeddings; zero where
+        `box_mask` is False.
+    region_hidden_states (`torch.Tensor` of shape `(batch_size, regions, vision_hidden_size)`, *optional*):
+        The Prompter's pooled prompt states at the vision tower's width (what a Ferret-style MLLM projects into region
+        tokens); zero where `box_mask` is False. None for `region_head="roi_align"`.
+    box_mask (`torch.BoolTensor` of shape `(batch_size, regions)`):
+        The boxes that were embedded (the input `box_mask`, or all True).
+    """
+
+    region_embeds: torch.Tensor | None = None
+    region_hidden_states: torch.Tensor | None = None
+    box_mask: torch.Tensor | None = None
+
+
+@dataclass
+class CLOCGroundingOutput(ModelOutput):
+    r"""Output of [`CLOCModel.ground`].
+
+    predicted_boxes (`torch.Tensor` of shape `(batch_size, captions, 4)`):
+        The box each region caption is grounded to, normalised xyxy in [0, 1] of the (processed) image.
+    region_hidden_states (`torch.Tensor` of shape `(batch_size, captions, vision_hidden_size)`):
+        The Prompter's pooled text-prompt states the box head reads.
+    region_text_embeds (`torch.Tensor` of shape `(batch_size, captions, projection_dim)`):
+        Normalised caption embeddings (the text prompts).
+    """
+
+    predicted_boxes: torch.Tensor | None = None
+    region_hidden_states: torch.Tensor | None = None
+    region_text_embeds: torch.Tensor | None = None
 
 
 def _fill_masked_boxes(boxes: torch.Tensor, box_mask: torch.Tensor) -> torch.Tensor:
@@ -607,7 +685,7 @@ def _check_boxes(
     least one input pixel wide and high (a thinner box covers no patch: the processor masks such boxes)."""
     if not isinstance(boxes, torch.Tensor) or boxes.dim() != 3 or boxes.shape[-1] != 4 or boxes.shape[0] != batch:
         shape = tuple(boxes.shape) if isinstance(boxes, torch.Tensor) else type(boxes).__name__
-        raise ValueError(f"boxes has shape {shape}, expected [{batch}, regions, 4] (normalised x0, y0, x1, y1)")
+        raise ValueError(f"input_boxes has shape {shape}, expected [{batch}, regions, 4] (normalised x0, y0, x1, y1)")
     if box_mask is None:
         box_mask = torch.ones(boxes.shape[:2], dtype=torch.bool, device=boxes.device)
     if tuple(box_mask.shape) != tuple(boxes.shape[:2]):
@@ -641,6 +719,16 @@ def _check_boxes(
     return box_mask
 
 
+# The same function stands in modeling_occlip/modeling_occlip.py: each model folder must work alone as remote code.
+def _check_kwargs(kwargs: dict, method: str) -> None:
+    """Keyword arguments beyond a method's own must be transformers' `TransformersKwargs` (`output_attentions`,
+    `output_hidden_states`, ...): anything else, e.g. a misspelt argument, is an error, not silently dropped."""
+    unknown = sorted(set(kwargs) - set(TransformersKwargs.__annotations__))
+    if unknown:
+        raise TypeError(f"{method}() got unexpected keyword arguments: {', '.join(unknown)}")
+
+
+# The same function stands in modeling_occlip/modeling_occlip.py: each model folder must work alone as remote code.
 def _check_pixel_values(pixel_values: torch.Tensor, vision, any_size: bool = False) -> None:
     """Shape, batch and dtype of `pixel_values` for a vision config, with errors that say what to do; `any_size`
     (CLIP's `interpolate_pos_encoding`) lets the height and width differ from the config's `image_size`."""
@@ -692,7 +780,7 @@ class CLOCModel(CLOCPreTrainedModel):
     number of boxes per image from cached image tokens; `ground` predicts a box per region caption.
     """
 
-    main_input_name = "pixel_values"
+    main_input_name = "input_ids"
     input_modalities = ("image", "text")
 
     def __init__(self, config: CLOCConfig):
@@ -761,20 +849,39 @@ class CLOCModel(CLOCPreTrainedModel):
                 model.roi_head.projection.weight.copy_(clip.visual_projection.weight)
         return model.to(dtype=next(clip.parameters()).dtype)
 
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
-        """As CLIP: `pooler_output` is the projected, unnormalised image embedding; `last_hidden_state` holds the
-        last layer's tokens (CLS first, before the post-LayerNorm). Hidden states come too when the Prompter reads
-        another layer (`prompter_config.vision_feature_layer`)."""
-        _check_pixel_values(pixel_values, self.config.vision_config, kwargs.get("interpolate_pos_encoding", False))
+    @can_return_tuple
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool = False,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | BaseModelOutputWithPooling:
+        """As `CLIPModel.get_image_features`: `pooler_output` is the projected, unnormalised image embedding;
+        `last_hidden_state` holds the last layer's tokens (CLS first, before the post-LayerNorm). Hidden states come
+        too when the Prompter reads another layer (`prompter_config.vision_feature_layer`)."""
+        _check_kwargs(kwargs, "CLOCModel.get_image_features")
+        _check_pixel_values(pixel_values, self.config.vision_config, interpolate_pos_encoding)
         if self.config.prompter_config.vision_feature_layer != -1:
             kwargs["output_hidden_states"] = True
-        outputs = self.vision_model(pixel_values=pixel_values, return_dict=True, **kwargs)
+        outputs = self.vision_model(
+            pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs
+        )
         outputs.pooler_output = self.visual_projection(outputs.pooler_output)
         return outputs
 
-    def get_text_features(self, input_ids: torch.Tensor, attention_mask=None, **kwargs) -> BaseModelOutputWithPooling:
-        """As CLIP: `pooler_output` is the projected, unnormalised text embedding."""
-        outputs = self.text_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
+    @can_return_tuple
+    def get_text_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | BaseModelOutputWithPooling:
+        """As `CLIPModel.get_text_features`: `pooler_output` is the projected, unnormalised text embedding."""
+        _check_kwargs(kwargs, "CLOCModel.get_text_features")
+        outputs = self.text_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, return_dict=True, **kwargs
+        )
         outputs.pooler_output = self.text_projection(outputs.pooler_output)
         return outputs
 
@@ -782,37 +889,55 @@ class CLOCModel(CLOCPreTrainedModel):
         """The image tokens the Prompter and RoI head read, from `get_image_features`' outputs."""
         return _tokens_of_layer(vision_outputs, self.config.prompter_config.vision_feature_layer)
 
-    def get_image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def get_image_tokens(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         """Image tokens `[B, 1+N, D_v]` (CLS first) that region prompts read: cache them for `image_tokens=`."""
-        return self._prompter_tokens(self.get_image_features(pixel_values))
+        features = self.get_image_features(
+            pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True
+        )
+        return self._prompter_tokens(features)
 
-    def _image_tokens(self, pixel_values, image_tokens) -> torch.Tensor:
+    def _image_tokens(self, pixel_values, image_tokens, interpolate_pos_encoding: bool) -> torch.Tensor:
         if image_tokens is None:
             if pixel_values is None:
                 raise ValueError("pass pixel_values or cached image_tokens")
-            image_tokens = self.get_image_tokens(pixel_values)
+            image_tokens = self.get_image_tokens(pixel_values, interpolate_pos_encoding)
         return image_tokens
 
     def get_region_features(
         self,
         pixel_values: torch.Tensor | None = None,
         image_tokens: torch.Tensor | None = None,
-        boxes: torch.Tensor | None = None,
+        input_boxes: torch.Tensor | None = None,
         box_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Normalised region embeddings `[B, R, D]` of boxes `[B, R, 4]` (normalised xyxy); zero where masked.
+        interpolate_pos_encoding: bool = False,
+    ) -> CLOCRegionOutput:
+        """Region embeddings (`region_embeds` `[B, R, D]`, normalised, zero where masked) of `input_boxes`
+        `[B, R, 4]` (normalised xyxy), and the Prompter's region hidden states.
 
         `image_tokens` (`get_image_tokens(pixel_values)`) can be cached and reused for any prompts.
         """
-        image_tokens = self._image_tokens(pixel_values, image_tokens)
-        box_mask = _check_boxes(boxes, box_mask, image_tokens.shape[0], self.config.vision_config.image_size)
-        return self._box_embeddings(image_tokens, boxes, box_mask)
+        if input_boxes is None:
+            raise ValueError("get_region_features needs input_boxes [images, regions, 4] (normalised x0, y0, x1, y1)")
+        if image_tokens is None and pixel_values is not None:  # named before the towers run
+            _check_pixel_values(pixel_values, self.config.vision_config, interpolate_pos_encoding)
+            _check_boxes(input_boxes, box_mask, pixel_values.shape[0], self.config.vision_config.image_size)
+        image_tokens = self._image_tokens(pixel_values, image_tokens, interpolate_pos_encoding)
+        box_mask = _check_boxes(input_boxes, box_mask, image_tokens.shape[0], self.config.vision_config.image_size)
+        hidden, embeds = self._box_outputs(image_tokens, input_boxes, box_mask)
+        return CLOCRegionOutput(region_embeds=embeds, region_hidden_states=hidden, box_mask=box_mask)
+
+    def _box_outputs(
+        self, image_tokens: torch.Tensor, boxes: torch.Tensor, box_mask: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Region hidden states (None for the RoI head) and embeddings of already validated boxes (zero where
+        masked)."""
+        if self.roi_head is not None:
+            return None, self.roi_head(image_tokens, _fill_masked_boxes(boxes, box_mask)) * box_mask[..., None]
+        return self.prompter.embed_boxes(image_tokens, boxes, box_mask)
 
     def _box_embeddings(self, image_tokens: torch.Tensor, boxes: torch.Tensor, box_mask: torch.Tensor) -> torch.Tensor:
         """Region embeddings of already validated boxes (zero where masked)."""
-        if self.roi_head is not None:
-            return self.roi_head(image_tokens, _fill_masked_boxes(boxes, box_mask)) * box_mask[..., None]
-        return self.prompter.embed_boxes(image_tokens, boxes, box_mask)[1]
+        return self._box_outputs(image_tokens, boxes, box_mask)[1]
 
     def _region_text_embeds(self, region_input_ids, region_attention_mask, mask) -> torch.Tensor:
         embeds = region_input_ids.new_zeros(
@@ -820,7 +945,7 @@ class CLOCModel(CLOCPreTrainedModel):
         )
         if mask.any():
             attention = None if region_attention_mask is None else region_attention_mask[mask]
-            embeds[mask] = self.get_text_features(region_input_ids[mask], attention).pooler_output
+            embeds[mask] = self.get_text_features(region_input_ids[mask], attention, return_dict=True).pooler_output
         return embeds
 
     def ground(
@@ -829,41 +954,71 @@ class CLOCModel(CLOCPreTrainedModel):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         image_tokens: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Predicted boxes `[B, R, 4]` (normalised xyxy) for region captions `input_ids` `[B, R, L]`."""
-        image_tokens = self._image_tokens(pixel_values, image_tokens)
-        if input_ids is None or input_ids.dim() != 3 or input_ids.shape[0] != image_tokens.shape[0]:
+        interpolate_pos_encoding: bool = False,
+    ) -> CLOCGroundingOutput:
+        """The box (`predicted_boxes` `[B, R, 4]`, normalised xyxy) of each region caption `input_ids` `[B, R, L]`."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 3:
+            raise ValueError("ground needs input_ids of shape [images, captions per image, tokens]")
+        if image_tokens is None and pixel_values is not None:  # named before the towers run
+            _check_pixel_values(pixel_values, self.config.vision_config, interpolate_pos_encoding)
+            if pixel_values.shape[0] != input_ids.shape[0]:
+                raise ValueError(
+                    f"ground needs one row of captions per image: input_ids has {input_ids.shape[0]} rows for "
+                    f"{pixel_values.shape[0]} images"
+                )
+        image_tokens = self._image_tokens(pixel_values, image_tokens, interpolate_pos_encoding)
+        if input_ids.shape[0] != image_tokens.shape[0]:
             raise ValueError("ground needs input_ids of shape [images, captions per image, tokens]")
         mask = torch.ones(input_ids.shape[:2], dtype=torch.bool, device=input_ids.device)
-        return self._ground_captions(image_tokens, self._region_text_embeds(input_ids, attention_mask, mask))
+        caption_embeds = self._region_text_embeds(input_ids, attention_mask, mask)
+        hidden, boxes = self._ground(image_tokens, caption_embeds)
+        return CLOCGroundingOutput(
+            predicted_boxes=boxes,
+            region_hidden_states=hidden,
+            region_text_embeds=nn.functional.normalize(caption_embeds, dim=-1),
+        )
+
+    def _ground(self, image_tokens: torch.Tensor, caption_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Prompter's text-prompt states `[B, R, D_v]` and the box head's boxes `[B, R, 4]`."""
+        hidden, _ = self.prompter(self.prompter.text_prompts(caption_embeds), image_tokens)
+        return hidden, self.box_head(hidden)
 
     def _ground_captions(self, image_tokens: torch.Tensor, caption_embeds: torch.Tensor) -> torch.Tensor:
         """Boxes `[B, R, 4]` from the Prompter's text path and the box head."""
-        hidden, _ = self.prompter(self.prompter.text_prompts(caption_embeds), image_tokens)
-        return self.box_head(hidden)
+        return self._ground(image_tokens, caption_embeds)[1]
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
         input_boxes: torch.Tensor | None = None,
         box_mask: torch.Tensor | None = None,
         region_input_ids: torch.Tensor | None = None,
         region_attention_mask: torch.Tensor | None = None,
         return_loss: bool | None = None,
-        **kwargs,
-    ) -> CLOCOutput:
+        interpolate_pos_encoding: bool = False,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | CLOCOutput:
         """CLIP logits, region embeddings of `input_boxes`, and with `return_loss` the CLOC loss.
 
         With `region_input_ids` (one caption per box) the region-caption embeddings and grounded boxes are computed
         too; `return_loss` then adds the region and grounding terms (see `loss_from_features`).
+        `output_attentions` / `output_hidden_states` reach both towers (`text_model_output`, `vision_model_output`).
         """
-        self._check_forward_inputs(pixel_values, input_ids, attention_mask, input_boxes, box_mask, return_loss)
-        vision = self.get_image_features(pixel_values)
+        _check_kwargs(kwargs, "CLOCModel.forward")
+        self._check_forward_inputs(
+            pixel_values, input_ids, attention_mask, input_boxes, box_mask, return_loss, interpolate_pos_encoding
+        )
+        vision = self.get_image_features(
+            pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs
+        )
+        text = self.get_text_features(input_ids, attention_mask, position_ids, return_dict=True, **kwargs)
         image_tokens = self._prompter_tokens(vision)
         image_embeds = nn.functional.normalize(vision.pooler_output, dim=-1)
-        text_embeds = nn.functional.normalize(self.get_text_features(input_ids, attention_mask).pooler_output, dim=-1)
+        text_embeds = nn.functional.normalize(text.pooler_output, dim=-1)
         logits_per_text = self._logit_scale() * text_embeds @ image_embeds.t()
         region_embeds = region_text_embeds = predicted_boxes = grounding_mask = region_caption_keys = None
         attention_mass = None
@@ -878,45 +1033,51 @@ class CLOCModel(CLOCPreTrainedModel):
                     attention_mass = self.grounding_attention_mass(
                         image_tokens, region_text_embeds, _fill_masked_boxes(input_boxes, box_mask)
                     ) * box_mask.to(region_text_embeds.dtype)
-        output = CLOCOutput(
-            logits_per_image=logits_per_text.t(),
-            logits_per_text=logits_per_text,
-            image_embeds=image_embeds,
-            text_embeds=text_embeds,
-            region_embeds=region_embeds,
-            box_mask=box_mask if input_boxes is not None else None,
-            region_text_embeds=region_text_embeds,
-            predicted_boxes=predicted_boxes,
-            grounding_mask=grounding_mask,
-            region_caption_keys=region_caption_keys,
-            grounding_attention_mass=attention_mass,
-        )
+        box_mask = box_mask if input_boxes is not None else None
+        losses = (None,) * 5
         if return_loss:
-            (
-                output.loss,
-                output.loss_clip,
-                output.loss_region,
-                output.loss_grounding,
-                output.loss_grounding_attention,
-            ) = self.loss_from_features(
+            losses = self.loss_from_features(
                 image_embeds,
                 text_embeds,
                 region_embeds,
                 region_text_embeds,
                 input_boxes,
-                output.box_mask,
+                box_mask,
                 predicted_boxes,
                 grounding_mask,
                 region_caption_keys,
                 grounding_attention_mass=attention_mass,
             )
-        return output
+        loss, loss_clip, loss_region, loss_grounding, loss_grounding_attention = losses
+        # Built once, all fields at once, so the tuple form keeps the declared order (loss first, as CLIP's).
+        return CLOCOutput(
+            loss=loss,
+            logits_per_image=logits_per_text.t(),
+            logits_per_text=logits_per_text,
+            loss_clip=loss_clip,
+            loss_region=loss_region,
+            loss_grounding=loss_grounding,
+            image_embeds=image_embeds,
+            text_embeds=text_embeds,
+            region_embeds=region_embeds,
+            box_mask=box_mask,
+            region_text_embeds=region_text_embeds,
+            predicted_boxes=predicted_boxes,
+            grounding_mask=grounding_mask,
+            region_caption_keys=region_caption_keys,
+            grounding_attention_mass=attention_mass,
+            loss_grounding_attention=loss_grounding_attention,
+            text_model_output=text,
+            vision_model_output=vision,
+        )
 
-    def _check_forward_inputs(self, pixel_values, input_ids, attention_mask, input_boxes, box_mask, return_loss):
+    def _check_forward_inputs(
+        self, pixel_values, input_ids, attention_mask, input_boxes, box_mask, return_loss, interpolate_pos_encoding
+    ):
         """`forward`'s checks, before any tower runs, so a bad input is named instead of failing inside them."""
         if pixel_values is None or input_ids is None:
             raise ValueError("CLOCModel.forward needs pixel_values and input_ids.")
-        _check_pixel_values(pixel_values, self.config.vision_config)
+        _check_pixel_values(pixel_values, self.config.vision_config, interpolate_pos_encoding)
         _check_caption_ids(input_ids, attention_mask, self.config.text_config)
         num_images, num_captions = pixel_values.shape[0], input_ids.shape[0]
         if return_loss and num_images != num_captions:
@@ -1050,11 +1211,24 @@ class CLOCModel(CLOCPreTrainedModel):
 
 @dataclass
 class CLOCVisionOutput(BaseModelOutputWithPooling):
-    r"""Output of [`CLOCVisionModel`]: CLIP's vision output plus, when `boxes` are given, the Prompter's
+    r"""Output of [`CLOCVisionModel.forward`]: CLIP's vision output, plus region outputs when `input_boxes` are given.
 
-    region_hidden_states (`[B, R, D_v]`): pooled prompt states at ViT width (what a Ferret-style MLLM projects into
-    region tokens), and region_embeds (`[B, R, D]`): normalised region embeddings in CLOC's joint space. Both are
-    zero where `box_mask` is False.
+    last_hidden_state (`torch.Tensor` of shape `(batch_size, 1 + patches, hidden_size)`):
+        The last layer's tokens, CLS first, before the post-LayerNorm (as `CLIPVisionModel`).
+    pooler_output (`torch.Tensor` of shape `(batch_size, hidden_size)`):
+        The post-LayerNormed CLS token (unprojected, as `CLIPVisionModel`).
+    hidden_states (`tuple(torch.Tensor)`, *optional*, returned with `output_hidden_states=True`):
+        The embeddings and every layer's output, each `(batch_size, 1 + patches, hidden_size)`.
+    attentions (`tuple(torch.Tensor)`, *optional*, returned with `output_attentions=True`):
+        Every layer's attention weights, each `(batch_size, heads, 1 + patches, 1 + patches)`.
+    region_hidden_states (`torch.Tensor` of shape `(batch_size, regions, hidden_size)`, *optional*, returned with
+        `input_boxes`):
+        The Prompter's pooled prompt states at ViT width (what a Ferret-style MLLM projects into region tokens); zero
+        where `box_mask` is False.
+    region_embeds (`torch.Tensor` of shape `(batch_size, regions, projection_dim)`, *optional*, returned with
+        `input_boxes`):
+        Normalised region embeddings in CLOC's joint space (equal to `CLOCModel.get_region_features`); zero where
+        `box_mask` is False.
     """
 
     region_hidden_states: torch.Tensor | None = None
@@ -1066,7 +1240,7 @@ class CLOCVisionModel(CLIPVisionModel):
 
     `CLOCVisionModel.from_pretrained(cloc_folder)` takes the tower and the Prompter out of a full CLOC checkpoint;
     the forward is CLIP's (`output_hidden_states` gives `num_hidden_layers + 1` states, CLS at position 0), and
-    `boxes=` (normalised xyxy `[B, R, 4]`) adds region outputs when the config has a `prompter_config`.
+    `input_boxes=` (normalised xyxy `[B, R, 4]`) adds region outputs when the config has a `prompter_config`.
     """
 
     config: CLOCVisionConfig
@@ -1098,39 +1272,37 @@ class CLOCVisionModel(CLIPVisionModel):
         `_initialize_every_module`)."""
         _initialize_every_module(self)
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
-        boxes: torch.Tensor | None = None,
+        input_boxes: torch.Tensor | None = None,
         box_mask: torch.Tensor | None = None,
-        **kwargs,
-    ) -> CLOCVisionOutput:
-        """CLIP's vision forward; with `boxes` also `region_hidden_states` `[B, R, D_v]` and `region_embeds`."""
-        return_dict = kwargs.pop("return_dict", None)
-        if isinstance(pixel_values, torch.Tensor) and not pixel_values.is_floating_point():
-            # CLIP's embeddings cast to float, so raw 0-255 integers would otherwise pass silently.
-            raise ValueError(
-                f"pixel_values has dtype {pixel_values.dtype}; the model takes normalised float pixels (the "
-                "processor's output), not raw 0-255 values."
-            )
-        layer = None if self.prompter is None else self.config.build_prompter_config().vision_feature_layer
-        if boxes is not None and layer not in (None, -1):
-            kwargs["output_hidden_states"] = True  # the Prompter reads an earlier layer
-        outputs = super().forward(pixel_values=pixel_values, return_dict=True, **kwargs)
-        result = CLOCVisionOutput(**outputs)
-        if boxes is not None:
+        interpolate_pos_encoding: bool = False,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | CLOCVisionOutput:
+        """CLIP's vision forward; with `input_boxes` (normalised xyxy `[B, R, 4]`) also `region_hidden_states`
+        `[B, R, D_v]` and `region_embeds` `[B, R, D]`, as `CLOCModel.get_region_features` gives them."""
+        _check_kwargs(kwargs, "CLOCVisionModel.forward")
+        _check_pixel_values(pixel_values, self.config, interpolate_pos_encoding)
+        layer = None
+        if input_boxes is not None:
             if self.prompter is None:
                 raise ValueError(
-                    "boxes were given but this CLOCVisionModel has no Prompter: load it from a full CLOC checkpoint "
-                    "(CLOCVisionModel.from_pretrained(cloc_folder)) or set CLOCVisionConfig.prompter_config."
+                    "input_boxes were given but this CLOCVisionModel has no Prompter: load it from a full CLOC "
+                    "checkpoint (CLOCVisionModel.from_pretrained(cloc_folder)) or set CLOCVisionConfig.prompter_config."
                 )
-            image_tokens = _tokens_of_layer(outputs, layer)
-            box_mask = _check_boxes(boxes, box_mask, image_tokens.shape[0], self.config.image_size)
-            result.region_hidden_states, result.region_embeds = self.prompter.embed_boxes(
-                image_tokens, boxes, box_mask
-            )
-        if return_dict is False:
-            return result.to_tuple()
+            box_mask = _check_boxes(input_boxes, box_mask, pixel_values.shape[0], self.config.image_size)
+            layer = self.config.build_prompter_config().vision_feature_layer
+            if layer != -1:
+                kwargs["output_hidden_states"] = True  # the Prompter reads an earlier layer
+        outputs = super().forward(
+            pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs
+        )
+        result = CLOCVisionOutput(**outputs)
+        if input_boxes is not None:
+            hidden, embeds = self.prompter.embed_boxes(_tokens_of_layer(outputs, layer), input_boxes, box_mask)
+            result = CLOCVisionOutput(**outputs, region_hidden_states=hidden, region_embeds=embeds)
         return result
 
     def clip_vision_config(self) -> CLIPVisionConfig:
@@ -1179,7 +1351,7 @@ class CLOCVisionModel(CLIPVisionModel):
     @classmethod
     def attach_prompter(cls, vision_model: CLIPVisionModel, folder) -> "CLOCVisionModel":
         """A `CLOCVisionModel` made of a stock `vision_model` (e.g. a reloaded LLaVA's `vision_tower`) plus the
-        side-car Prompter `save_prompter` wrote to `folder`; `forward(..., boxes=...)` then gives region outputs."""
+        side-car Prompter `save_prompter` wrote to `folder`; `forward(..., input_boxes=...)` then gives region outputs."""
         folder = Path(folder)
         if not (folder / PROMPTER_CONFIG_NAME).is_file():
             raise FileNotFoundError(f"{folder} holds no {PROMPTER_CONFIG_NAME}: not a Prompter side-car folder")
@@ -1213,6 +1385,8 @@ register_checkpoint_conversion_mapping(
 
 
 __all__ = [
+    "CLOCGroundingOutput",
+    "CLOCRegionOutput",
     "CLOCVisionModel",
     "CLOCVisionOutput",
     "CLOCModel",

@@ -24,8 +24,8 @@ def model():
 def test_permuting_boxes_permutes_region_embeddings(model):
     pixels = random_pixels(2)
     order = torch.tensor([2, 0, 1])
-    base = model.get_region_features(pixel_values=pixels, boxes=BOXES)
-    permuted = model.get_region_features(pixel_values=pixels, boxes=BOXES[:, order])
+    base = model.get_region_features(pixel_values=pixels, input_boxes=BOXES).region_embeds
+    permuted = model.get_region_features(pixel_values=pixels, input_boxes=BOXES[:, order]).region_embeds
     torch.testing.assert_close(permuted, base[:, order], atol=1e-6, rtol=1e-6)
     assert not torch.allclose(base[:, 0], base[:, 1], atol=1e-3)  # different boxes, different embeddings
 
@@ -34,19 +34,23 @@ def test_permuting_boxes_permutes_region_embeddings(model):
 def test_cached_image_tokens_match_recomputation(model):
     pixels = random_pixels(2, seed=3)
     tokens = model.get_image_features(pixels).last_hidden_state
-    from_tokens = model.get_region_features(image_tokens=tokens, boxes=BOXES)
-    torch.testing.assert_close(from_tokens, model.get_region_features(pixel_values=pixels, boxes=BOXES))
-    more = model.get_region_features(image_tokens=tokens, boxes=torch.cat([BOXES, BOXES.flip(1)], dim=1))
+    from_tokens = model.get_region_features(image_tokens=tokens, input_boxes=BOXES).region_embeds
+    torch.testing.assert_close(
+        from_tokens, model.get_region_features(pixel_values=pixels, input_boxes=BOXES).region_embeds
+    )
+    more = model.get_region_features(
+        image_tokens=tokens, input_boxes=torch.cat([BOXES, BOXES.flip(1)], dim=1)
+    ).region_embeds
     torch.testing.assert_close(more[:, :3], from_tokens, atol=1e-6, rtol=1e-6)
 
 
 @torch.no_grad()
 def test_padding_boxes_never_changes_valid_outputs(model):
     pixels = random_pixels(2, seed=4)
-    base = model.get_region_features(pixel_values=pixels, boxes=BOXES)
+    base = model.get_region_features(pixel_values=pixels, input_boxes=BOXES).region_embeds
     padded = torch.cat([BOXES, torch.tensor([[[0.3, 0.3, 0.4, 0.4]], [[float("nan")] * 4]])], dim=1)
     mask = torch.tensor([[True, True, True, False], [True, True, True, False]])
-    out = model.get_region_features(pixel_values=pixels, boxes=padded, box_mask=mask)
+    out = model.get_region_features(pixel_values=pixels, input_boxes=padded, box_mask=mask).region_embeds
     torch.testing.assert_close(out[:, :3], base, atol=1e-6, rtol=1e-6)
     assert torch.all(out[:, 3] == 0)
 
@@ -129,7 +133,9 @@ def test_losses_fall_and_grounding_overfits():
     assert all(b < 0.05 * a for a, b in zip(first, last)), history[::25]
     model.eval()
     with torch.no_grad():
-        predicted = model.ground(pixel_values=inputs["pixel_values"][:2], input_ids=inputs["region_input_ids"][:2])
+        predicted = model.ground(
+            pixel_values=inputs["pixel_values"][:2], input_ids=inputs["region_input_ids"][:2]
+        ).predicted_boxes
     target = inputs["input_boxes"][:2]
     lo, hi = torch.maximum(predicted[..., :2], target[..., :2]), torch.minimum(predicted[..., 2:], target[..., 2:])
     inter = (hi - lo).clamp(min=0).prod(-1)
@@ -149,7 +155,7 @@ def test_losses_fall_and_grounding_overfits():
 )
 def test_bad_boxes_name_image_and_box(model, boxes, message):
     with pytest.raises(ValueError, match=message):
-        model.get_region_features(pixel_values=random_pixels(1), boxes=boxes)
+        model.get_region_features(pixel_values=random_pixels(1), input_boxes=boxes)
 
 
 def test_save_load_round_trip(model, tmp_path):
@@ -158,8 +164,8 @@ def test_save_load_round_trip(model, tmp_path):
     pixels = random_pixels(2, seed=8)
     with torch.no_grad():
         torch.testing.assert_close(
-            reloaded.get_region_features(pixel_values=pixels, boxes=BOXES),
-            model.get_region_features(pixel_values=pixels, boxes=BOXES),
+            reloaded.get_region_features(pixel_values=pixels, input_boxes=BOXES).region_embeds,
+            model.get_region_features(pixel_values=pixels, input_boxes=BOXES).region_embeds,
             atol=0,
             rtol=0,
         )
@@ -189,7 +195,7 @@ def test_roi_align_head_is_a_configurable_alternative():
     model = CLOCModel(config).eval()
     pixels = random_pixels(2)
     tokens = model.get_image_features(pixels).last_hidden_state
-    out = model.get_region_features(image_tokens=tokens, boxes=BOXES)
+    out = model.get_region_features(image_tokens=tokens, input_boxes=BOXES).region_embeds
     from modeling_cloc.modeling_cloc import roi_align_mean
 
     pooled = roi_align_mean(tokens[:, 1:], BOXES, 7)
@@ -283,8 +289,10 @@ def test_prompter_reads_the_configured_layer():
     pixels = random_pixels(2, seed=7)
     hidden = model.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states[1]
     torch.testing.assert_close(model.get_image_tokens(pixels), hidden)
-    expected = model.get_region_features(image_tokens=hidden, boxes=BOXES)
-    torch.testing.assert_close(model.get_region_features(pixel_values=pixels, boxes=BOXES), expected)
+    expected = model.get_region_features(image_tokens=hidden, input_boxes=BOXES).region_embeds
+    torch.testing.assert_close(
+        model.get_region_features(pixel_values=pixels, input_boxes=BOXES).region_embeds, expected
+    )
     out = model(input_ids=batch()["input_ids"][:2], pixel_values=pixels, input_boxes=BOXES)
     torch.testing.assert_close(out.region_embeds, expected)
 
