@@ -471,6 +471,31 @@ def _load_clip(clip, target: str) -> CLIPModel:
     return clip_model
 
 
+# The same function stands in modeling_occlip/modeling_occlip.py: each model folder must work alone as remote code.
+def _clip_config_fields(clip: CLIPModel) -> dict:
+    """What a model built from `clip` takes from its config: both towers, the projection width, the logit scale."""
+    return dict(
+        text_config=clip.config.text_config.to_dict(),
+        vision_config=clip.config.vision_config.to_dict(),
+        projection_dim=clip.config.projection_dim,
+        logit_scale_init_value=float(clip.logit_scale.detach()),
+    )
+
+
+# The same function stands in modeling_occlip/modeling_occlip.py: each model folder must work alone as remote code.
+def _load_clip_weights(model: nn.Module, clip: CLIPModel, new_modules: tuple[str, ...]) -> None:
+    """Copy `clip`'s towers, projections and logit scale into `model` (same parameter names); every weight of
+    `model` that `clip` lacks must belong to `new_modules` (name prefixes), and `clip` may hold nothing else."""
+    incompatible = model.load_state_dict(clip.state_dict(), strict=False)
+    unexpected = list(incompatible.unexpected_keys)
+    missing = [key for key in incompatible.missing_keys if not key.startswith(new_modules)]
+    if unexpected or missing:
+        raise ValueError(
+            f"CLIP checkpoint does not match {type(model).__name__}'s towers: unexpected {unexpected[:5]}, "
+            f"missing {missing[:5]}."
+        )
+
+
 def _refuse_incomplete_load(name: str, model, info: dict, args: tuple, kwargs: dict) -> None:
     """After `from_pretrained`: weights missing from the checkpoint are an error naming them (and the checkpoint's
     model_type when it is another), not random heads with only a printed report."""
@@ -821,26 +846,9 @@ class CLOCModel(CLOCPreTrainedModel):
         visual projection (spec `prompter_init_from_clip`), so a region embedding starts in CLIP's joint space.
         """
         clip = _load_clip(clip, "CLOCModel")
-        config = CLOCConfig(
-            text_config=clip.config.text_config.to_dict(),
-            vision_config=clip.config.vision_config.to_dict(),
-            prompter_config=prompter_config,
-            projection_dim=clip.config.projection_dim,
-            logit_scale_init_value=float(clip.logit_scale.detach()),
-            **config_kwargs,
-        )
+        config = CLOCConfig(**_clip_config_fields(clip), prompter_config=prompter_config, **config_kwargs)
         model = cls(config)
-        incompatible = model.load_state_dict(clip.state_dict(), strict=False)
-        missing = [
-            k
-            for k in incompatible.missing_keys
-            if not k.startswith(("prompter.", "box_head.", "roi_head.", "region_logit"))
-        ]
-        if incompatible.unexpected_keys or missing:
-            raise ValueError(
-                f"CLIP checkpoint does not match CLOC's towers: unexpected {list(incompatible.unexpected_keys)[:5]}, "
-                f"missing {missing[:5]}."
-            )
+        _load_clip_weights(model, clip, ("prompter.", "box_head.", "roi_head.", "region_logit"))
         with torch.no_grad():
             model.prompter.post_layernorm.load_state_dict(clip.vision_model.post_layernorm.state_dict())
             model.prompter.projection.weight.copy_(clip.visual_projection.weight)
@@ -1260,6 +1268,21 @@ class CLOCVisionModel(CLIPVisionModel):
             )
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`; from a full CLOC folder the tower also takes the Prompter (the folder's
+        `prompter_config` and `projection_dim` join its vision config), so `forward(..., input_boxes=...)` works."""
+        if kwargs.get("config") is None and pretrained_model_name_or_path is not None:
+            hub = _hub_kwargs(kwargs)
+            try:
+                full = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub)[0]
+            except (OSError, TypeError, ValueError):  # no config file: left to transformers to report
+                full = {}
+            if full.get("model_type") == "cloc":
+                vision = CLOCVisionConfig.from_pretrained(pretrained_model_name_or_path, **hub)
+                kwargs["config"] = vision.with_prompter(full.get("prompter_config"), full.get("projection_dim", 512))
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
     @torch.no_grad()
     def _init_weights(self, module):
         """CLIP's initialisation for the tower; the Prompter's rule (`_init_prompter`) from `prompter_config`."""
@@ -1306,7 +1329,8 @@ class CLOCVisionModel(CLIPVisionModel):
         return result
 
     def clip_vision_config(self) -> CLIPVisionConfig:
-        """This tower's fields as a stock `CLIPVisionConfig` (no Prompter, no remote code needed)."""
+        """This tower's fields as a stock `CLIPVisionConfig` (without CLOC's `prompter_config`: no remote code
+        needed)."""
         fields = {
             k: v for k, v in self.config.to_dict().items() if k not in ("model_type", "architectures", "auto_map")
         }
@@ -1314,7 +1338,7 @@ class CLOCVisionModel(CLIPVisionModel):
         return CLIPVisionConfig(**fields)
 
     def clip_state_dict(self) -> dict[str, torch.Tensor]:
-        """The tower's weights without the Prompter, under `CLIPVisionModel`'s names."""
+        """The tower's weights under `CLIPVisionModel`'s names (without CLOC's Prompter)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("prompter.")}
 
     def export_clip_vision(self, folder, image_processor=None) -> None:

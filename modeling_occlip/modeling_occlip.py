@@ -21,7 +21,8 @@ from transformers.models.clip.modeling_clip import (
     CLIPTextModel,
     CLIPVisionModel,
 )
-from transformers.utils import ModelOutput, logging
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple, logging
 
 from .binding_occlip import OCCLIPBindingModule, OCCLIPStructuredSimilarity, PreparedText
 from .configuration_occlip import OCCLIPConfig, OCCLIPTextConfig, OCCLIPVisionConfig
@@ -127,6 +128,31 @@ def _load_clip(clip, target: str) -> CLIPModel:
     clip_model, info = CLIPModel.from_pretrained(clip, output_loading_info=True)
     _refuse_missing_weights(info, "CLIPModel", clip)
     return clip_model
+
+
+# The same function stands in modeling_cloc/modeling_cloc.py: each model folder must work alone as remote code.
+def _clip_config_fields(clip: CLIPModel) -> dict:
+    """What a model built from `clip` takes from its config: both towers, the projection width, the logit scale."""
+    return dict(
+        text_config=clip.config.text_config.to_dict(),
+        vision_config=clip.config.vision_config.to_dict(),
+        projection_dim=clip.config.projection_dim,
+        logit_scale_init_value=float(clip.logit_scale.detach()),
+    )
+
+
+# The same function stands in modeling_cloc/modeling_cloc.py: each model folder must work alone as remote code.
+def _load_clip_weights(model: nn.Module, clip: CLIPModel, new_modules: tuple[str, ...]) -> None:
+    """Copy `clip`'s towers, projections and logit scale into `model` (same parameter names); every weight of
+    `model` that `clip` lacks must belong to `new_modules` (name prefixes), and `clip` may hold nothing else."""
+    incompatible = model.load_state_dict(clip.state_dict(), strict=False)
+    unexpected = list(incompatible.unexpected_keys)
+    missing = [key for key in incompatible.missing_keys if not key.startswith(new_modules)]
+    if unexpected or missing:
+        raise ValueError(
+            f"CLIP checkpoint does not match {type(model).__name__}'s towers: unexpected {unexpected[:5]}, "
+            f"missing {missing[:5]}."
+        )
 
 
 def _refuse_incomplete_load(name: str, model, info: dict, args: tuple, kwargs: dict) -> None:
@@ -242,6 +268,38 @@ def _init_head(module: nn.Module, std: float) -> None:
             init.zeros_(child.bias)
 
 
+# The same function stands in modeling_cloc/modeling_cloc.py: each model folder must work alone as remote code.
+def _check_kwargs(kwargs: dict, method: str) -> None:
+    """Keyword arguments beyond a method's own must be transformers' `TransformersKwargs` (`output_attentions`,
+    `output_hidden_states`, ...): anything else, e.g. a misspelt argument, is an error, not silently dropped."""
+    unknown = sorted(set(kwargs) - set(TransformersKwargs.__annotations__))
+    if unknown:
+        raise TypeError(f"{method}() got unexpected keyword arguments: {', '.join(unknown)}")
+
+
+# The same function stands in modeling_cloc/modeling_cloc.py: each model folder must work alone as remote code.
+def _check_pixel_values(pixel_values: torch.Tensor, vision, any_size: bool = False) -> None:
+    """Shape, batch and dtype of `pixel_values` for a vision config, with errors that say what to do; `any_size`
+    (CLIP's `interpolate_pos_encoding`) lets the height and width differ from the config's `image_size`."""
+    if not isinstance(pixel_values, torch.Tensor):
+        raise ValueError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}.")
+    expected = (vision.num_channels, vision.image_size, vision.image_size)
+    shape = tuple(pixel_values.shape)
+    if pixel_values.dim() != 4 or shape[1:] != expected and not (any_size and shape[1] == expected[0]):
+        raise ValueError(
+            f"pixel_values has shape {tuple(pixel_values.shape)}, expected [batch, {expected[0]}, {expected[1]}, "
+            f"{expected[2]}] for this model (image_size={vision.image_size}); resize the images with the processor."
+        )
+    if pixel_values.shape[0] == 0:
+        raise ValueError("pixel_values holds no image.")
+    if not pixel_values.is_floating_point():
+        # Raw 0-255 integers would run through the towers as if normalised, giving a silently wrong answer.
+        raise ValueError(
+            f"pixel_values has dtype {pixel_values.dtype}; the model takes normalised float pixels (the processor's "
+            "output), not raw 0-255 values."
+        )
+
+
 def _check_shape(name: str, tensor: torch.Tensor, shape: tuple, what: str) -> None:
     if tuple(tensor.shape) != tuple(shape):
         raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {tuple(shape)} ({what}).")
@@ -290,46 +348,15 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
         loads. The binding module and structured similarity are new and freshly initialised.
         """
         clip = _load_clip(clip, "OCCLIPModel")
-        clip_config = clip.config
-        config = OCCLIPConfig(
-            text_config=clip_config.text_config.to_dict(),
-            vision_config=clip_config.vision_config.to_dict(),
-            binding_config=binding_config,
-            projection_dim=clip_config.projection_dim,
-            logit_scale_init_value=float(clip.logit_scale.detach()),
-            **config_kwargs,
-        )
+        config = OCCLIPConfig(**_clip_config_fields(clip), binding_config=binding_config, **config_kwargs)
         model = cls(config)
-        incompatible = model.load_state_dict(clip.state_dict(), strict=False)
-        new_modules = ("binding.", "similarity.")
-        unexpected = list(incompatible.unexpected_keys)
-        missing = [key for key in incompatible.missing_keys if not key.startswith(new_modules)]
-        if unexpected or missing:
-            raise ValueError(
-                f"CLIP checkpoint does not match OC-CLIP's towers: unexpected {unexpected[:5]}, missing {missing[:5]}."
-            )
+        _load_clip_weights(model, clip, ("binding.", "similarity."))
         return model.to(dtype=next(clip.parameters()).dtype)
 
     # ------------------------------------------------------------------ per-image side
 
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
-        vision = self.config.vision_config
-        if not isinstance(pixel_values, torch.Tensor):
-            raise ValueError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}.")
-        expected = (vision.num_channels, vision.image_size, vision.image_size)
-        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
-            raise ValueError(
-                f"pixel_values has shape {tuple(pixel_values.shape)}, expected [batch, {expected[0]}, {expected[1]}, "
-                f"{expected[2]}] for this model (image_size={vision.image_size}); resize the images with the processor."
-            )
-        if pixel_values.shape[0] == 0:
-            raise ValueError("pixel_values holds no image.")
-        if not pixel_values.is_floating_point():
-            # Raw 0-255 integers would run through the towers as if normalised, giving a silently wrong answer.
-            raise ValueError(
-                f"pixel_values has dtype {pixel_values.dtype}; the model takes normalised float pixels (the "
-                "processor's output), not raw 0-255 values."
-            )
+        _check_pixel_values(pixel_values, self.config.vision_config)
 
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> OCCLIPImageFeatures:
         """Per-image cache: global CLIP embedding (`pooler_output`) and folded binding keys/values."""
@@ -894,18 +921,39 @@ class OCCLIPVisionModel(CLIPVisionModel):
         `_initialize_every_module`)."""
         _initialize_every_module(self)
 
-    def export_clip_vision(self, folder, image_processor=None) -> None:
-        """Write a plain `clip_vision_model` checkpoint (`vision_model.*` keys) that `CLIPVisionModel.from_pretrained`
-        loads in code that hard-codes it (original LLaVA), with a preprocessor_config.json: `image_processor`'s, else
-        a `CLIPImageProcessor` at the tower's image size with CLIP's normalisation.
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | BaseModelOutputWithPooling:
+        """CLIP's vision forward, with `pixel_values` and keyword arguments checked first (as `CLOCVisionModel`)."""
+        _check_kwargs(kwargs, "OCCLIPVisionModel.forward")
+        _check_pixel_values(pixel_values, self.config, interpolate_pos_encoding)
+        return super().forward(
+            pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs
+        )
 
-        (The same method lives on `CLOCVisionModel`: each model folder stays self-contained for remote code.)
-        """
+    def clip_vision_config(self) -> CLIPVisionConfig:
+        """This tower's fields as a stock `CLIPVisionConfig` (without CLOC's `prompter_config`: no remote code
+        needed)."""
         fields = {
             k: v for k, v in self.config.to_dict().items() if k not in ("model_type", "architectures", "auto_map")
         }
-        clip = CLIPVisionModel(CLIPVisionConfig(**fields))
-        clip.load_state_dict(self.state_dict())
+        fields.pop("prompter_config", None)
+        return CLIPVisionConfig(**fields)
+
+    def clip_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tower's weights under `CLIPVisionModel`'s names (without CLOC's Prompter)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("prompter.")}
+
+    def export_clip_vision(self, folder, image_processor=None) -> None:
+        """Write a plain `clip_vision_model` checkpoint (`vision_model.*` keys) that `CLIPVisionModel.from_pretrained`
+        loads in code that hard-codes it (original LLaVA), with a preprocessor_config.json: `image_processor`'s, else
+        a `CLIPImageProcessor` at the tower's image size with CLIP's normalisation."""
+        clip = CLIPVisionModel(self.clip_vision_config())
+        clip.load_state_dict(self.clip_state_dict())
         clip.save_pretrained(folder)
         if image_processor is None:
             # Original LLaVA calls CLIPImageProcessor.from_pretrained(tower) with no fallback.
