@@ -360,3 +360,21 @@ def test_sub_configs_save_and_load(family, tmp_path):
         assert sub_class.from_pretrained(tmp_path / "full").to_dict() == inside.to_dict(), key
         inside.save_pretrained(tmp_path / key)
         assert sub_class.from_pretrained(tmp_path / key).to_dict() == inside.to_dict(), key
+
+
+def test_invariants_broken_on_purpose_are_as_the_readme_says():
+    """The README names two deliberate departures from transformers' conventions: non-float fields in the outputs
+    (the loss needs the masks and caption keys), and hidden states always returned when the Prompter reads an
+    earlier layer."""
+    model, inputs = TESTER.model(), TESTER.prepare_inputs()
+    with torch.no_grad():
+        out = model(**inputs)
+    assert out.box_mask.dtype == out.grounding_mask.dtype == torch.bool
+    assert out.region_caption_keys.dtype == torch.int64
+    assert out.vision_model_output.hidden_states is None  # the default layer (-1) needs none
+    config = TESTER.get_config()
+    config.prompter_config.vision_feature_layer = 1
+    earlier = CLOCModel(config).eval()
+    with torch.no_grad():
+        features = earlier.get_image_features(inputs["pixel_values"], output_hidden_states=False)
+    assert len(features.hidden_states) == config.vision_config.num_hidden_layers + 1
