@@ -231,8 +231,10 @@ class CLOCPrompterLayer(GradientCheckpointingLayer):
         values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Update `queries` `[S, Q, D]`; they attend to their own rows, then to `keys`/`values` `[S, H, K, d_h]`.
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Updated `queries` `[S, Q, D]` and, with `output_attentions`, the attention weights `[S, H, Q, Q + K]`
+        (else None); the rows attend to their own rows, then to `keys`/`values` `[S, H, K, d_h]`.
 
         `attention_mask` (bool, True = attend, or additive float; broadcastable to `[S, H, Q, Q + K]`) restricts
         which query rows see each other and biases the image columns. `position` `[Q, D]` is added to the rows'
@@ -244,9 +246,20 @@ class CLOCPrompterLayer(GradientCheckpointingLayer):
         q, k, v = self._heads(self.q_proj(normed)), self._heads(self.k_proj(normed)), self._heads(self.v_proj(normed))
         if keys is not None:
             k, v = torch.cat([k, keys], dim=-2), torch.cat([v, values], dim=-2)
-        attended = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
+        weights = None
+        if output_attentions:  # the same attention as SDPA's, with its weights kept
+            logits = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+            if attention_mask is not None:
+                if attention_mask.dtype == torch.bool:
+                    logits = logits.masked_fill(~attention_mask, -torch.inf)
+                else:
+                    logits = logits + attention_mask
+            weights = logits.softmax(-1)
+            attended = weights @ v
+        else:
+            attended = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
         hidden = queries + self.out_proj(attended.transpose(-2, -3).reshape(queries.shape))
-        return hidden + self.fc2(self.activation_fn(self.fc1(self.norm2(hidden))))
+        return hidden + self.fc2(self.activation_fn(self.fc1(self.norm2(hidden)))), weights
 
 
 class CLOCPrompter(nn.Module):
@@ -310,10 +323,26 @@ class CLOCPrompter(nn.Module):
         prompt rows are computed: all regions of an image form one query block against image keys/values computed
         once, and a block-diagonal mask keeps each region's prompt tokens to themselves (no per-region copy).
         """
+        hidden, embeds, _ = self.forward_with_image_attention(prompts, image_tokens, boxes, output_attentions=False)
+        return hidden, embeds
+
+    def forward_with_image_attention(
+        self,
+        prompts: torch.Tensor,
+        image_tokens: torch.Tensor,
+        boxes: torch.Tensor | None = None,
+        output_attentions: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """`forward`'s `(h, z)` and, with `output_attentions` (one-layer Prompters), each region's attention over
+        the image tokens `[B, R, 1+N]` (CLS first; averaged over heads and the region's prompt tokens; the rest of
+        each row goes to its own prompt tokens), from the same pass: what `image_attention` reports."""
+        if output_attentions and len(self.layers) != 1:
+            raise ValueError("image_attention reads the one-layer Prompter; this one has several layers")
         batch, regions, num_prompt, width = prompts.shape
         num_tokens = image_tokens.shape[1]
         position = self.image_position(num_tokens, image_tokens.dtype, image_tokens.device)
         bias = None if boxes is None else self.box_attention_bias(boxes, num_tokens, num_prompt)
+        image_attention = None
         if self.pooling == "prompt" and len(self.layers) == 1:
             layer = self.layers[0]
             keys, values = layer.image_keys_values(image_tokens, position)  # [B, H, K, d], once per image
@@ -324,7 +353,10 @@ class CLOCPrompter(nn.Module):
                 own_logits = torch.zeros_like(own, dtype=bias.dtype).masked_fill(~own, float("-inf"))
                 mask = torch.cat([own_logits.expand(batch, -1, -1), bias], dim=2)[:, None].to(prompts.dtype)
             queries = prompts.reshape(batch, regions * num_prompt, width)
-            pooled = layer(queries, keys, values, mask).view(batch, regions, num_prompt, width).mean(dim=2)
+            rows, weights = layer(queries, keys, values, mask, output_attentions=output_attentions)
+            pooled = rows.view(batch, regions, num_prompt, width).mean(dim=2)
+            if weights is not None:  # [B, H, R * T_p, R * T_p + K]: the image columns of the prompt rows
+                image_attention = weights[..., regions * num_prompt :].mean(1)
         else:
             # Full sequence per region: every layer updates image tokens too, which then depend on the prompt.
             tokens = torch.cat([prompts, image_tokens[:, None].expand(-1, regions, -1, -1)], dim=2)
@@ -338,11 +370,17 @@ class CLOCPrompter(nn.Module):
                 image_rows = rows.new_zeros(batch * regions, num_tokens, num_prompt + num_tokens)
                 mask = torch.cat([rows, image_rows], dim=1)[:, None].to(prompts.dtype)
             for layer in self.layers:
-                tokens = layer(tokens, attention_mask=mask, position=position)
+                tokens, weights = layer(
+                    tokens, attention_mask=mask, position=position, output_attentions=output_attentions
+                )
+            if output_attentions:  # [B * R, H, T_p + K, T_p + K]: the image columns of the prompt rows
+                image_attention = weights[:, :, :num_prompt, num_prompt:].mean(1)
             tokens = tokens.view(batch, regions, -1, width)
             pooled = tokens[:, :, :num_prompt].mean(2) if self.pooling == "prompt" else tokens.mean(2)
+        if image_attention is not None:
+            image_attention = image_attention.reshape(batch, regions, num_prompt, num_tokens).mean(2)
         embeds = nn.functional.normalize(self.projection(self.post_layernorm(pooled)), dim=-1)
-        return pooled, embeds
+        return pooled, embeds, image_attention
 
     @torch.no_grad()
     def image_attention(
@@ -357,25 +395,7 @@ class CLOCPrompter(nn.Module):
         self, prompts: torch.Tensor, image_tokens: torch.Tensor, boxes: torch.Tensor | None = None
     ) -> torch.Tensor:
         """`image_attention` with gradients (what the grounding attention loss supervises)."""
-        if len(self.layers) != 1:
-            raise ValueError("image_attention reads the one-layer Prompter; this one has several layers")
-        batch, regions, num_prompt, width = prompts.shape
-        layer, num_tokens = self.layers[0], image_tokens.shape[1]
-        keys, _ = layer.image_keys_values(
-            image_tokens, self.image_position(num_tokens, image_tokens.dtype, image_tokens.device)
-        )
-        queries = prompts.reshape(batch, regions * num_prompt, width)
-        normed = layer.norm1(queries)
-        q, own_keys = layer._heads(layer.q_proj(normed)), layer._heads(layer.k_proj(normed))
-        region_of = torch.arange(regions, device=prompts.device).repeat_interleave(num_prompt)
-        own_logits = (q @ own_keys.transpose(-1, -2)).masked_fill(region_of[:, None] != region_of[None, :], -torch.inf)
-        image_logits = q @ keys.transpose(-1, -2)
-        bias = None if boxes is None else self.box_attention_bias(boxes, num_tokens, num_prompt)
-        if bias is not None:
-            image_logits = image_logits + bias[:, None] * q.shape[-1] ** 0.5  # undone by the scale below
-        weights = (torch.cat([own_logits, image_logits], dim=-1) * q.shape[-1] ** -0.5).softmax(-1)
-        image = weights[..., own_logits.shape[-1] :].mean(1)  # heads
-        return image.view(batch, regions, num_prompt, num_tokens).mean(2)
+        return self.forward_with_image_attention(prompts, image_tokens, boxes)[2]
 
     def embed_boxes(
         self, image_tokens: torch.Tensor, boxes: torch.Tensor, box_mask: torch.Tensor
@@ -979,21 +999,23 @@ class CLOCModel(CLOCPreTrainedModel):
             raise ValueError("ground needs input_ids of shape [images, captions per image, tokens]")
         mask = torch.ones(input_ids.shape[:2], dtype=torch.bool, device=input_ids.device)
         caption_embeds = self._region_text_embeds(input_ids, attention_mask, mask)
-        hidden, boxes = self._ground(image_tokens, caption_embeds)
+        hidden, boxes, _ = self._ground(image_tokens, caption_embeds)
         return CLOCGroundingOutput(
             predicted_boxes=boxes,
             region_hidden_states=hidden,
             region_text_embeds=nn.functional.normalize(caption_embeds, dim=-1),
         )
 
-    def _ground(self, image_tokens: torch.Tensor, caption_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The Prompter's text-prompt states `[B, R, D_v]` and the box head's boxes `[B, R, 4]`."""
-        hidden, _ = self.prompter(self.prompter.text_prompts(caption_embeds), image_tokens)
-        return hidden, self.box_head(hidden)
-
-    def _ground_captions(self, image_tokens: torch.Tensor, caption_embeds: torch.Tensor) -> torch.Tensor:
-        """Boxes `[B, R, 4]` from the Prompter's text path and the box head."""
-        return self._ground(image_tokens, caption_embeds)[1]
+    def _ground(
+        self, image_tokens: torch.Tensor, caption_embeds: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The Prompter's text-prompt states `[B, R, D_v]`, the box head's boxes `[B, R, 4]` and, with
+        `output_attentions`, the prompts' attention over the image tokens `[B, R, 1+N]` (else None)."""
+        prompts = self.prompter.text_prompts(caption_embeds)
+        hidden, _, attention = self.prompter.forward_with_image_attention(
+            prompts, image_tokens, output_attentions=output_attentions
+        )
+        return hidden, self.box_head(hidden), attention
 
     @can_return_tuple
     def forward(
@@ -1034,12 +1056,15 @@ class CLOCModel(CLOCPreTrainedModel):
             box_mask = _check_boxes(input_boxes, box_mask, image_tokens.shape[0])
             region_embeds = self._box_embeddings(image_tokens, input_boxes, box_mask)
             if region_input_ids is not None:
-                region_text_embeds, predicted_boxes, grounding_mask, region_caption_keys = (
-                    self._region_caption_outputs(image_tokens, box_mask, region_input_ids, region_attention_mask)
+                supervise_attention = self.config.grounding_attention_loss_weight > 0
+                region_text_embeds, predicted_boxes, grounding_mask, region_caption_keys, image_attention = (
+                    self._region_caption_outputs(
+                        image_tokens, box_mask, region_input_ids, region_attention_mask, supervise_attention
+                    )
                 )
-                if self.config.grounding_attention_loss_weight > 0:
+                if supervise_attention:  # from the grounding pass's own attention, not a second pass
                     attention_mass = self.grounding_attention_mass(
-                        image_tokens, region_text_embeds, _fill_masked_boxes(input_boxes, box_mask)
+                        image_tokens, region_text_embeds, _fill_masked_boxes(input_boxes, box_mask), image_attention
                     ) * box_mask.to(region_text_embeds.dtype)
         box_mask = box_mask if input_boxes is not None else None
         losses = (None,) * 5
@@ -1111,32 +1136,43 @@ class CLOCModel(CLOCPreTrainedModel):
         return keep
 
     def grounding_attention_mass(
-        self, image_tokens: torch.Tensor, caption_embeds: torch.Tensor, boxes: torch.Tensor
+        self,
+        image_tokens: torch.Tensor,
+        caption_embeds: torch.Tensor,
+        boxes: torch.Tensor,
+        image_attention: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`[B, R]`: the share of each caption's text-prompt attention over the image patches (CLS and the prompt
-        itself left out) that falls inside `boxes`, weighting each patch by its covered area."""
-        attention = self.prompter.attention_over_image(self.prompter.text_prompts(caption_embeds), image_tokens)
-        patches = attention[..., 1:]
+        itself left out) that falls inside `boxes`, weighting each patch by its covered area. `image_attention`
+        (`[B, R, 1+N]`, from the grounding pass's `forward_with_image_attention`) saves computing it again."""
+        if image_attention is None:
+            prompts = self.prompter.text_prompts(caption_embeds)
+            image_attention = self.prompter.attention_over_image(prompts, image_tokens)
+        patches = image_attention[..., 1:]
         patches = patches / patches.sum(-1, keepdim=True).clamp(min=torch.finfo(patches.dtype).tiny)
         return (patches * box_patch_overlap(boxes.to(patches.dtype), patches.shape[-1])).sum(-1)
 
-    def _region_caption_outputs(self, image_tokens, box_mask, region_input_ids, region_attention_mask):
-        """Normalised caption embeddings `[B, R, D]`, grounded boxes `[B, R, 4]`, the grounding target mask and the
-        caption keys (`[B, R]`, -1 where masked)."""
+    def _region_caption_outputs(
+        self, image_tokens, box_mask, region_input_ids, region_attention_mask, output_attentions: bool = False
+    ):
+        """Normalised caption embeddings `[B, R, D]`, grounded boxes `[B, R, 4]`, the grounding target mask, the
+        caption keys (`[B, R]`, -1 where masked) and, with `output_attentions`, the text prompts' attention over
+        the image tokens `[B, R, 1+N]` (else None)."""
         if tuple(region_input_ids.shape[:2]) != tuple(box_mask.shape):
             raise ValueError(
                 f"region_input_ids has shape {tuple(region_input_ids.shape)}, expected one caption per box: "
                 f"{tuple(box_mask.shape)} + (tokens,)"
             )
         caption_embeds = self._region_text_embeds(region_input_ids, region_attention_mask, box_mask)
-        predicted = self._ground_captions(image_tokens, caption_embeds)
+        _, predicted, attention = self._ground(image_tokens, caption_embeds, output_attentions)
         keys = caption_keys(region_input_ids, region_attention_mask).masked_fill(~box_mask, -1)
         # Grounding: a caption repeated within its image has no single target box.
         target = box_mask.clone()
         if self.config.grounding_unique_only:
             same = (keys[:, :, None] == keys[:, None, :]) & box_mask[:, :, None] & box_mask[:, None, :]
             target &= same.sum(-1) == 1
-        return nn.functional.normalize(caption_embeds, dim=-1) * box_mask[..., None], predicted, target, keys
+        embeds = nn.functional.normalize(caption_embeds, dim=-1) * box_mask[..., None]
+        return embeds, predicted, target, keys, attention
 
     def loss_from_features(
         self,

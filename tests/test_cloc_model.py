@@ -1,9 +1,11 @@
 """CLOC model core: region embeddings (permutation, caching, padding, exact prompt-only path), losses, grounding."""
 
+from unittest import mock
+
 import pytest
 import torch
 
-from modeling_cloc import CLOCModel
+from modeling_cloc import CLOCModel, CLOCPrompter
 from modeling_cloc.modeling_cloc import box_patch_overlap
 from tests.factories import random_pixels, tiny_cloc_model
 
@@ -68,12 +70,12 @@ def test_prompt_only_path_equals_full_sequence_layer(model):
         model.prompter.image_position(tokens.shape[1], tokens.dtype, None), (0, 0, 2, 0)
     )
     assert position[2:].abs().sum() > 0
-    expected = layer(full, position=position)[:, :2].mean(1).view(2, 3, -1)
+    expected = layer(full, position=position)[0][:, :2].mean(1).view(2, 3, -1)
     torch.testing.assert_close(hidden, expected, atol=1e-5, rtol=1e-5)
     all_pooling = tiny_cloc_model(pooling="all")
     all_pooling.load_state_dict(model.state_dict())
     h_all, _ = all_pooling.prompter(prompts, tokens)
-    torch.testing.assert_close(h_all, layer(full, position=position).mean(1).view(2, 3, -1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h_all, layer(full, position=position)[0].mean(1).view(2, 3, -1), atol=1e-5, rtol=1e-5)
 
 
 def test_text_similarity_mask_removes_exactly_duplicate_captions(model):
@@ -341,3 +343,27 @@ def test_grounding_attention_loss_needs_a_one_layer_prompter():
         CLOCConfig(prompter_config={"num_hidden_layers": 2}, grounding_attention_loss_weight=1.0)
     with pytest.raises(ValueError, match="grounding_attention_loss_weight must be finite"):
         CLOCConfig(grounding_attention_loss_weight=float("nan"))
+
+
+def test_grounding_attention_mass_comes_from_the_grounding_pass_unchanged():
+    """forward reads the text prompts' attention from the grounding pass itself (explicit softmax, weights kept)
+    instead of computing it a second time: boxes, attention mass, loss and gradients equal the two-pass route (SDPA
+    grounding pass, then `attention_over_image`)."""
+    model = tiny_cloc_model(seed=5)
+    model.config.grounding_attention_loss_weight = 0.5
+    inputs = batch()
+    with mock.patch.object(CLOCPrompter, "attention_over_image", side_effect=AssertionError("a second pass")):
+        one_pass = model(**inputs, return_loss=True)
+    one_pass.loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    ground = model._ground
+    model._ground = lambda tokens, embeds, output_attentions=False: ground(tokens, embeds, False)  # no weights kept
+    two_pass = model(**inputs, return_loss=True)
+    two_pass.loss.backward()
+    for name in ("predicted_boxes", "grounding_attention_mass", "loss_grounding_attention", "loss"):
+        torch.testing.assert_close(getattr(one_pass, name), getattr(two_pass, name), atol=1e-6, rtol=1e-5, msg=name)
+    assert grads.keys() == {k for k, p in model.named_parameters() if p.grad is not None}
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, atol=1e-6, rtol=1e-4, msg=name)
+    assert grads["prompter.layers.0.q_proj.weight"].abs().sum() > 0
