@@ -7,10 +7,12 @@ import math
 
 import pytest
 import torch
-from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
 
 from modeling_cloc import CLOCConfig, CLOCModel, CLOCVisionConfig, CLOCVisionModel
 from modeling_occlip import OCCLIPConfig, OCCLIPModel, OCCLIPVisionConfig, OCCLIPVisionModel
+from modeling_occlip.configuration_occlip import OCCLIPTextConfig
+from modeling_occlip.modeling_occlip import OCCLIPTextModel
 from tests.factories import tiny_binding_config, tiny_text_config, tiny_vision_config
 
 # Wider than the other tests' towers so that per-tensor statistics are estimated within a few percent.
@@ -48,6 +50,10 @@ BUILDERS = {
         _clip_vision,
     ),
     "OCCLIPVisionModel": (lambda: OCCLIPVisionModel(OCCLIPVisionConfig(**VISION)), _clip_vision),
+    "OCCLIPTextModel": (
+        lambda: OCCLIPTextModel(OCCLIPTextConfig(**TEXT)),
+        lambda: CLIPTextModel(CLIPTextConfig(**TEXT)),
+    ),
 }
 
 
@@ -83,6 +89,7 @@ def test_fresh_model_initialises_its_clip_parts_as_clip(name):
     # The check that failed before: out-of-tree models left CLIP's attention at N(0, 0.02).
     layer = dict(ours.named_modules())
     attention = next(module for key, module in layer.items() if key.endswith("encoder.layers.0.self_attn"))
+    assert TEXT["hidden_size"] == VISION["hidden_size"] and TEXT["num_hidden_layers"] == VISION["num_hidden_layers"]
     width, depth = VISION["hidden_size"], VISION["num_hidden_layers"]
     expected = width**-0.5 * (2 * depth) ** -0.5
     assert abs(float(attention.q_proj.weight.detach().std()) / expected - 1) < 0.1
