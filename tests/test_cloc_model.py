@@ -113,7 +113,7 @@ def test_loss_is_clip_plus_scaled_region_terms(model):
 
 
 def test_head_initialisation_follows_the_config():
-    """transformers skips custom modules without direct parameters; the heads must still get their init."""
+    """The heads own no parameter directly; `_init_weights` still gives them their configured init."""
     model = tiny_cloc_model(initializer_range=0.05)
     assert 0.03 < model.box_head.fc1.weight.std() < 0.07
     assert torch.all(model.box_head.fc2.weight == 0)
