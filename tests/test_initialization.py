@@ -165,4 +165,4 @@ def test_new_modules_follow_their_own_rule(in_tower):
             assert torch.all(module.weight == 1) and torch.all(module.bias == 0), key
     position = prompter.position_proj.weight.detach()
     assert abs(float(position.std()) * position.shape[1] ** 0.5 - 1) < 0.2
-    assert float(prompter.box_attention_scale) == 10.0
+    assert float(prompter.box_attention_scale.detach()) == 10.0
