@@ -172,7 +172,8 @@ def evaluate_cloc(model, tokenizer, split: dict) -> dict:
     inputs = region_inputs(split["rows"], tokenizer)
     tokens = model.get_image_tokens(split["pixels"])
     mask = inputs["box_mask"]
-    regions = model.get_region_features(image_tokens=tokens, boxes=inputs["input_boxes"], box_mask=mask)[mask]
+    regions = model.get_region_features(image_tokens=tokens, input_boxes=inputs["input_boxes"], box_mask=mask)
+    regions = regions.region_embeds[mask]
     classes = nn.functional.normalize(
         model.get_text_features(**tokenizer(PHRASES, padding=True, return_tensors="pt")).pooler_output, dim=-1
     )
@@ -180,7 +181,7 @@ def evaluate_cloc(model, tokenizer, split: dict) -> dict:
     predicted = (regions @ classes.t()).argmax(-1)
     boxes = model.ground(
         image_tokens=tokens, input_ids=inputs["region_input_ids"], attention_mask=inputs["region_attention_mask"]
-    )
+    ).predicted_boxes
     target = inputs["input_boxes"]
     low, high = torch.maximum(boxes[..., :2], target[..., :2]), torch.minimum(boxes[..., 2:], target[..., 2:])
     inter = (high - low).clamp(min=0).prod(-1)

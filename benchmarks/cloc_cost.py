@@ -38,7 +38,7 @@ def main():
     boxes = torch.cat([corners[:, :, 0], corners[:, :, 1] + 0.05], dim=-1)  # x0 < x1, y0 < y1
     tokens = model.get_image_features(pixels).last_hidden_state
     encoder = median_time(lambda: model.get_image_features(pixels), args.repeats)
-    regions = median_time(lambda: model.get_region_features(image_tokens=tokens, boxes=boxes), args.repeats)
+    regions = median_time(lambda: model.get_region_features(image_tokens=tokens, input_boxes=boxes), args.repeats)
     tower = sum(p.numel() for p in model.vision_model.parameters())
     prompter = sum(p.numel() for p in model.prompter.parameters())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, ViT-B/16 @ {size} px, fp32")

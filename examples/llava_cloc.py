@@ -161,7 +161,7 @@ def region_inputs_embeds(
         raise ValueError(
             f"each prompt needs one {REGION_TOKEN} per box: found {counts.tolist()}, boxes {boxes.shape[1]}"
         )
-    regions = llava.model.vision_tower(pixel_values, boxes=boxes).region_hidden_states
+    regions = llava.model.vision_tower(pixel_values, input_boxes=boxes).region_hidden_states
     tokens = llava.model.multi_modal_projector(regions).to(embeds.dtype)
     return embeds.masked_scatter(is_region[..., None], tokens)
 

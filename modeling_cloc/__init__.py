@@ -8,11 +8,14 @@ from transformers import AutoConfig, AutoModel, AutoModelForZeroShotImageClassif
 
 from .configuration_cloc import CLOCConfig, CLOCPrompterConfig, CLOCTextConfig, CLOCVisionConfig
 from .modeling_cloc import (
+    CLOCGroundingOutput,
     CLOCModel,
     CLOCOutput,
     CLOCPreTrainedModel,
     CLOCPrompter,
+    CLOCRegionOutput,
     CLOCVisionModel,
+    CLOCVisionOutput,
     box_position_encoding,
 )
 
@@ -27,13 +30,16 @@ CLOCModel.register_for_auto_class("AutoModel")
 
 __all__ = [
     "CLOCConfig",
+    "CLOCGroundingOutput",
     "CLOCModel",
     "CLOCOutput",
     "CLOCPreTrainedModel",
     "CLOCPrompter",
     "CLOCPrompterConfig",
+    "CLOCRegionOutput",
     "CLOCTextConfig",
     "CLOCVisionConfig",
     "CLOCVisionModel",
+    "CLOCVisionOutput",
     "box_position_encoding",
 ]

@@ -19,8 +19,9 @@ class CLOCVisionConfig(CLIPVisionConfig):
 
     Args:
         prompter_config (`dict`, *optional*): when set, `CLOCVisionModel` also holds the Prompter and its
-            `forward(..., boxes=...)` returns region hidden states and embeddings (Ferret-style region inputs).
-            Loading the config from a full CLOC folder fills it in (and `projection_dim`) from the CLOC config.
+            `forward(..., input_boxes=...)` returns region hidden states and embeddings (Ferret-style region inputs).
+            `CLOCVisionConfig.from_pretrained(cloc_folder)` is the full config's `vision_config` as it stands (no
+            Prompter); `CLOCVisionModel.from_pretrained(cloc_folder)` adds the Prompter (`with_prompter`).
     """
 
     model_type = "cloc_vision_model"
@@ -48,16 +49,12 @@ class CLOCVisionConfig(CLIPVisionConfig):
         fields = {k: v for k, v in self.prompter_config.items() if k not in ("model_type", "transformers_version")}
         return CLOCPrompterConfig(**fields)
 
-    @classmethod
-    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
-        """As `PreTrainedConfig`, but reading a full CLOC config also hands the Prompter to the vision tower."""
-        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
-        vision = config_dict.get(cls.base_config_key)
-        if config_dict.get("model_type") == "cloc" and isinstance(vision, dict):
-            prompter = config_dict.get("prompter_config") or {}
-            vision = {**vision, "prompter_config": prompter, "projection_dim": config_dict.get("projection_dim", 512)}
-            config_dict = {**config_dict, cls.base_config_key: vision}
-        return config_dict, kwargs
+    def with_prompter(self, prompter_config: dict | None, projection_dim: int) -> "CLOCVisionConfig":
+        """A copy of this config that also holds a Prompter (`prompter_config`, `{}` for the defaults) projecting to
+        `projection_dim`: what `CLOCVisionModel.from_pretrained(cloc_folder)` builds from a full CLOC config."""
+        fields = {k: v for k, v in self.to_dict().items() if k not in ("model_type", "transformers_version")}
+        fields.update(prompter_config=dict(prompter_config or {}), projection_dim=projection_dim)
+        return type(self)(**fields)
 
 
 @strict
@@ -128,6 +125,28 @@ class CLOCPrompterConfig(PreTrainedConfig):
             raise ValueError(f"prompter_config.pooling must be 'prompt' or 'all', got {self.pooling!r}")
 
 
+# The same function stands in modeling_occlip/configuration_occlip.py: each model folder must work alone as remote code.
+def _own_sub_config_types(config: PreTrainedConfig) -> None:
+    """Tower sub-configs given as dicts lose `model_type` (and `transformers_version`): a dict taken from a CLIP
+    config carries CLIP's model type, and this model's own sub-config classes apply."""
+    for key in ("text_config", "vision_config"):
+        value = getattr(config, key)
+        if isinstance(value, dict):
+            setattr(config, key, {k: v for k, v in value.items() if k not in ("model_type", "transformers_version")})
+
+
+# The same function stands in modeling_occlip/configuration_occlip.py: each model folder must work alone as remote code.
+def _check_projection_dims(config: PreTrainedConfig) -> None:
+    """Both towers' `projection_dim` (where set) must equal the model's (raises `ValueError`)."""
+    for name in ("text_config", "vision_config"):
+        sub = getattr(config, name)
+        if sub is not None and sub.projection_dim is not None and sub.projection_dim != config.projection_dim:
+            raise ValueError(
+                f"{name}.projection_dim ({sub.projection_dim}) does not match projection_dim "
+                f"({config.projection_dim}); the text and image projections must map to the same joint space."
+            )
+
+
 @strict
 class CLOCConfig(PreTrainedConfig):
     r"""Configuration of [`CLOCModel`]. `CLOCConfig()` is a ViT-B/16 CLIP with a one-layer, one-head Prompter.
@@ -184,22 +203,13 @@ class CLOCConfig(PreTrainedConfig):
     initializer_factor: float = 1.0
 
     def __post_init__(self, **kwargs):
-        for key in ("text_config", "vision_config"):
-            value = getattr(self, key)
-            if isinstance(value, dict):
-                setattr(self, key, {k: v for k, v in value.items() if k not in ("model_type", "transformers_version")})
+        _own_sub_config_types(self)
         super().__post_init__(**kwargs)
         self.validate_architecture()
 
     def validate_architecture(self):
         """Reject sub-configs whose widths do not fit together (raises `ValueError`)."""
-        for name in ("text_config", "vision_config"):
-            sub = getattr(self, name)
-            if sub is not None and sub.projection_dim is not None and sub.projection_dim != self.projection_dim:
-                raise ValueError(
-                    f"{name}.projection_dim ({sub.projection_dim}) does not match projection_dim "
-                    f"({self.projection_dim})."
-                )
+        _check_projection_dims(self)
         if self.grounding_loss not in ("mse", "l1"):
             raise ValueError(f"grounding_loss must be 'mse' or 'l1', got {self.grounding_loss!r}")
         if self.region_text_filter not in ("exact", "cosine"):

@@ -12,33 +12,76 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import CLIPImageProcessorPil, CLIPVisionConfig, PreTrainedConfig
+from transformers import CLIPImageProcessorPil, CLIPVisionConfig, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import PrefixChange
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.models.clip.modeling_clip import CLIPModel, CLIPPreTrainedModel, CLIPTextModel, CLIPVisionModel
-from transformers.utils import ModelOutput
+from transformers.models.clip.modeling_clip import (
+    CLIPEncoder,
+    CLIPModel,
+    CLIPPreTrainedModel,
+    CLIPTextModel,
+    CLIPVisionEmbeddings,
+    CLIPVisionModel,
+)
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple
 
 from .configuration_cloc import CLOCConfig, CLOCPrompterConfig, CLOCVisionConfig
 
 
 @dataclass
 class CLOCOutput(ModelOutput):
-    r"""Output of [`CLOCModel.forward`].
+    r"""Output of [`CLOCModel.forward`]; the CLIP fields mean what they mean in `CLIPOutput`.
 
-    loss: `loss_clip + lambda * (loss_region + loss_grounding)` with lambda scaled by the fraction of images with
-    regions. logits_per_image / logits_per_text: image-caption logits as in CLIP. image_embeds / text_embeds:
-    normalised. region_embeds: `[B, R, D]` normalised region embeddings of the input boxes (zero where `box_mask`
-    is False). With region captions: region_text_embeds (`[B, R, D]`, normalised caption embeddings),
-    predicted_boxes (`[B, R, 4]`, grounding of each caption), grounding_mask (`[B, R]`, the captions the box
-    loss uses) and region_caption_keys (`[B, R]` int64, equal for captions with identical tokens: what the
-    `"exact"` near-duplicate filter compares). With `grounding_attention_loss_weight > 0`:
-    grounding_attention_mass (`[B, R]`, the share of each caption's text-prompt attention over the image patches
-    that falls inside its own box) and loss_grounding_attention (mean `-log` of it over the grounding targets).
-    These are the features `loss_from_features` takes.
+    loss (`torch.Tensor` of shape `()`, *optional*, returned when `return_loss` is `True`):
+        `loss_clip + lambda * (loss_region + loss_grounding + w * loss_grounding_attention)`, lambda =
+        `region_loss_weight` x the fraction of images with regions (see `CLOCModel.loss_from_features`).
+    logits_per_image (`torch.Tensor` of shape `(image_batch_size, text_batch_size)`):
+        Image-caption similarity scores, `exp(logit_scale)` (clamped at `logit_scale_max`) x cosine.
+    logits_per_text (`torch.Tensor` of shape `(text_batch_size, image_batch_size)`):
+        The transpose of `logits_per_image`.
+    loss_clip (`torch.Tensor` of shape `()`, *optional*, returned when `return_loss` is `True`):
+        Symmetric image-caption InfoNCE (CLIP's loss).
+    loss_region (`torch.Tensor` of shape `()`, *optional*, returned with `return_loss` and region captions):
+        Region-caption InfoNCE over the valid regions, near-duplicate captions left out of the softmax.
+    loss_grounding (`torch.Tensor` of shape `()`, *optional*, returned with `return_loss` and region captions):
+        Mean box error (`grounding_loss`) of the grounded captions against their boxes.
+    image_embeds (`torch.Tensor` of shape `(image_batch_size, projection_dim)`):
+        Normalised image embeddings (the projected pooled output of the vision tower).
+    text_embeds (`torch.Tensor` of shape `(text_batch_size, projection_dim)`):
+        Normalised caption embeddings (the projected pooled output of the text tower).
+    region_embeds (`torch.Tensor` of shape `(image_batch_size, regions, projection_dim)`, *optional*, returned with
+        `input_boxes`):
+        Normalised region embeddings of the input boxes; zero where `box_mask` is False.
+    box_mask (`torch.BoolTensor` of shape `(image_batch_size, regions)`, *optional*, returned with `input_boxes`):
+        The boxes that take part (the input `box_mask`, or all True).
+    region_text_embeds (`torch.Tensor` of shape `(image_batch_size, regions, projection_dim)`, *optional*, returned
+        with `region_input_ids`):
+        Normalised embeddings of the region captions; zero where `box_mask` is False.
+    predicted_boxes (`torch.Tensor` of shape `(image_batch_size, regions, 4)`, *optional*, returned with
+        `region_input_ids`):
+        The box each region caption is grounded to, normalised xyxy in [0, 1].
+    grounding_mask (`torch.BoolTensor` of shape `(image_batch_size, regions)`, *optional*, returned with
+        `region_input_ids`):
+        The captions the box loss uses (valid, and with `grounding_unique_only` unique in their image).
+    region_caption_keys (`torch.LongTensor` of shape `(image_batch_size, regions)`, *optional*, returned with
+        `region_input_ids`):
+        Equal for captions with identical tokens, -1 where masked: what the `"exact"` near-duplicate filter compares.
+    grounding_attention_mass (`torch.Tensor` of shape `(image_batch_size, regions)`, *optional*, returned with
+        `region_input_ids` when `grounding_attention_loss_weight > 0`):
+        The share of each caption's text-prompt attention over the image patches that falls inside its own box.
+    loss_grounding_attention (`torch.Tensor` of shape `()`, *optional*, returned with `return_loss` when
+        `grounding_attention_loss_weight > 0`):
+        Mean `-log grounding_attention_mass` over the grounding targets.
+    text_model_output (`BaseModelOutputWithPooling`):
+        The output of `get_text_features` (the text tower, `pooler_output` projected), with its hidden states and
+        attentions when asked for.
+    vision_model_output (`BaseModelOutputWithPooling`):
+        The output of `get_image_features` (the vision tower, `pooler_output` projected).
     """
 
     loss: torch.Tensor | None = None
@@ -57,6 +100,48 @@ class CLOCOutput(ModelOutput):
     region_caption_keys: torch.Tensor | None = None
     grounding_attention_mass: torch.Tensor | None = None
     loss_grounding_attention: torch.Tensor | None = None
+    text_model_output: BaseModelOutputWithPooling | None = None
+    vision_model_output: BaseModelOutputWithPooling | None = None
+
+    def to_tuple(self) -> tuple:
+        """The fields that are set, nested outputs as tuples too (as `CLIPOutput.to_tuple`)."""
+        return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in self.values())
+
+
+@dataclass
+class CLOCRegionOutput(ModelOutput):
+    r"""Output of [`CLOCModel.get_region_features`].
+
+    region_embeds (`torch.Tensor` of shape `(batch_size, regions, projection_dim)`):
+        Normalised region embeddings of the boxes, in the joint space of the image and caption embeddings; zero where
+        `box_mask` is False.
+    region_hidden_states (`torch.Tensor` of shape `(batch_size, regions, vision_hidden_size)`, *optional*):
+        The Prompter's pooled prompt states at the vision tower's width (what a Ferret-style MLLM projects into region
+        tokens); zero where `box_mask` is False. None for `region_head="roi_align"`.
+    box_mask (`torch.BoolTensor` of shape `(batch_size, regions)`):
+        The boxes that were embedded (the input `box_mask`, or all True).
+    """
+
+    region_embeds: torch.Tensor | None = None
+    region_hidden_states: torch.Tensor | None = None
+    box_mask: torch.Tensor | None = None
+
+
+@dataclass
+class CLOCGroundingOutput(ModelOutput):
+    r"""Output of [`CLOCModel.ground`].
+
+    predicted_boxes (`torch.Tensor` of shape `(batch_size, captions, 4)`):
+        The box each region caption is grounded to, normalised xyxy in [0, 1] of the (processed) image.
+    region_hidden_states (`torch.Tensor` of shape `(batch_size, captions, vision_hidden_size)`):
+        The Prompter's pooled text-prompt states the box head reads.
+    region_text_embeds (`torch.Tensor` of shape `(batch_size, captions, projection_dim)`):
+        Normalised caption embeddings (the text prompts).
+    """
+
+    predicted_boxes: torch.Tensor | None = None
+    region_hidden_states: torch.Tensor | None = None
+    region_text_embeds: torch.Tensor | None = None
 
 
 def _fill_masked_boxes(boxes: torch.Tensor, box_mask: torch.Tensor) -> torch.Tensor:
@@ -146,8 +231,10 @@ class CLOCPrompterLayer(GradientCheckpointingLayer):
         values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Update `queries` `[S, Q, D]`; they attend to their own rows, then to `keys`/`values` `[S, H, K, d_h]`.
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Updated `queries` `[S, Q, D]` and, with `output_attentions`, the attention weights `[S, H, Q, Q + K]`
+        (else None); the rows attend to their own rows, then to `keys`/`values` `[S, H, K, d_h]`.
 
         `attention_mask` (bool, True = attend, or additive float; broadcastable to `[S, H, Q, Q + K]`) restricts
         which query rows see each other and biases the image columns. `position` `[Q, D]` is added to the rows'
@@ -159,9 +246,20 @@ class CLOCPrompterLayer(GradientCheckpointingLayer):
         q, k, v = self._heads(self.q_proj(normed)), self._heads(self.k_proj(normed)), self._heads(self.v_proj(normed))
         if keys is not None:
             k, v = torch.cat([k, keys], dim=-2), torch.cat([v, values], dim=-2)
-        attended = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
+        weights = None
+        if output_attentions:  # the same attention as SDPA's, with its weights kept
+            logits = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+            if attention_mask is not None:
+                if attention_mask.dtype == torch.bool:
+                    logits = logits.masked_fill(~attention_mask, -torch.inf)
+                else:
+                    logits = logits + attention_mask
+            weights = logits.softmax(-1)
+            attended = weights @ v
+        else:
+            attended = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
         hidden = queries + self.out_proj(attended.transpose(-2, -3).reshape(queries.shape))
-        return hidden + self.fc2(self.activation_fn(self.fc1(self.norm2(hidden))))
+        return hidden + self.fc2(self.activation_fn(self.fc1(self.norm2(hidden)))), weights
 
 
 class CLOCPrompter(nn.Module):
@@ -225,10 +323,26 @@ class CLOCPrompter(nn.Module):
         prompt rows are computed: all regions of an image form one query block against image keys/values computed
         once, and a block-diagonal mask keeps each region's prompt tokens to themselves (no per-region copy).
         """
+        hidden, embeds, _ = self.forward_with_image_attention(prompts, image_tokens, boxes, output_attentions=False)
+        return hidden, embeds
+
+    def forward_with_image_attention(
+        self,
+        prompts: torch.Tensor,
+        image_tokens: torch.Tensor,
+        boxes: torch.Tensor | None = None,
+        output_attentions: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """`forward`'s `(h, z)` and, with `output_attentions` (one-layer Prompters), each region's attention over
+        the image tokens `[B, R, 1+N]` (CLS first; averaged over heads and the region's prompt tokens; the rest of
+        each row goes to its own prompt tokens), from the same pass: what `image_attention` reports."""
+        if output_attentions and len(self.layers) != 1:
+            raise ValueError("image_attention reads the one-layer Prompter; this one has several layers")
         batch, regions, num_prompt, width = prompts.shape
         num_tokens = image_tokens.shape[1]
         position = self.image_position(num_tokens, image_tokens.dtype, image_tokens.device)
         bias = None if boxes is None else self.box_attention_bias(boxes, num_tokens, num_prompt)
+        image_attention = None
         if self.pooling == "prompt" and len(self.layers) == 1:
             layer = self.layers[0]
             keys, values = layer.image_keys_values(image_tokens, position)  # [B, H, K, d], once per image
@@ -239,7 +353,10 @@ class CLOCPrompter(nn.Module):
                 own_logits = torch.zeros_like(own, dtype=bias.dtype).masked_fill(~own, float("-inf"))
                 mask = torch.cat([own_logits.expand(batch, -1, -1), bias], dim=2)[:, None].to(prompts.dtype)
             queries = prompts.reshape(batch, regions * num_prompt, width)
-            pooled = layer(queries, keys, values, mask).view(batch, regions, num_prompt, width).mean(dim=2)
+            rows, weights = layer(queries, keys, values, mask, output_attentions=output_attentions)
+            pooled = rows.view(batch, regions, num_prompt, width).mean(dim=2)
+            if weights is not None:  # [B, H, R * T_p, R * T_p + K]: the image columns of the prompt rows
+                image_attention = weights[..., regions * num_prompt :].mean(1)
         else:
             # Full sequence per region: every layer updates image tokens too, which then depend on the prompt.
             tokens = torch.cat([prompts, image_tokens[:, None].expand(-1, regions, -1, -1)], dim=2)
@@ -253,11 +370,17 @@ class CLOCPrompter(nn.Module):
                 image_rows = rows.new_zeros(batch * regions, num_tokens, num_prompt + num_tokens)
                 mask = torch.cat([rows, image_rows], dim=1)[:, None].to(prompts.dtype)
             for layer in self.layers:
-                tokens = layer(tokens, attention_mask=mask, position=position)
+                tokens, weights = layer(
+                    tokens, attention_mask=mask, position=position, output_attentions=output_attentions
+                )
+            if output_attentions:  # [B * R, H, T_p + K, T_p + K]: the image columns of the prompt rows
+                image_attention = weights[:, :, :num_prompt, num_prompt:].mean(1)
             tokens = tokens.view(batch, regions, -1, width)
             pooled = tokens[:, :, :num_prompt].mean(2) if self.pooling == "prompt" else tokens.mean(2)
+        if image_attention is not None:
+            image_attention = image_attention.reshape(batch, regions, num_prompt, num_tokens).mean(2)
         embeds = nn.functional.normalize(self.projection(self.post_layernorm(pooled)), dim=-1)
-        return pooled, embeds
+        return pooled, embeds, image_attention
 
     @torch.no_grad()
     def image_attention(
@@ -272,25 +395,7 @@ class CLOCPrompter(nn.Module):
         self, prompts: torch.Tensor, image_tokens: torch.Tensor, boxes: torch.Tensor | None = None
     ) -> torch.Tensor:
         """`image_attention` with gradients (what the grounding attention loss supervises)."""
-        if len(self.layers) != 1:
-            raise ValueError("image_attention reads the one-layer Prompter; this one has several layers")
-        batch, regions, num_prompt, width = prompts.shape
-        layer, num_tokens = self.layers[0], image_tokens.shape[1]
-        keys, _ = layer.image_keys_values(
-            image_tokens, self.image_position(num_tokens, image_tokens.dtype, image_tokens.device)
-        )
-        queries = prompts.reshape(batch, regions * num_prompt, width)
-        normed = layer.norm1(queries)
-        q, own_keys = layer._heads(layer.q_proj(normed)), layer._heads(layer.k_proj(normed))
-        region_of = torch.arange(regions, device=prompts.device).repeat_interleave(num_prompt)
-        own_logits = (q @ own_keys.transpose(-1, -2)).masked_fill(region_of[:, None] != region_of[None, :], -torch.inf)
-        image_logits = q @ keys.transpose(-1, -2)
-        bias = None if boxes is None else self.box_attention_bias(boxes, num_tokens, num_prompt)
-        if bias is not None:
-            image_logits = image_logits + bias[:, None] * q.shape[-1] ** 0.5  # undone by the scale below
-        weights = (torch.cat([own_logits, image_logits], dim=-1) * q.shape[-1] ** -0.5).softmax(-1)
-        image = weights[..., own_logits.shape[-1] :].mean(1)  # heads
-        return image.view(batch, regions, num_prompt, num_tokens).mean(2)
+        return self.forward_with_image_attention(prompts, image_tokens, boxes)[2]
 
     def embed_boxes(
         self, image_tokens: torch.Tensor, boxes: torch.Tensor, box_mask: torch.Tensor
@@ -386,6 +491,31 @@ def _load_clip(clip, target: str) -> CLIPModel:
     return clip_model
 
 
+# The same function stands in modeling_occlip/modeling_occlip.py: each model folder must work alone as remote code.
+def _clip_config_fields(clip: CLIPModel) -> dict:
+    """What a model built from `clip` takes from its config: both towers, the projection width, the logit scale."""
+    return dict(
+        text_config=clip.config.text_config.to_dict(),
+        vision_config=clip.config.vision_config.to_dict(),
+        projection_dim=clip.config.projection_dim,
+        logit_scale_init_value=float(clip.logit_scale.detach()),
+    )
+
+
+# The same function stands in modeling_occlip/modeling_occlip.py: each model folder must work alone as remote code.
+def _load_clip_weights(model: nn.Module, clip: CLIPModel, new_modules: tuple[str, ...]) -> None:
+    """Copy `clip`'s towers, projections and logit scale into `model` (same parameter names); every weight of
+    `model` that `clip` lacks must belong to `new_modules` (name prefixes), and `clip` may hold nothing else."""
+    incompatible = model.load_state_dict(clip.state_dict(), strict=False)
+    unexpected = list(incompatible.unexpected_keys)
+    missing = [key for key in incompatible.missing_keys if not key.startswith(new_modules)]
+    if unexpected or missing:
+        raise ValueError(
+            f"CLIP checkpoint does not match {type(model).__name__}'s towers: unexpected {unexpected[:5]}, "
+            f"missing {missing[:5]}."
+        )
+
+
 def _refuse_incomplete_load(name: str, model, info: dict, args: tuple, kwargs: dict) -> None:
     """After `from_pretrained`: weights missing from the checkpoint are an error naming them (and the checkpoint's
     model_type when it is another), not random heads with only a printed report."""
@@ -429,41 +559,77 @@ class CLOCPreTrainedModel(CLIPPreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        """CLIP towers as CLIP does; Prompter and box head from `prompter_config.initializer_range`."""
+        """CLIP towers, projections and logit scale as `CLIPModel` does; the new modules by their own rules: the
+        Prompter, box head and RoI head from `prompter_config.initializer_std` (see `_init_prompter`), the box
+        head's last layer at zero (every box starts at the image centre), the region logit scale from the config."""
         super()._init_weights(module)
         if not isinstance(self.config, CLOCConfig):
             return
         std = self.config.prompter_config.initializer_std(self.config.vision_config.hidden_size)
-        factor = self.config.initializer_factor
         if isinstance(module, CLOCModel):
-            init.normal_(module.text_projection.weight, std=module.config.text_config.hidden_size**-0.5 * factor)
-            init.normal_(module.visual_projection.weight, std=module.config.vision_config.hidden_size**-0.5 * factor)
-            init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+            _init_clip_head(module, self.config)
             init.constant_(module.region_logit_scale, self.config.region_logit_scale_init_value)
-            # The box head owns no parameter directly, so transformers skips it: initialise it from here.
-            self._init_head(module.box_head, std)
-            init.zeros_(module.box_head.fc2.weight)
-            if module.roi_head is not None:
-                self._init_head(module.roi_head, std)
         elif isinstance(module, CLOCPrompter):
             _init_prompter(module, std)
+        elif isinstance(module, CLOCBoxHead):
+            _init_head(module, std)
+            init.zeros_(module.fc2.weight)
+        elif isinstance(module, CLOCRoIHead):
+            _init_head(module, std)
 
-    @staticmethod
-    def _init_head(module: nn.Module, std: float) -> None:
-        """Normal(0, std) linear weights, zero biases, unit LayerNorms for every submodule."""
-        for child in module.modules():
-            if isinstance(child, nn.Linear):
-                init.normal_(child.weight, std=std)
-                if child.bias is not None:
-                    init.zeros_(child.bias)
-            elif isinstance(child, nn.LayerNorm):
-                init.ones_(child.weight)
+    def initialize_weights(self):
+        """Every module through `_init_weights`, as transformers does for its own models (see
+        `_initialize_every_module`)."""
+        _initialize_every_module(self)
+
+
+# The same function stands in modeling_occlip/modeling_occlip.py: each model folder must work alone as remote code.
+@torch.no_grad()
+def _initialize_every_module(model: PreTrainedModel) -> None:
+    """`PreTrainedModel.initialize_weights` without the shortcut transformers takes for custom code.
+
+    For a model defined outside the library, transformers skips every module that owns no parameter directly (CLIP's
+    attention and MLP blocks, our heads), so their linear layers keep the generic N(0, 0.02) instead of CLIP's
+    depth-scaled init. That shortcut protects remote code that writes weights in place; our `_init_weights` only
+    writes through `transformers.initialization`, which leaves loaded (`_is_hf_initialized`) tensors alone, so every
+    module is visited as for the library's own models: children first, each sub-model with its own `_init_weights`.
+    """
+
+    def visit(module: nn.Module, initialize) -> None:
+        for child in module.children():
+            visit(child, child._initialize_weights if isinstance(child, PreTrainedModel) else initialize)
+        initialize(module, is_custom_code=False)
+
+    with init.guard_torch_init_functions():
+        visit(model, model._initialize_weights)
+
+
+# The same function stands in modeling_occlip/modeling_occlip.py: each model folder must work alone as remote code.
+def _init_clip_head(model: nn.Module, config) -> None:
+    """The projections and logit scale of a model built from a CLIP config, exactly as `CLIPModel._init_weights`."""
+    factor = config.initializer_factor
+    init.normal_(model.text_projection.weight, std=config.text_config.hidden_size**-0.5 * factor)
+    init.normal_(model.visual_projection.weight, std=config.vision_config.hidden_size**-0.5 * factor)
+    init.constant_(model.logit_scale, config.logit_scale_init_value)
+
+
+# The same function stands in modeling_occlip/modeling_occlip.py: each model folder must work alone as remote code.
+def _init_head(module: nn.Module, std: float) -> None:
+    """Normal(0, std) linear weights, zero biases, unit LayerNorms for `module` and every submodule."""
+    for child in module.modules():
+        if isinstance(child, nn.Linear):
+            init.normal_(child.weight, std=std)
+            if child.bias is not None:
                 init.zeros_(child.bias)
+        elif isinstance(child, nn.LayerNorm):
+            init.ones_(child.weight)
+            init.zeros_(child.bias)
 
 
 def _init_prompter(prompter: CLOCPrompter, std: float) -> None:
-    # Initialised from the Prompter itself: transformers skips custom children without direct params (the layers).
-    CLOCPreTrainedModel._init_head(prompter, std)
+    """The Prompter's rule: `_init_head(std)`, prompt type and corner embeddings N(0, std), the position map at
+    unit scale, the box attention scale at `prompter_config.box_attention_bias`."""
+    _init_head(prompter, std)
     init.normal_(prompter.text_type_embedding, std=std)
     if prompter.position_proj is not None:
         # Unit scale, like the layer-normed tokens it is added to, so position is used from the first step.
@@ -564,7 +730,7 @@ def _check_boxes(
     least one input pixel wide and high (a thinner box covers no patch: the processor masks such boxes)."""
     if not isinstance(boxes, torch.Tensor) or boxes.dim() != 3 or boxes.shape[-1] != 4 or boxes.shape[0] != batch:
         shape = tuple(boxes.shape) if isinstance(boxes, torch.Tensor) else type(boxes).__name__
-        raise ValueError(f"boxes has shape {shape}, expected [{batch}, regions, 4] (normalised x0, y0, x1, y1)")
+        raise ValueError(f"input_boxes has shape {shape}, expected [{batch}, regions, 4] (normalised x0, y0, x1, y1)")
     if box_mask is None:
         box_mask = torch.ones(boxes.shape[:2], dtype=torch.bool, device=boxes.device)
     if tuple(box_mask.shape) != tuple(boxes.shape[:2]):
@@ -598,6 +764,16 @@ def _check_boxes(
     return box_mask
 
 
+# The same function stands in modeling_occlip/modeling_occlip.py: each model folder must work alone as remote code.
+def _check_kwargs(kwargs: dict, method: str) -> None:
+    """Keyword arguments beyond a method's own must be transformers' `TransformersKwargs` (`output_attentions`,
+    `output_hidden_states`, ...): anything else, e.g. a misspelt argument, is an error, not silently dropped."""
+    unknown = sorted(set(kwargs) - set(TransformersKwargs.__annotations__))
+    if unknown:
+        raise TypeError(f"{method}() got unexpected keyword arguments: {', '.join(unknown)}")
+
+
+# The same function stands in modeling_occlip/modeling_occlip.py: each model folder must work alone as remote code.
 def _check_pixel_values(pixel_values: torch.Tensor, vision, any_size: bool = False) -> None:
     """Shape, batch and dtype of `pixel_values` for a vision config, with errors that say what to do; `any_size`
     (CLIP's `interpolate_pos_encoding`) lets the height and width differ from the config's `image_size`."""
@@ -608,7 +784,8 @@ def _check_pixel_values(pixel_values: torch.Tensor, vision, any_size: bool = Fal
     if pixel_values.dim() != 4 or shape[1:] != expected and not (any_size and shape[1] == expected[0]):
         raise ValueError(
             f"pixel_values has shape {tuple(pixel_values.shape)}, expected [batch, {expected[0]}, {expected[1]}, "
-            f"{expected[2]}] for this model (image_size={vision.image_size}); resize the images with the processor."
+            f"{expected[2]}] for this model (image_size={vision.image_size}); resize the images with the processor, or "
+            "pass interpolate_pos_encoding=True."
         )
     if pixel_values.shape[0] == 0:
         raise ValueError("pixel_values holds no image.")
@@ -649,7 +826,7 @@ class CLOCModel(CLOCPreTrainedModel):
     number of boxes per image from cached image tokens; `ground` predicts a box per region caption.
     """
 
-    main_input_name = "pixel_values"
+    main_input_name = "input_ids"
     input_modalities = ("image", "text")
 
     def __init__(self, config: CLOCConfig):
@@ -690,26 +867,9 @@ class CLOCModel(CLOCPreTrainedModel):
         visual projection (spec `prompter_init_from_clip`), so a region embedding starts in CLIP's joint space.
         """
         clip = _load_clip(clip, "CLOCModel")
-        config = CLOCConfig(
-            text_config=clip.config.text_config.to_dict(),
-            vision_config=clip.config.vision_config.to_dict(),
-            prompter_config=prompter_config,
-            projection_dim=clip.config.projection_dim,
-            logit_scale_init_value=float(clip.logit_scale.detach()),
-            **config_kwargs,
-        )
+        config = CLOCConfig(**_clip_config_fields(clip), prompter_config=prompter_config, **config_kwargs)
         model = cls(config)
-        incompatible = model.load_state_dict(clip.state_dict(), strict=False)
-        missing = [
-            k
-            for k in incompatible.missing_keys
-            if not k.startswith(("prompter.", "box_head.", "roi_head.", "region_logit"))
-        ]
-        if incompatible.unexpected_keys or missing:
-            raise ValueError(
-                f"CLIP checkpoint does not match CLOC's towers: unexpected {list(incompatible.unexpected_keys)[:5]}, "
-                f"missing {missing[:5]}."
-            )
+        _load_clip_weights(model, clip, ("prompter.", "box_head.", "roi_head.", "region_logit"))
         with torch.no_grad():
             model.prompter.post_layernorm.load_state_dict(clip.vision_model.post_layernorm.state_dict())
             model.prompter.projection.weight.copy_(clip.visual_projection.weight)
@@ -718,20 +878,39 @@ class CLOCModel(CLOCPreTrainedModel):
                 model.roi_head.projection.weight.copy_(clip.visual_projection.weight)
         return model.to(dtype=next(clip.parameters()).dtype)
 
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
-        """As CLIP: `pooler_output` is the projected, unnormalised image embedding; `last_hidden_state` holds the
-        last layer's tokens (CLS first, before the post-LayerNorm). Hidden states come too when the Prompter reads
-        another layer (`prompter_config.vision_feature_layer`)."""
-        _check_pixel_values(pixel_values, self.config.vision_config, kwargs.get("interpolate_pos_encoding", False))
+    @can_return_tuple
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool = False,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | BaseModelOutputWithPooling:
+        """As `CLIPModel.get_image_features`: `pooler_output` is the projected, unnormalised image embedding;
+        `last_hidden_state` holds the last layer's tokens (CLS first, before the post-LayerNorm). Hidden states come
+        too when the Prompter reads another layer (`prompter_config.vision_feature_layer`)."""
+        _check_kwargs(kwargs, "CLOCModel.get_image_features")
+        _check_pixel_values(pixel_values, self.config.vision_config, interpolate_pos_encoding)
         if self.config.prompter_config.vision_feature_layer != -1:
             kwargs["output_hidden_states"] = True
-        outputs = self.vision_model(pixel_values=pixel_values, return_dict=True, **kwargs)
+        outputs = self.vision_model(
+            pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs
+        )
         outputs.pooler_output = self.visual_projection(outputs.pooler_output)
         return outputs
 
-    def get_text_features(self, input_ids: torch.Tensor, attention_mask=None, **kwargs) -> BaseModelOutputWithPooling:
-        """As CLIP: `pooler_output` is the projected, unnormalised text embedding."""
-        outputs = self.text_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
+    @can_return_tuple
+    def get_text_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | BaseModelOutputWithPooling:
+        """As `CLIPModel.get_text_features`: `pooler_output` is the projected, unnormalised text embedding."""
+        _check_kwargs(kwargs, "CLOCModel.get_text_features")
+        outputs = self.text_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, return_dict=True, **kwargs
+        )
         outputs.pooler_output = self.text_projection(outputs.pooler_output)
         return outputs
 
@@ -739,37 +918,55 @@ class CLOCModel(CLOCPreTrainedModel):
         """The image tokens the Prompter and RoI head read, from `get_image_features`' outputs."""
         return _tokens_of_layer(vision_outputs, self.config.prompter_config.vision_feature_layer)
 
-    def get_image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def get_image_tokens(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         """Image tokens `[B, 1+N, D_v]` (CLS first) that region prompts read: cache them for `image_tokens=`."""
-        return self._prompter_tokens(self.get_image_features(pixel_values))
+        features = self.get_image_features(
+            pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True
+        )
+        return self._prompter_tokens(features)
 
-    def _image_tokens(self, pixel_values, image_tokens) -> torch.Tensor:
+    def _image_tokens(self, pixel_values, image_tokens, interpolate_pos_encoding: bool) -> torch.Tensor:
         if image_tokens is None:
             if pixel_values is None:
                 raise ValueError("pass pixel_values or cached image_tokens")
-            image_tokens = self.get_image_tokens(pixel_values)
+            image_tokens = self.get_image_tokens(pixel_values, interpolate_pos_encoding)
         return image_tokens
 
     def get_region_features(
         self,
         pixel_values: torch.Tensor | None = None,
         image_tokens: torch.Tensor | None = None,
-        boxes: torch.Tensor | None = None,
+        input_boxes: torch.Tensor | None = None,
         box_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Normalised region embeddings `[B, R, D]` of boxes `[B, R, 4]` (normalised xyxy); zero where masked.
+        interpolate_pos_encoding: bool = False,
+    ) -> CLOCRegionOutput:
+        """Region embeddings (`region_embeds` `[B, R, D]`, normalised, zero where masked) of `input_boxes`
+        `[B, R, 4]` (normalised xyxy), and the Prompter's region hidden states.
 
         `image_tokens` (`get_image_tokens(pixel_values)`) can be cached and reused for any prompts.
         """
-        image_tokens = self._image_tokens(pixel_values, image_tokens)
-        box_mask = _check_boxes(boxes, box_mask, image_tokens.shape[0], self.config.vision_config.image_size)
-        return self._box_embeddings(image_tokens, boxes, box_mask)
+        if input_boxes is None:
+            raise ValueError("get_region_features needs input_boxes [images, regions, 4] (normalised x0, y0, x1, y1)")
+        if image_tokens is None and pixel_values is not None:  # named before the towers run
+            _check_pixel_values(pixel_values, self.config.vision_config, interpolate_pos_encoding)
+            _check_boxes(input_boxes, box_mask, pixel_values.shape[0], self.config.vision_config.image_size)
+        image_tokens = self._image_tokens(pixel_values, image_tokens, interpolate_pos_encoding)
+        box_mask = _check_boxes(input_boxes, box_mask, image_tokens.shape[0], self.config.vision_config.image_size)
+        hidden, embeds = self._box_outputs(image_tokens, input_boxes, box_mask)
+        return CLOCRegionOutput(region_embeds=embeds, region_hidden_states=hidden, box_mask=box_mask)
+
+    def _box_outputs(
+        self, image_tokens: torch.Tensor, boxes: torch.Tensor, box_mask: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Region hidden states (None for the RoI head) and embeddings of already validated boxes (zero where
+        masked)."""
+        if self.roi_head is not None:
+            return None, self.roi_head(image_tokens, _fill_masked_boxes(boxes, box_mask)) * box_mask[..., None]
+        return self.prompter.embed_boxes(image_tokens, boxes, box_mask)
 
     def _box_embeddings(self, image_tokens: torch.Tensor, boxes: torch.Tensor, box_mask: torch.Tensor) -> torch.Tensor:
         """Region embeddings of already validated boxes (zero where masked)."""
-        if self.roi_head is not None:
-            return self.roi_head(image_tokens, _fill_masked_boxes(boxes, box_mask)) * box_mask[..., None]
-        return self.prompter.embed_boxes(image_tokens, boxes, box_mask)[1]
+        return self._box_outputs(image_tokens, boxes, box_mask)[1]
 
     def _region_text_embeds(self, region_input_ids, region_attention_mask, mask) -> torch.Tensor:
         embeds = region_input_ids.new_zeros(
@@ -777,7 +974,7 @@ class CLOCModel(CLOCPreTrainedModel):
         )
         if mask.any():
             attention = None if region_attention_mask is None else region_attention_mask[mask]
-            embeds[mask] = self.get_text_features(region_input_ids[mask], attention).pooler_output
+            embeds[mask] = self.get_text_features(region_input_ids[mask], attention, return_dict=True).pooler_output
         return embeds
 
     def ground(
@@ -786,41 +983,73 @@ class CLOCModel(CLOCPreTrainedModel):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         image_tokens: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Predicted boxes `[B, R, 4]` (normalised xyxy) for region captions `input_ids` `[B, R, L]`."""
-        image_tokens = self._image_tokens(pixel_values, image_tokens)
-        if input_ids is None or input_ids.dim() != 3 or input_ids.shape[0] != image_tokens.shape[0]:
+        interpolate_pos_encoding: bool = False,
+    ) -> CLOCGroundingOutput:
+        """The box (`predicted_boxes` `[B, R, 4]`, normalised xyxy) of each region caption `input_ids` `[B, R, L]`."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 3:
+            raise ValueError("ground needs input_ids of shape [images, captions per image, tokens]")
+        if image_tokens is None and pixel_values is not None:  # named before the towers run
+            _check_pixel_values(pixel_values, self.config.vision_config, interpolate_pos_encoding)
+            if pixel_values.shape[0] != input_ids.shape[0]:
+                raise ValueError(
+                    f"ground needs one row of captions per image: input_ids has {input_ids.shape[0]} rows for "
+                    f"{pixel_values.shape[0]} images"
+                )
+        image_tokens = self._image_tokens(pixel_values, image_tokens, interpolate_pos_encoding)
+        if input_ids.shape[0] != image_tokens.shape[0]:
             raise ValueError("ground needs input_ids of shape [images, captions per image, tokens]")
         mask = torch.ones(input_ids.shape[:2], dtype=torch.bool, device=input_ids.device)
-        return self._ground_captions(image_tokens, self._region_text_embeds(input_ids, attention_mask, mask))
+        caption_embeds = self._region_text_embeds(input_ids, attention_mask, mask)
+        hidden, boxes, _ = self._ground(image_tokens, caption_embeds)
+        return CLOCGroundingOutput(
+            predicted_boxes=boxes,
+            region_hidden_states=hidden,
+            region_text_embeds=nn.functional.normalize(caption_embeds, dim=-1),
+        )
 
-    def _ground_captions(self, image_tokens: torch.Tensor, caption_embeds: torch.Tensor) -> torch.Tensor:
-        """Boxes `[B, R, 4]` from the Prompter's text path and the box head."""
-        hidden, _ = self.prompter(self.prompter.text_prompts(caption_embeds), image_tokens)
-        return self.box_head(hidden)
+    def _ground(
+        self, image_tokens: torch.Tensor, caption_embeds: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The Prompter's text-prompt states `[B, R, D_v]`, the box head's boxes `[B, R, 4]` and, with
+        `output_attentions`, the prompts' attention over the image tokens `[B, R, 1+N]` (else None)."""
+        prompts = self.prompter.text_prompts(caption_embeds)
+        hidden, _, attention = self.prompter.forward_with_image_attention(
+            prompts, image_tokens, output_attentions=output_attentions
+        )
+        return hidden, self.box_head(hidden), attention
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
         input_boxes: torch.Tensor | None = None,
         box_mask: torch.Tensor | None = None,
         region_input_ids: torch.Tensor | None = None,
         region_attention_mask: torch.Tensor | None = None,
         return_loss: bool | None = None,
-        **kwargs,
-    ) -> CLOCOutput:
+        interpolate_pos_encoding: bool = False,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | CLOCOutput:
         """CLIP logits, region embeddings of `input_boxes`, and with `return_loss` the CLOC loss.
 
         With `region_input_ids` (one caption per box) the region-caption embeddings and grounded boxes are computed
         too; `return_loss` then adds the region and grounding terms (see `loss_from_features`).
+        `output_attentions` / `output_hidden_states` reach both towers (`text_model_output`, `vision_model_output`).
         """
-        self._check_forward_inputs(pixel_values, input_ids, attention_mask, input_boxes, box_mask, return_loss)
-        vision = self.get_image_features(pixel_values)
+        _check_kwargs(kwargs, "CLOCModel.forward")
+        self._check_forward_inputs(
+            pixel_values, input_ids, attention_mask, input_boxes, box_mask, return_loss, interpolate_pos_encoding
+        )
+        vision = self.get_image_features(
+            pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs
+        )
+        text = self.get_text_features(input_ids, attention_mask, position_ids, return_dict=True, **kwargs)
         image_tokens = self._prompter_tokens(vision)
         image_embeds = nn.functional.normalize(vision.pooler_output, dim=-1)
-        text_embeds = nn.functional.normalize(self.get_text_features(input_ids, attention_mask).pooler_output, dim=-1)
+        text_embeds = nn.functional.normalize(text.pooler_output, dim=-1)
         logits_per_text = self._logit_scale() * text_embeds @ image_embeds.t()
         region_embeds = region_text_embeds = predicted_boxes = grounding_mask = region_caption_keys = None
         attention_mass = None
@@ -828,52 +1057,61 @@ class CLOCModel(CLOCPreTrainedModel):
             box_mask = _check_boxes(input_boxes, box_mask, image_tokens.shape[0])
             region_embeds = self._box_embeddings(image_tokens, input_boxes, box_mask)
             if region_input_ids is not None:
-                region_text_embeds, predicted_boxes, grounding_mask, region_caption_keys = (
-                    self._region_caption_outputs(image_tokens, box_mask, region_input_ids, region_attention_mask)
+                supervise_attention = self.config.grounding_attention_loss_weight > 0
+                region_text_embeds, predicted_boxes, grounding_mask, region_caption_keys, image_attention = (
+                    self._region_caption_outputs(
+                        image_tokens, box_mask, region_input_ids, region_attention_mask, supervise_attention
+                    )
                 )
-                if self.config.grounding_attention_loss_weight > 0:
+                if supervise_attention:  # from the grounding pass's own attention, not a second pass
                     attention_mass = self.grounding_attention_mass(
-                        image_tokens, region_text_embeds, _fill_masked_boxes(input_boxes, box_mask)
+                        image_tokens, region_text_embeds, _fill_masked_boxes(input_boxes, box_mask), image_attention
                     ) * box_mask.to(region_text_embeds.dtype)
-        output = CLOCOutput(
-            logits_per_image=logits_per_text.t(),
-            logits_per_text=logits_per_text,
-            image_embeds=image_embeds,
-            text_embeds=text_embeds,
-            region_embeds=region_embeds,
-            box_mask=box_mask if input_boxes is not None else None,
-            region_text_embeds=region_text_embeds,
-            predicted_boxes=predicted_boxes,
-            grounding_mask=grounding_mask,
-            region_caption_keys=region_caption_keys,
-            grounding_attention_mass=attention_mass,
-        )
+        box_mask = box_mask if input_boxes is not None else None
+        losses = (None,) * 5
         if return_loss:
-            (
-                output.loss,
-                output.loss_clip,
-                output.loss_region,
-                output.loss_grounding,
-                output.loss_grounding_attention,
-            ) = self.loss_from_features(
+            losses = self.loss_from_features(
                 image_embeds,
                 text_embeds,
                 region_embeds,
                 region_text_embeds,
                 input_boxes,
-                output.box_mask,
+                box_mask,
                 predicted_boxes,
                 grounding_mask,
                 region_caption_keys,
                 grounding_attention_mass=attention_mass,
             )
-        return output
+        loss, loss_clip, loss_region, loss_grounding, loss_grounding_attention = losses
+        # Built once, all fields at once, so the tuple form keeps the declared order (loss first, as CLIP's).
+        return CLOCOutput(
+            loss=loss,
+            logits_per_image=logits_per_text.t(),
+            logits_per_text=logits_per_text,
+            loss_clip=loss_clip,
+            loss_region=loss_region,
+            loss_grounding=loss_grounding,
+            image_embeds=image_embeds,
+            text_embeds=text_embeds,
+            region_embeds=region_embeds,
+            box_mask=box_mask,
+            region_text_embeds=region_text_embeds,
+            predicted_boxes=predicted_boxes,
+            grounding_mask=grounding_mask,
+            region_caption_keys=region_caption_keys,
+            grounding_attention_mass=attention_mass,
+            loss_grounding_attention=loss_grounding_attention,
+            text_model_output=text,
+            vision_model_output=vision,
+        )
 
-    def _check_forward_inputs(self, pixel_values, input_ids, attention_mask, input_boxes, box_mask, return_loss):
+    def _check_forward_inputs(
+        self, pixel_values, input_ids, attention_mask, input_boxes, box_mask, return_loss, interpolate_pos_encoding
+    ):
         """`forward`'s checks, before any tower runs, so a bad input is named instead of failing inside them."""
         if pixel_values is None or input_ids is None:
             raise ValueError("CLOCModel.forward needs pixel_values and input_ids.")
-        _check_pixel_values(pixel_values, self.config.vision_config)
+        _check_pixel_values(pixel_values, self.config.vision_config, interpolate_pos_encoding)
         _check_caption_ids(input_ids, attention_mask, self.config.text_config)
         num_images, num_captions = pixel_values.shape[0], input_ids.shape[0]
         if return_loss and num_images != num_captions:
@@ -899,32 +1137,43 @@ class CLOCModel(CLOCPreTrainedModel):
         return keep
 
     def grounding_attention_mass(
-        self, image_tokens: torch.Tensor, caption_embeds: torch.Tensor, boxes: torch.Tensor
+        self,
+        image_tokens: torch.Tensor,
+        caption_embeds: torch.Tensor,
+        boxes: torch.Tensor,
+        image_attention: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`[B, R]`: the share of each caption's text-prompt attention over the image patches (CLS and the prompt
-        itself left out) that falls inside `boxes`, weighting each patch by its covered area."""
-        attention = self.prompter.attention_over_image(self.prompter.text_prompts(caption_embeds), image_tokens)
-        patches = attention[..., 1:]
+        itself left out) that falls inside `boxes`, weighting each patch by its covered area. `image_attention`
+        (`[B, R, 1+N]`, from the grounding pass's `forward_with_image_attention`) saves computing it again."""
+        if image_attention is None:
+            prompts = self.prompter.text_prompts(caption_embeds)
+            image_attention = self.prompter.attention_over_image(prompts, image_tokens)
+        patches = image_attention[..., 1:]
         patches = patches / patches.sum(-1, keepdim=True).clamp(min=torch.finfo(patches.dtype).tiny)
         return (patches * box_patch_overlap(boxes.to(patches.dtype), patches.shape[-1])).sum(-1)
 
-    def _region_caption_outputs(self, image_tokens, box_mask, region_input_ids, region_attention_mask):
-        """Normalised caption embeddings `[B, R, D]`, grounded boxes `[B, R, 4]`, the grounding target mask and the
-        caption keys (`[B, R]`, -1 where masked)."""
+    def _region_caption_outputs(
+        self, image_tokens, box_mask, region_input_ids, region_attention_mask, output_attentions: bool = False
+    ):
+        """Normalised caption embeddings `[B, R, D]`, grounded boxes `[B, R, 4]`, the grounding target mask, the
+        caption keys (`[B, R]`, -1 where masked) and, with `output_attentions`, the text prompts' attention over
+        the image tokens `[B, R, 1+N]` (else None)."""
         if tuple(region_input_ids.shape[:2]) != tuple(box_mask.shape):
             raise ValueError(
                 f"region_input_ids has shape {tuple(region_input_ids.shape)}, expected one caption per box: "
                 f"{tuple(box_mask.shape)} + (tokens,)"
             )
         caption_embeds = self._region_text_embeds(region_input_ids, region_attention_mask, box_mask)
-        predicted = self._ground_captions(image_tokens, caption_embeds)
+        _, predicted, attention = self._ground(image_tokens, caption_embeds, output_attentions)
         keys = caption_keys(region_input_ids, region_attention_mask).masked_fill(~box_mask, -1)
         # Grounding: a caption repeated within its image has no single target box.
         target = box_mask.clone()
         if self.config.grounding_unique_only:
             same = (keys[:, :, None] == keys[:, None, :]) & box_mask[:, :, None] & box_mask[:, None, :]
             target &= same.sum(-1) == 1
-        return nn.functional.normalize(caption_embeds, dim=-1) * box_mask[..., None], predicted, target, keys
+        embeds = nn.functional.normalize(caption_embeds, dim=-1) * box_mask[..., None]
+        return embeds, predicted, target, keys, attention
 
     def loss_from_features(
         self,
@@ -1007,11 +1256,24 @@ class CLOCModel(CLOCPreTrainedModel):
 
 @dataclass
 class CLOCVisionOutput(BaseModelOutputWithPooling):
-    r"""Output of [`CLOCVisionModel`]: CLIP's vision output plus, when `boxes` are given, the Prompter's
+    r"""Output of [`CLOCVisionModel.forward`]: CLIP's vision output, plus region outputs when `input_boxes` are given.
 
-    region_hidden_states (`[B, R, D_v]`): pooled prompt states at ViT width (what a Ferret-style MLLM projects into
-    region tokens), and region_embeds (`[B, R, D]`): normalised region embeddings in CLOC's joint space. Both are
-    zero where `box_mask` is False.
+    last_hidden_state (`torch.Tensor` of shape `(batch_size, 1 + patches, hidden_size)`):
+        The last layer's tokens, CLS first, before the post-LayerNorm (as `CLIPVisionModel`).
+    pooler_output (`torch.Tensor` of shape `(batch_size, hidden_size)`):
+        The post-LayerNormed CLS token (unprojected, as `CLIPVisionModel`).
+    hidden_states (`tuple(torch.Tensor)`, *optional*, returned with `output_hidden_states=True`):
+        The embeddings and every layer's output, each `(batch_size, 1 + patches, hidden_size)`.
+    attentions (`tuple(torch.Tensor)`, *optional*, returned with `output_attentions=True`):
+        Every layer's attention weights, each `(batch_size, heads, 1 + patches, 1 + patches)`.
+    region_hidden_states (`torch.Tensor` of shape `(batch_size, regions, hidden_size)`, *optional*, returned with
+        `input_boxes`):
+        The Prompter's pooled prompt states at ViT width (what a Ferret-style MLLM projects into region tokens); zero
+        where `box_mask` is False.
+    region_embeds (`torch.Tensor` of shape `(batch_size, regions, projection_dim)`, *optional*, returned with
+        `input_boxes`):
+        Normalised region embeddings in CLOC's joint space (equal to `CLOCModel.get_region_features`); zero where
+        `box_mask` is False.
     """
 
     region_hidden_states: torch.Tensor | None = None
@@ -1023,65 +1285,89 @@ class CLOCVisionModel(CLIPVisionModel):
 
     `CLOCVisionModel.from_pretrained(cloc_folder)` takes the tower and the Prompter out of a full CLOC checkpoint;
     the forward is CLIP's (`output_hidden_states` gives `num_hidden_layers + 1` states, CLS at position 0), and
-    `boxes=` (normalised xyxy `[B, R, 4]`) adds region outputs when the config has a `prompter_config`.
+    `input_boxes=` (normalised xyxy `[B, R, 4]`) adds region outputs when the config has a `prompter_config`.
     """
 
     config: CLOCVisionConfig
 
     def __init__(self, config: CLOCVisionConfig):
+        # CLIPVisionModel's body, with the Prompter built before `post_init` so that it is initialised there too.
+        CLIPPreTrainedModel.__init__(self, config)
+        self.embeddings = CLIPVisionEmbeddings(config)
+        self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.encoder = CLIPEncoder(config)
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         prompter_config = config.build_prompter_config()
-        super().__init__(config)
         self.prompter = None
         if prompter_config is not None:
             self.prompter = CLOCPrompter(
                 prompter_config, config.hidden_size, config.projection_dim, config.layer_norm_eps
             )
-            _init_prompter(self.prompter, prompter_config.initializer_std(config.hidden_size))
+        self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`; from a full CLOC folder the tower also takes the Prompter (the folder's
+        `prompter_config` and `projection_dim` join its vision config), so `forward(..., input_boxes=...)` works."""
+        if kwargs.get("config") is None and pretrained_model_name_or_path is not None:
+            hub = _hub_kwargs(kwargs)
+            try:
+                full = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub)[0]
+            except (OSError, TypeError, ValueError):  # no config file: left to transformers to report
+                full = {}
+            if full.get("model_type") == "cloc":
+                vision = CLOCVisionConfig.from_pretrained(pretrained_model_name_or_path, **hub)
+                kwargs["config"] = vision.with_prompter(full.get("prompter_config"), full.get("projection_dim", 512))
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module):
-        """CLIP's initialisation for the tower; the Prompter's from `prompter_config.initializer_range`."""
+        """CLIP's initialisation for the tower; the Prompter's rule (`_init_prompter`) from `prompter_config`."""
         super()._init_weights(module)
         if isinstance(module, CLOCPrompter):
             _init_prompter(module, self.config.build_prompter_config().initializer_std(self.config.hidden_size))
 
+    def initialize_weights(self):
+        """Every module through `_init_weights`, as transformers does for its own models (see
+        `_initialize_every_module`)."""
+        _initialize_every_module(self)
+
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
-        boxes: torch.Tensor | None = None,
+        input_boxes: torch.Tensor | None = None,
         box_mask: torch.Tensor | None = None,
-        **kwargs,
-    ) -> CLOCVisionOutput:
-        """CLIP's vision forward; with `boxes` also `region_hidden_states` `[B, R, D_v]` and `region_embeds`."""
-        return_dict = kwargs.pop("return_dict", None)
-        if isinstance(pixel_values, torch.Tensor) and not pixel_values.is_floating_point():
-            # CLIP's embeddings cast to float, so raw 0-255 integers would otherwise pass silently.
-            raise ValueError(
-                f"pixel_values has dtype {pixel_values.dtype}; the model takes normalised float pixels (the "
-                "processor's output), not raw 0-255 values."
-            )
-        layer = None if self.prompter is None else self.config.build_prompter_config().vision_feature_layer
-        if boxes is not None and layer not in (None, -1):
-            kwargs["output_hidden_states"] = True  # the Prompter reads an earlier layer
-        outputs = super().forward(pixel_values=pixel_values, return_dict=True, **kwargs)
-        result = CLOCVisionOutput(**outputs)
-        if boxes is not None:
+        interpolate_pos_encoding: bool = False,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | CLOCVisionOutput:
+        """CLIP's vision forward; with `input_boxes` (normalised xyxy `[B, R, 4]`) also `region_hidden_states`
+        `[B, R, D_v]` and `region_embeds` `[B, R, D]`, as `CLOCModel.get_region_features` gives them."""
+        _check_kwargs(kwargs, "CLOCVisionModel.forward")
+        _check_pixel_values(pixel_values, self.config, interpolate_pos_encoding)
+        layer = None
+        if input_boxes is not None:
             if self.prompter is None:
                 raise ValueError(
-                    "boxes were given but this CLOCVisionModel has no Prompter: load it from a full CLOC checkpoint "
-                    "(CLOCVisionModel.from_pretrained(cloc_folder)) or set CLOCVisionConfig.prompter_config."
+                    "input_boxes were given but this CLOCVisionModel has no Prompter: load it from a full CLOC "
+                    "checkpoint (CLOCVisionModel.from_pretrained(cloc_folder)) or set CLOCVisionConfig.prompter_config."
                 )
-            image_tokens = _tokens_of_layer(outputs, layer)
-            box_mask = _check_boxes(boxes, box_mask, image_tokens.shape[0], self.config.image_size)
-            result.region_hidden_states, result.region_embeds = self.prompter.embed_boxes(
-                image_tokens, boxes, box_mask
-            )
-        if return_dict is False:
-            return result.to_tuple()
+            box_mask = _check_boxes(input_boxes, box_mask, pixel_values.shape[0], self.config.image_size)
+            layer = self.config.build_prompter_config().vision_feature_layer
+            if layer != -1:
+                kwargs["output_hidden_states"] = True  # the Prompter reads an earlier layer
+        outputs = super().forward(
+            pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs
+        )
+        result = CLOCVisionOutput(**outputs)
+        if input_boxes is not None:
+            hidden, embeds = self.prompter.embed_boxes(_tokens_of_layer(outputs, layer), input_boxes, box_mask)
+            result = CLOCVisionOutput(**outputs, region_hidden_states=hidden, region_embeds=embeds)
         return result
 
     def clip_vision_config(self) -> CLIPVisionConfig:
-        """This tower's fields as a stock `CLIPVisionConfig` (no Prompter, no remote code needed)."""
+        """This tower's fields as a stock `CLIPVisionConfig` (without CLOC's `prompter_config`: no remote code
+        needed)."""
         fields = {
             k: v for k, v in self.config.to_dict().items() if k not in ("model_type", "architectures", "auto_map")
         }
@@ -1089,7 +1375,7 @@ class CLOCVisionModel(CLIPVisionModel):
         return CLIPVisionConfig(**fields)
 
     def clip_state_dict(self) -> dict[str, torch.Tensor]:
-        """The tower's weights without the Prompter, under `CLIPVisionModel`'s names."""
+        """The tower's weights under `CLIPVisionModel`'s names (without CLOC's Prompter)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("prompter.")}
 
     def export_clip_vision(self, folder, image_processor=None) -> None:
@@ -1126,7 +1412,7 @@ class CLOCVisionModel(CLIPVisionModel):
     @classmethod
     def attach_prompter(cls, vision_model: CLIPVisionModel, folder) -> "CLOCVisionModel":
         """A `CLOCVisionModel` made of a stock `vision_model` (e.g. a reloaded LLaVA's `vision_tower`) plus the
-        side-car Prompter `save_prompter` wrote to `folder`; `forward(..., boxes=...)` then gives region outputs."""
+        side-car Prompter `save_prompter` wrote to `folder`; `forward(..., input_boxes=...)` then gives region outputs."""
         folder = Path(folder)
         if not (folder / PROMPTER_CONFIG_NAME).is_file():
             raise FileNotFoundError(f"{folder} holds no {PROMPTER_CONFIG_NAME}: not a Prompter side-car folder")
@@ -1160,6 +1446,8 @@ register_checkpoint_conversion_mapping(
 
 
 __all__ = [
+    "CLOCGroundingOutput",
+    "CLOCRegionOutput",
     "CLOCVisionModel",
     "CLOCVisionOutput",
     "CLOCModel",

@@ -129,6 +129,28 @@ class OCCLIPBindingConfig(PreTrainedConfig):
             raise ValueError(f"binding_config.mlp_ratio must be > 0, got {self.mlp_ratio}.")
 
 
+# The same function stands in modeling_cloc/configuration_cloc.py: each model folder must work alone as remote code.
+def _own_sub_config_types(config: PreTrainedConfig) -> None:
+    """Tower sub-configs given as dicts lose `model_type` (and `transformers_version`): a dict taken from a CLIP
+    config carries CLIP's model type, and this model's own sub-config classes apply."""
+    for key in ("text_config", "vision_config"):
+        value = getattr(config, key)
+        if isinstance(value, dict):
+            setattr(config, key, {k: v for k, v in value.items() if k not in ("model_type", "transformers_version")})
+
+
+# The same function stands in modeling_cloc/configuration_cloc.py: each model folder must work alone as remote code.
+def _check_projection_dims(config: PreTrainedConfig) -> None:
+    """Both towers' `projection_dim` (where set) must equal the model's (raises `ValueError`)."""
+    for name in ("text_config", "vision_config"):
+        sub = getattr(config, name)
+        if sub is not None and sub.projection_dim is not None and sub.projection_dim != config.projection_dim:
+            raise ValueError(
+                f"{name}.projection_dim ({sub.projection_dim}) does not match projection_dim "
+                f"({config.projection_dim}); the text and image projections must map to the same joint space."
+            )
+
+
 @strict
 class OCCLIPConfig(PreTrainedConfig):
     r"""Configuration of [`OCCLIPModel`]: text, vision and binding sub-configs plus loss and scoring options.
@@ -176,11 +198,7 @@ class OCCLIPConfig(PreTrainedConfig):
     initializer_factor: float = 1.0
 
     def __post_init__(self, **kwargs):
-        # A sub-config dict taken from a CLIP config carries CLIP's model_type; OC-CLIP's own classes apply.
-        for key in ("text_config", "vision_config"):
-            value = getattr(self, key)
-            if isinstance(value, dict):
-                setattr(self, key, {k: v for k, v in value.items() if k not in ("model_type", "transformers_version")})
+        _own_sub_config_types(self)
         super().__post_init__(**kwargs)
         if self.binding_config.hidden_size is None:
             self.binding_config.hidden_size = self.vision_config.hidden_size
@@ -204,13 +222,7 @@ class OCCLIPConfig(PreTrainedConfig):
             raise ValueError(
                 f"text_embedding_source must be 'projected' or 'pooled', got {self.text_embedding_source!r}."
             )
-        for name in ("text_config", "vision_config"):
-            sub = getattr(self, name)
-            if sub is not None and sub.projection_dim is not None and sub.projection_dim != self.projection_dim:
-                raise ValueError(
-                    f"{name}.projection_dim ({sub.projection_dim}) does not match projection_dim "
-                    f"({self.projection_dim}); the text and image projections must map to the same joint space."
-                )
+        _check_projection_dims(self)
         binding = self.binding_config
         vision = self.vision_config
         if binding is not None and vision is not None:

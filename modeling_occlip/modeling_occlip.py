@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import CLIPImageProcessorPil, CLIPVisionConfig, PreTrainedConfig
+from transformers import CLIPImageProcessorPil, CLIPVisionConfig, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import PrefixChange
@@ -227,6 +227,31 @@ def _load_clip(clip, target: str) -> CLIPModel:
     return clip_model
 
 
+# The same function stands in modeling_cloc/modeling_cloc.py: each model folder must work alone as remote code.
+def _clip_config_fields(clip: CLIPModel) -> dict:
+    """What a model built from `clip` takes from its config: both towers, the projection width, the logit scale."""
+    return dict(
+        text_config=clip.config.text_config.to_dict(),
+        vision_config=clip.config.vision_config.to_dict(),
+        projection_dim=clip.config.projection_dim,
+        logit_scale_init_value=float(clip.logit_scale.detach()),
+    )
+
+
+# The same function stands in modeling_cloc/modeling_cloc.py: each model folder must work alone as remote code.
+def _load_clip_weights(model: nn.Module, clip: CLIPModel, new_modules: tuple[str, ...]) -> None:
+    """Copy `clip`'s towers, projections and logit scale into `model` (same parameter names); every weight of
+    `model` that `clip` lacks must belong to `new_modules` (name prefixes), and `clip` may hold nothing else."""
+    incompatible = model.load_state_dict(clip.state_dict(), strict=False)
+    unexpected = list(incompatible.unexpected_keys)
+    missing = [key for key in incompatible.missing_keys if not key.startswith(new_modules)]
+    if unexpected or missing:
+        raise ValueError(
+            f"CLIP checkpoint does not match {type(model).__name__}'s towers: unexpected {unexpected[:5]}, "
+            f"missing {missing[:5]}."
+        )
+
+
 def _refuse_incomplete_load(name: str, model, info: dict, args: tuple, kwargs: dict) -> None:
     """After `from_pretrained`: weights missing from the checkpoint are an error naming them (and the checkpoint's
     model_type when it is another), not random heads with only a printed report."""
@@ -270,36 +295,107 @@ class OCCLIPPreTrainedModel(CLIPPreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        """Initialise CLIP tower weights as CLIP does, and the binding/scoring weights from `binding_config`."""
+        """CLIP towers, projections and logit scale as `CLIPModel` does; the binding module and structured
+        similarity by their own rule: `_init_head(binding_config.initializer_std)`, default queries N(0, std), the
+        position map at unit scale, alpha and beta at `binding_config.score_weight_init`."""
         super()._init_weights(module)
         if not isinstance(self.config, OCCLIPConfig):
             return
         std = self.config.binding_config.initializer_std(self.config.binding_width)
-        factor = self.config.initializer_factor
         if isinstance(module, OCCLIPModel):
-            init.normal_(module.text_projection.weight, std=module.config.text_config.hidden_size**-0.5 * factor)
-            init.normal_(module.visual_projection.weight, std=module.config.vision_config.hidden_size**-0.5 * factor)
-            init.constant_(module.logit_scale, self.config.logit_scale_init_value)
-        elif isinstance(module, (OCCLIPBindingModule, OCCLIPStructuredSimilarity)):
-            # Handled from these parents, which own parameters directly: transformers skips param-less custom
-            # modules (binding layers, MLPs) during initialisation.
-            for child in module.modules():
-                if isinstance(child, nn.Linear):
-                    init.normal_(child.weight, std=std)
-                    if child.bias is not None:
-                        init.zeros_(child.bias)
-                elif isinstance(child, nn.LayerNorm):
-                    init.ones_(child.weight)
-                    init.zeros_(child.bias)
-        if isinstance(module, OCCLIPBindingModule):
+            _init_clip_head(module, self.config)
+        elif isinstance(module, OCCLIPBindingModule):
+            _init_head(module, std)
             init.normal_(module.default_queries, std=std)
             if module.position_proj is not None:
                 # Unit scale, like the layer-normed patch features it is added to, so position is used from step 0.
                 init.normal_(module.position_proj.weight, std=module.position_proj.in_features**-0.5)
         elif isinstance(module, OCCLIPStructuredSimilarity):
+            _init_head(module, std)
             log_weight = torch.log(torch.tensor(self.config.binding_config.score_weight_init)).item()
             init.constant_(module.log_alpha, log_weight)
             init.constant_(module.log_beta, log_weight)
+
+    def initialize_weights(self):
+        """Every module through `_init_weights`, as transformers does for its own models (see
+        `_initialize_every_module`)."""
+        _initialize_every_module(self)
+
+
+# The same function stands in modeling_cloc/modeling_cloc.py: each model folder must work alone as remote code.
+@torch.no_grad()
+def _initialize_every_module(model: PreTrainedModel) -> None:
+    """`PreTrainedModel.initialize_weights` without the shortcut transformers takes for custom code.
+
+    For a model defined outside the library, transformers skips every module that owns no parameter directly (CLIP's
+    attention and MLP blocks, our heads), so their linear layers keep the generic N(0, 0.02) instead of CLIP's
+    depth-scaled init. That shortcut protects remote code that writes weights in place; our `_init_weights` only
+    writes through `transformers.initialization`, which leaves loaded (`_is_hf_initialized`) tensors alone, so every
+    module is visited as for the library's own models: children first, each sub-model with its own `_init_weights`.
+    """
+
+    def visit(module: nn.Module, initialize) -> None:
+        for child in module.children():
+            visit(child, child._initialize_weights if isinstance(child, PreTrainedModel) else initialize)
+        initialize(module, is_custom_code=False)
+
+    with init.guard_torch_init_functions():
+        visit(model, model._initialize_weights)
+
+
+# The same function stands in modeling_cloc/modeling_cloc.py: each model folder must work alone as remote code.
+def _init_clip_head(model: nn.Module, config) -> None:
+    """The projections and logit scale of a model built from a CLIP config, exactly as `CLIPModel._init_weights`."""
+    factor = config.initializer_factor
+    init.normal_(model.text_projection.weight, std=config.text_config.hidden_size**-0.5 * factor)
+    init.normal_(model.visual_projection.weight, std=config.vision_config.hidden_size**-0.5 * factor)
+    init.constant_(model.logit_scale, config.logit_scale_init_value)
+
+
+# The same function stands in modeling_cloc/modeling_cloc.py: each model folder must work alone as remote code.
+def _init_head(module: nn.Module, std: float) -> None:
+    """Normal(0, std) linear weights, zero biases, unit LayerNorms for `module` and every submodule."""
+    for child in module.modules():
+        if isinstance(child, nn.Linear):
+            init.normal_(child.weight, std=std)
+            if child.bias is not None:
+                init.zeros_(child.bias)
+        elif isinstance(child, nn.LayerNorm):
+            init.ones_(child.weight)
+            init.zeros_(child.bias)
+
+
+# The same function stands in modeling_cloc/modeling_cloc.py: each model folder must work alone as remote code.
+def _check_kwargs(kwargs: dict, method: str) -> None:
+    """Keyword arguments beyond a method's own must be transformers' `TransformersKwargs` (`output_attentions`,
+    `output_hidden_states`, ...): anything else, e.g. a misspelt argument, is an error, not silently dropped."""
+    unknown = sorted(set(kwargs) - set(TransformersKwargs.__annotations__))
+    if unknown:
+        raise TypeError(f"{method}() got unexpected keyword arguments: {', '.join(unknown)}")
+
+
+# The same function stands in modeling_cloc/modeling_cloc.py: each model folder must work alone as remote code.
+def _check_pixel_values(pixel_values: torch.Tensor, vision, any_size: bool = False) -> None:
+    """Shape, batch and dtype of `pixel_values` for a vision config, with errors that say what to do; `any_size`
+    (CLIP's `interpolate_pos_encoding`) lets the height and width differ from the config's `image_size`."""
+    if not isinstance(pixel_values, torch.Tensor):
+        raise ValueError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}.")
+    expected = (vision.num_channels, vision.image_size, vision.image_size)
+    shape = tuple(pixel_values.shape)
+    if pixel_values.dim() != 4 or shape[1:] != expected and not (any_size and shape[1] == expected[0]):
+        raise ValueError(
+            f"pixel_values has shape {tuple(pixel_values.shape)}, expected [batch, {expected[0]}, {expected[1]}, "
+            f"{expected[2]}] for this model (image_size={vision.image_size}); resize the images with the processor, or "
+            "pass interpolate_pos_encoding=True."
+        )
+    if pixel_values.shape[0] == 0:
+        raise ValueError("pixel_values holds no image.")
+    if not pixel_values.is_floating_point():
+        # Raw 0-255 integers would run through the towers as if normalised, giving a silently wrong answer.
+        raise ValueError(
+            f"pixel_values has dtype {pixel_values.dtype}; the model takes normalised float pixels (the processor's "
+            "output), not raw 0-255 values."
+        )
 
 
 def _check_shape(name: str, tensor: torch.Tensor, shape: tuple, what: str) -> None:
@@ -356,24 +452,9 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
         loads. The binding module and structured similarity are new and freshly initialised.
         """
         clip = _load_clip(clip, "OCCLIPModel")
-        clip_config = clip.config
-        config = OCCLIPConfig(
-            text_config=clip_config.text_config.to_dict(),
-            vision_config=clip_config.vision_config.to_dict(),
-            binding_config=binding_config,
-            projection_dim=clip_config.projection_dim,
-            logit_scale_init_value=float(clip.logit_scale.detach()),
-            **config_kwargs,
-        )
+        config = OCCLIPConfig(**_clip_config_fields(clip), binding_config=binding_config, **config_kwargs)
         model = cls(config)
-        incompatible = model.load_state_dict(clip.state_dict(), strict=False)
-        new_modules = ("binding.", "similarity.")
-        unexpected = list(incompatible.unexpected_keys)
-        missing = [key for key in incompatible.missing_keys if not key.startswith(new_modules)]
-        if unexpected or missing:
-            raise ValueError(
-                f"CLIP checkpoint does not match OC-CLIP's towers: unexpected {unexpected[:5]}, missing {missing[:5]}."
-            )
+        _load_clip_weights(model, clip, ("binding.", "similarity."))
         return model.to(dtype=next(clip.parameters()).dtype)
 
     # ------------------------------------------------------------------ per-image side
@@ -384,29 +465,7 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
         return bool(getattr(self.config, name, False) if value is None else value)
 
     def _check_pixel_values(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> None:
-        vision = self.config.vision_config
-        if not isinstance(pixel_values, torch.Tensor):
-            raise ValueError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}.")
-        if pixel_values.dim() != 4 or pixel_values.shape[1] != vision.num_channels:
-            raise ValueError(
-                f"pixel_values has shape {tuple(pixel_values.shape)}, expected [batch, {vision.num_channels}, "
-                "height, width]."
-            )
-        expected = (vision.num_channels, vision.image_size, vision.image_size)
-        if not interpolate_pos_encoding and tuple(pixel_values.shape[1:]) != expected:
-            raise ValueError(
-                f"pixel_values has shape {tuple(pixel_values.shape)}, expected [batch, {expected[0]}, {expected[1]}, "
-                f"{expected[2]}] for this model (image_size={vision.image_size}); resize the images with the "
-                "processor, or pass interpolate_pos_encoding=True."
-            )
-        if pixel_values.shape[0] == 0:
-            raise ValueError("pixel_values holds no image.")
-        if not pixel_values.is_floating_point():
-            # Raw 0-255 integers would run through the towers as if normalised, giving a silently wrong answer.
-            raise ValueError(
-                f"pixel_values has dtype {pixel_values.dtype}; the model takes normalised float pixels (the "
-                "processor's output), not raw 0-255 values."
-            )
+        _check_pixel_values(pixel_values, self.config.vision_config, interpolate_pos_encoding)
 
     @can_return_tuple
     def get_image_features(
@@ -1113,12 +1172,6 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
         )
 
 
-def _check_tower_kwargs(model: nn.Module, kwargs: dict) -> None:
-    """The standalone towers take transformers' own keyword arguments; anything else is an error, not dropped."""
-    allowed = (*TransformersKwargs.__annotations__, "return_dict")
-    _refuse_unknown_kwargs(f"{type(model).__name__}.forward", kwargs, allowed)
-
-
 class OCCLIPVisionModel(CLIPVisionModel):
     """OC-CLIP's (fine-tuned) image tower alone: a CLIP ViT usable as a vision backbone (e.g. in LLaVA).
 
@@ -1128,28 +1181,44 @@ class OCCLIPVisionModel(CLIPVisionModel):
     config: OCCLIPVisionConfig
     main_input_name = "pixel_values"
 
+    def initialize_weights(self):
+        """Every module through `_init_weights`, as transformers does for its own models (see
+        `_initialize_every_module`)."""
+        _initialize_every_module(self)
+
+    @can_return_tuple
     def forward(
         self,
-        pixel_values: torch.FloatTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple | BaseModelOutputWithPooling:
-        """`CLIPVisionModel.forward`; unknown keyword arguments are an error."""
-        _check_tower_kwargs(self, kwargs)
-        return super().forward(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
+        """CLIP's vision forward, with `pixel_values` and keyword arguments checked first (as `CLOCVisionModel`)."""
+        _check_kwargs(kwargs, "OCCLIPVisionModel.forward")
+        _check_pixel_values(pixel_values, self.config, interpolate_pos_encoding)
+        return super().forward(
+            pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs
+        )
+
+    def clip_vision_config(self) -> CLIPVisionConfig:
+        """This tower's fields as a stock `CLIPVisionConfig` (without CLOC's `prompter_config`: no remote code
+        needed)."""
+        fields = {
+            k: v for k, v in self.config.to_dict().items() if k not in ("model_type", "architectures", "auto_map")
+        }
+        fields.pop("prompter_config", None)
+        return CLIPVisionConfig(**fields)
+
+    def clip_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tower's weights under `CLIPVisionModel`'s names (without CLOC's Prompter)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("prompter.")}
 
     def export_clip_vision(self, folder, image_processor=None) -> None:
         """Write a plain `clip_vision_model` checkpoint (`vision_model.*` keys) that `CLIPVisionModel.from_pretrained`
         loads in code that hard-codes it (original LLaVA), with a preprocessor_config.json: `image_processor`'s, else
-        a `CLIPImageProcessor` at the tower's image size with CLIP's normalisation.
-
-        (The same method lives on `CLOCVisionModel`: each model folder stays self-contained for remote code.)
-        """
-        fields = {
-            k: v for k, v in self.config.to_dict().items() if k not in ("model_type", "architectures", "auto_map")
-        }
-        clip = CLIPVisionModel(CLIPVisionConfig(**fields))
-        clip.load_state_dict(self.state_dict())
+        a `CLIPImageProcessor` at the tower's image size with CLIP's normalisation."""
+        clip = CLIPVisionModel(self.clip_vision_config())
+        clip.load_state_dict(self.clip_state_dict())
         clip.save_pretrained(folder)
         if image_processor is None:
             # Original LLaVA calls CLIPImageProcessor.from_pretrained(tower) with no fallback.
@@ -1174,8 +1243,13 @@ class OCCLIPTextModel(CLIPTextModel):
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple | BaseModelOutputWithPooling:
         """`CLIPTextModel.forward`; unknown keyword arguments are an error."""
-        _check_tower_kwargs(self, kwargs)
+        _check_kwargs({k: v for k, v in kwargs.items() if k != "return_dict"}, "OCCLIPTextModel.forward")
         return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+
+    def initialize_weights(self):
+        """Every module through `_init_weights`, as transformers does for its own models (see
+        `_initialize_every_module`)."""
+        _initialize_every_module(self)
 
 
 # Saved and loaded under CLIP's `vision_model.` / `text_model.` prefixes, as transformers does for CLIPVisionModel,

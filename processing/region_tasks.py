@@ -64,9 +64,9 @@ def _region_features(model, processor, image, boxes) -> tuple[torch.Tensor, torc
     device = _device(model)
     features = model.get_region_features(
         pixel_values=inputs["pixel_values"].to(device),
-        boxes=inputs["input_boxes"].to(device),
+        input_boxes=inputs["input_boxes"].to(device),
         box_mask=inputs["box_mask"].to(device),
-    )
+    ).region_embeds
     return features[0, : len(boxes)], inputs["box_mask"][0, : len(boxes)].to(device)
 
 

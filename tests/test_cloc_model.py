@@ -1,9 +1,11 @@
 """CLOC model core: region embeddings (permutation, caching, padding, exact prompt-only path), losses, grounding."""
 
+from unittest import mock
+
 import pytest
 import torch
 
-from modeling_cloc import CLOCModel
+from modeling_cloc import CLOCModel, CLOCPrompter
 from modeling_cloc.modeling_cloc import box_patch_overlap
 from tests.factories import random_pixels, tiny_cloc_model
 
@@ -24,8 +26,8 @@ def model():
 def test_permuting_boxes_permutes_region_embeddings(model):
     pixels = random_pixels(2)
     order = torch.tensor([2, 0, 1])
-    base = model.get_region_features(pixel_values=pixels, boxes=BOXES)
-    permuted = model.get_region_features(pixel_values=pixels, boxes=BOXES[:, order])
+    base = model.get_region_features(pixel_values=pixels, input_boxes=BOXES).region_embeds
+    permuted = model.get_region_features(pixel_values=pixels, input_boxes=BOXES[:, order]).region_embeds
     torch.testing.assert_close(permuted, base[:, order], atol=1e-6, rtol=1e-6)
     assert not torch.allclose(base[:, 0], base[:, 1], atol=1e-3)  # different boxes, different embeddings
 
@@ -34,19 +36,23 @@ def test_permuting_boxes_permutes_region_embeddings(model):
 def test_cached_image_tokens_match_recomputation(model):
     pixels = random_pixels(2, seed=3)
     tokens = model.get_image_features(pixels).last_hidden_state
-    from_tokens = model.get_region_features(image_tokens=tokens, boxes=BOXES)
-    torch.testing.assert_close(from_tokens, model.get_region_features(pixel_values=pixels, boxes=BOXES))
-    more = model.get_region_features(image_tokens=tokens, boxes=torch.cat([BOXES, BOXES.flip(1)], dim=1))
+    from_tokens = model.get_region_features(image_tokens=tokens, input_boxes=BOXES).region_embeds
+    torch.testing.assert_close(
+        from_tokens, model.get_region_features(pixel_values=pixels, input_boxes=BOXES).region_embeds
+    )
+    more = model.get_region_features(
+        image_tokens=tokens, input_boxes=torch.cat([BOXES, BOXES.flip(1)], dim=1)
+    ).region_embeds
     torch.testing.assert_close(more[:, :3], from_tokens, atol=1e-6, rtol=1e-6)
 
 
 @torch.no_grad()
 def test_padding_boxes_never_changes_valid_outputs(model):
     pixels = random_pixels(2, seed=4)
-    base = model.get_region_features(pixel_values=pixels, boxes=BOXES)
+    base = model.get_region_features(pixel_values=pixels, input_boxes=BOXES).region_embeds
     padded = torch.cat([BOXES, torch.tensor([[[0.3, 0.3, 0.4, 0.4]], [[float("nan")] * 4]])], dim=1)
     mask = torch.tensor([[True, True, True, False], [True, True, True, False]])
-    out = model.get_region_features(pixel_values=pixels, boxes=padded, box_mask=mask)
+    out = model.get_region_features(pixel_values=pixels, input_boxes=padded, box_mask=mask).region_embeds
     torch.testing.assert_close(out[:, :3], base, atol=1e-6, rtol=1e-6)
     assert torch.all(out[:, 3] == 0)
 
@@ -64,12 +70,12 @@ def test_prompt_only_path_equals_full_sequence_layer(model):
         model.prompter.image_position(tokens.shape[1], tokens.dtype, None), (0, 0, 2, 0)
     )
     assert position[2:].abs().sum() > 0
-    expected = layer(full, position=position)[:, :2].mean(1).view(2, 3, -1)
+    expected = layer(full, position=position)[0][:, :2].mean(1).view(2, 3, -1)
     torch.testing.assert_close(hidden, expected, atol=1e-5, rtol=1e-5)
     all_pooling = tiny_cloc_model(pooling="all")
     all_pooling.load_state_dict(model.state_dict())
     h_all, _ = all_pooling.prompter(prompts, tokens)
-    torch.testing.assert_close(h_all, layer(full, position=position).mean(1).view(2, 3, -1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h_all, layer(full, position=position)[0].mean(1).view(2, 3, -1), atol=1e-5, rtol=1e-5)
 
 
 def test_text_similarity_mask_removes_exactly_duplicate_captions(model):
@@ -107,7 +113,7 @@ def test_loss_is_clip_plus_scaled_region_terms(model):
 
 
 def test_head_initialisation_follows_the_config():
-    """transformers skips custom modules without direct parameters; the heads must still get their init."""
+    """The heads own no parameter directly; `_init_weights` still gives them their configured init."""
     model = tiny_cloc_model(initializer_range=0.05)
     assert 0.03 < model.box_head.fc1.weight.std() < 0.07
     assert torch.all(model.box_head.fc2.weight == 0)
@@ -129,7 +135,9 @@ def test_losses_fall_and_grounding_overfits():
     assert all(b < 0.05 * a for a, b in zip(first, last)), history[::25]
     model.eval()
     with torch.no_grad():
-        predicted = model.ground(pixel_values=inputs["pixel_values"][:2], input_ids=inputs["region_input_ids"][:2])
+        predicted = model.ground(
+            pixel_values=inputs["pixel_values"][:2], input_ids=inputs["region_input_ids"][:2]
+        ).predicted_boxes
     target = inputs["input_boxes"][:2]
     lo, hi = torch.maximum(predicted[..., :2], target[..., :2]), torch.minimum(predicted[..., 2:], target[..., 2:])
     inter = (hi - lo).clamp(min=0).prod(-1)
@@ -149,7 +157,7 @@ def test_losses_fall_and_grounding_overfits():
 )
 def test_bad_boxes_name_image_and_box(model, boxes, message):
     with pytest.raises(ValueError, match=message):
-        model.get_region_features(pixel_values=random_pixels(1), boxes=boxes)
+        model.get_region_features(pixel_values=random_pixels(1), input_boxes=boxes)
 
 
 def test_save_load_round_trip(model, tmp_path):
@@ -158,8 +166,8 @@ def test_save_load_round_trip(model, tmp_path):
     pixels = random_pixels(2, seed=8)
     with torch.no_grad():
         torch.testing.assert_close(
-            reloaded.get_region_features(pixel_values=pixels, boxes=BOXES),
-            model.get_region_features(pixel_values=pixels, boxes=BOXES),
+            reloaded.get_region_features(pixel_values=pixels, input_boxes=BOXES).region_embeds,
+            model.get_region_features(pixel_values=pixels, input_boxes=BOXES).region_embeds,
             atol=0,
             rtol=0,
         )
@@ -189,7 +197,7 @@ def test_roi_align_head_is_a_configurable_alternative():
     model = CLOCModel(config).eval()
     pixels = random_pixels(2)
     tokens = model.get_image_features(pixels).last_hidden_state
-    out = model.get_region_features(image_tokens=tokens, boxes=BOXES)
+    out = model.get_region_features(image_tokens=tokens, input_boxes=BOXES).region_embeds
     from modeling_cloc.modeling_cloc import roi_align_mean
 
     pooled = roi_align_mean(tokens[:, 1:], BOXES, 7)
@@ -283,8 +291,10 @@ def test_prompter_reads_the_configured_layer():
     pixels = random_pixels(2, seed=7)
     hidden = model.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states[1]
     torch.testing.assert_close(model.get_image_tokens(pixels), hidden)
-    expected = model.get_region_features(image_tokens=hidden, boxes=BOXES)
-    torch.testing.assert_close(model.get_region_features(pixel_values=pixels, boxes=BOXES), expected)
+    expected = model.get_region_features(image_tokens=hidden, input_boxes=BOXES).region_embeds
+    torch.testing.assert_close(
+        model.get_region_features(pixel_values=pixels, input_boxes=BOXES).region_embeds, expected
+    )
     out = model(input_ids=batch()["input_ids"][:2], pixel_values=pixels, input_boxes=BOXES)
     torch.testing.assert_close(out.region_embeds, expected)
 
@@ -333,3 +343,27 @@ def test_grounding_attention_loss_needs_a_one_layer_prompter():
         CLOCConfig(prompter_config={"num_hidden_layers": 2}, grounding_attention_loss_weight=1.0)
     with pytest.raises(ValueError, match="grounding_attention_loss_weight must be finite"):
         CLOCConfig(grounding_attention_loss_weight=float("nan"))
+
+
+def test_grounding_attention_mass_comes_from_the_grounding_pass_unchanged():
+    """forward reads the text prompts' attention from the grounding pass itself (explicit softmax, weights kept)
+    instead of computing it a second time: boxes, attention mass, loss and gradients equal the two-pass route (SDPA
+    grounding pass, then `attention_over_image`)."""
+    model = tiny_cloc_model(seed=5)
+    model.config.grounding_attention_loss_weight = 0.5
+    inputs = batch()
+    with mock.patch.object(CLOCPrompter, "attention_over_image", side_effect=AssertionError("a second pass")):
+        one_pass = model(**inputs, return_loss=True)
+    one_pass.loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    ground = model._ground
+    model._ground = lambda tokens, embeds, output_attentions=False: ground(tokens, embeds, False)  # no weights kept
+    two_pass = model(**inputs, return_loss=True)
+    two_pass.loss.backward()
+    for name in ("predicted_boxes", "grounding_attention_mass", "loss_grounding_attention", "loss"):
+        torch.testing.assert_close(getattr(one_pass, name), getattr(two_pass, name), atol=1e-6, rtol=1e-5, msg=name)
+    assert grads.keys() == {k for k, p in model.named_parameters() if p.grad is not None}
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, atol=1e-6, rtol=1e-4, msg=name)
+    assert grads["prompter.layers.0.q_proj.weight"].abs().sum() > 0

@@ -41,11 +41,14 @@ def test_round_trip_and_remote_code_in_clean_venv(clean_python, tmp_path):
     model.save_pretrained(folder)
     pixels = random_pixels(2, seed=1)
     torch.save({"pixel_values": pixels, "boxes": BOXES}, folder / "inputs.pt")
-    expected = model.get_region_features(pixel_values=pixels, boxes=BOXES)
+    expected = model.get_region_features(pixel_values=pixels, input_boxes=BOXES).region_embeds
     loaded = AutoModel.from_pretrained(folder)
     assert isinstance(loaded, CLOCModel)
     torch.testing.assert_close(
-        loaded.eval().get_region_features(pixel_values=pixels, boxes=BOXES), expected, atol=0, rtol=0
+        loaded.eval().get_region_features(pixel_values=pixels, input_boxes=BOXES).region_embeds,
+        expected,
+        atol=0,
+        rtol=0,
     )
     run_isolated(
         clean_python,
@@ -56,7 +59,7 @@ def test_round_trip_and_remote_code_in_clean_venv(clean_python, tmp_path):
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
         inputs = torch.load({str(folder / "inputs.pt")!r})
         with torch.no_grad():
-            torch.save(model.get_region_features(pixel_values=inputs["pixel_values"], boxes=inputs["boxes"]), "out.pt")
+            torch.save(model.get_region_features(pixel_values=inputs["pixel_values"], input_boxes=inputs["boxes"]).region_embeds, "out.pt")
         """,
         tmp_path,
     )
@@ -165,6 +168,8 @@ def test_full_image_box_and_image_embedding_share_the_output_head_but_are_not_ti
     image = torch.nn.functional.normalize(model.get_image_features(pixels).pooler_output, dim=-1)
     through_head = model.prompter.projection(model.prompter.post_layernorm(tokens[:, 0]))
     torch.testing.assert_close(torch.nn.functional.normalize(through_head, dim=-1), image, atol=1e-6, rtol=1e-6)
-    full_box = model.get_region_features(image_tokens=tokens, boxes=torch.tensor([[[0.0, 0.0, 1.0, 1.0]]] * 2))[:, 0]
+    full_box = model.get_region_features(
+        image_tokens=tokens, input_boxes=torch.tensor([[[0.0, 0.0, 1.0, 1.0]]] * 2)
+    ).region_embeds[:, 0]
     assert not torch.allclose(full_box, image, atol=1e-3)
     assert torch.allclose(full_box.norm(dim=-1), torch.ones(2))  # same joint space: unit vectors of width D

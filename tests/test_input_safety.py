@@ -358,11 +358,15 @@ def test_cloc_model_refuses_boxes_thinner_than_one_input_pixel(cloc):
     with pytest.raises(ValueError, match=r"image 0, box 0: .* is 0.32 x 12.8 pixels of the 32-px input"):
         cloc(**cloc_inputs(), input_boxes=thin)
     with pytest.raises(ValueError, match="at least one pixel wide and high"):
-        cloc.get_region_features(pixel_values=random_pixels(2), boxes=thin)
+        cloc.get_region_features(pixel_values=random_pixels(2), input_boxes=thin)
     masked = torch.tensor([[False], [True]])
     assert cloc(**cloc_inputs(), input_boxes=thin, box_mask=masked).region_embeds.shape == (2, 1, 24)
     one_pixel = torch.tensor([[[0.5, 0.5, 0.5 + 1 / 32, 0.5 + 1 / 32]], [[0.0, 0.0, 1.0, 1.0]]])
-    assert cloc.get_region_features(pixel_values=random_pixels(2), boxes=one_pixel).shape == (2, 1, 24)
+    assert cloc.get_region_features(pixel_values=random_pixels(2), input_boxes=one_pixel).region_embeds.shape == (
+        2,
+        1,
+        24,
+    )
 
 
 def test_processor_masked_sliver_reaches_the_model_without_error(cloc, caplog):

@@ -168,9 +168,12 @@ def test_output_dir_loads_in_stock_transformers_and_side_car_restores_regions(fo
     boxes = CLOCProcessor.from_pretrained(root / "cloc")(images=image, input_boxes=[[box, [2.0, 3.0, 60.0, 90.0]]])[
         "input_boxes"
     ]
-    regions = reloaded.model.vision_tower(pixels, boxes=boxes)
+    regions = reloaded.model.vision_tower(pixels, input_boxes=boxes)
     torch.testing.assert_close(
-        regions.region_embeds, cloc.get_region_features(pixel_values=pixels, boxes=boxes), atol=1e-5, rtol=0
+        regions.region_embeds,
+        cloc.get_region_features(pixel_values=pixels, input_boxes=boxes).region_embeds,
+        atol=1e-5,
+        rtol=0,
     )
     hidden, _ = cloc.prompter(cloc.prompter.box_prompts(boxes), cloc.get_image_tokens(pixels), boxes)
     torch.testing.assert_close(regions.region_hidden_states, hidden, atol=1e-5, rtol=0)

@@ -96,7 +96,7 @@ def test_classify_and_retrieve_equal_the_hand_computation(model):
     # By hand: the processed frame is x - 16, y; boxes normalised by 32.
     pixels = proc.image_processor([image], return_tensors="pt")["pixel_values"]
     normalized = torch.tensor([[[0, 0, 16, 16], [4, 8, 32, 32]]]) / 32
-    regions = model.get_region_features(pixel_values=pixels, boxes=normalized)[0]
+    regions = model.get_region_features(pixel_values=pixels, input_boxes=normalized).region_embeds[0]
     tokens = proc.tokenizer(classes, padding=True, return_tensors="pt")
     text = torch.nn.functional.normalize(model.get_text_features(**tokens).pooler_output, dim=-1)
     scale = model.region_logit_scale.exp()
@@ -135,7 +135,7 @@ def test_ground_phrases_in_original_pixels(model):
     tokens = proc.tokenizer(phrases, padding=True, return_tensors="pt")
     normalized = model.ground(
         pixel_values=pixels, input_ids=tokens["input_ids"][None], attention_mask=tokens["attention_mask"][None]
-    )[0]
+    ).predicted_boxes[0]
     expected = normalized * 32 + torch.tensor([16.0, 0.0, 16.0, 0.0])
     torch.testing.assert_close(boxes, expected, atol=1e-4, rtol=0)
     assert boxes.shape == (2, 4) and (boxes[:, 0] >= 16).all() and (boxes[:, 2] <= 48).all()
@@ -181,7 +181,7 @@ def test_classify_regions_with_the_roi_align_head():
     boxes, classes = [[0, 0, 16, 16], [8, 8, 32, 24]], ["cat", "dog"]
     result = classify_regions(roi, proc, image, boxes, classes)
     pixels = proc.image_processor([image], return_tensors="pt")["pixel_values"]
-    regions = roi.get_region_features(pixel_values=pixels, boxes=torch.tensor([boxes]) / 32)[0]
+    regions = roi.get_region_features(pixel_values=pixels, input_boxes=torch.tensor([boxes]) / 32).region_embeds[0]
     text = torch.nn.functional.normalize(
         roi.get_text_features(**proc.tokenizer(classes, padding=True, return_tensors="pt")).pooler_output, dim=-1
     )

@@ -92,33 +92,35 @@ def test_towers_from_full_checkpoints_export_to_clip_vision_model(tmp_path):
 
 @torch.no_grad()
 def test_cloc_tower_boxes_give_the_full_models_region_outputs(tmp_path):
-    """Ferret-style `boxes=`: the tower from a full CLOC folder gives CLOCModel's region hidden states/embeds."""
+    """Ferret-style `input_boxes=`: the tower from a full CLOC folder gives CLOCModel's region hidden states/embeds."""
     pixels = random_pixels(2, seed=6)
     boxes = torch.tensor([[[0.1, 0.1, 0.5, 0.5], [0.2, 0.3, 0.9, 0.8]], [[0.5, 0.5, 0.9, 0.9], [0.0, 0.0, 1.0, 1.0]]])
     mask = torch.tensor([[True, True], [True, False]])
     cloc = tiny_cloc_model(seed=4)
     cloc.save_pretrained(tmp_path / "cloc")
     tower = CLOCVisionModel.from_pretrained(tmp_path / "cloc").eval()
-    out = tower(pixels, boxes=boxes, box_mask=mask, output_hidden_states=True)
+    out = tower(pixels, input_boxes=boxes, box_mask=mask, output_hidden_states=True)
     tokens = cloc.get_image_tokens(pixels)
     hidden, _ = cloc.prompter(cloc.prompter.box_prompts(boxes), tokens, boxes)  # box prompts get the box bias
     torch.testing.assert_close(out.region_hidden_states, hidden * mask[..., None], atol=1e-6, rtol=1e-6)
-    expected = cloc.get_region_features(pixel_values=pixels, boxes=boxes, box_mask=mask)
+    expected = cloc.get_region_features(pixel_values=pixels, input_boxes=boxes, box_mask=mask).region_embeds
     torch.testing.assert_close(out.region_embeds, expected, atol=1e-6, rtol=1e-6)
     assert torch.all(out.region_embeds[1, 1] == 0) and len(out.hidden_states) == 3
-    as_tuple = tower(pixels, boxes=boxes, return_dict=False)
-    torch.testing.assert_close(as_tuple[-1], tower(pixels, boxes=boxes).region_embeds)
+    as_tuple = tower(pixels, input_boxes=boxes, return_dict=False)
+    torch.testing.assert_close(as_tuple[-1], tower(pixels, input_boxes=boxes).region_embeds)
     with pytest.raises(ValueError, match="image 0, box 1"):
-        tower(pixels, boxes=torch.tensor([[[0.1, 0.1, 0.5, 0.5], [0.6, 0.1, 0.2, 0.5]]] * 2))
+        tower(pixels, input_boxes=torch.tensor([[[0.1, 0.1, 0.5, 0.5], [0.6, 0.1, 0.2, 0.5]]] * 2))
 
     # Saved on its own (prompter included) and reloaded; without a Prompter, boxes are refused by name.
     tower.save_pretrained(tmp_path / "tower")
     again = CLOCVisionModel.from_pretrained(tmp_path / "tower").eval()
-    torch.testing.assert_close(again(pixels, boxes=boxes).region_embeds, tower(pixels, boxes=boxes).region_embeds)
+    torch.testing.assert_close(
+        again(pixels, input_boxes=boxes).region_embeds, tower(pixels, input_boxes=boxes).region_embeds
+    )
     plain = CLOCVisionModel(CLOCVisionConfig(**tiny_vision_config()))
     assert plain.prompter is None
     with pytest.raises(ValueError, match="no Prompter"):
-        plain(pixels, boxes=boxes)
+        plain(pixels, input_boxes=boxes)
 
 
 def test_llava_keeps_the_cloc_prompter_through_save_and_reload(tmp_path):
@@ -132,8 +134,8 @@ def test_llava_keeps_the_cloc_prompter_through_save_and_reload(tmp_path):
     pixels = random_pixels(1, seed=2)
     with torch.no_grad():
         torch.testing.assert_close(
-            reloaded.model.vision_tower(pixels, boxes=boxes).region_hidden_states,
-            model.model.vision_tower(pixels, boxes=boxes).region_hidden_states,
+            reloaded.model.vision_tower(pixels, input_boxes=boxes).region_hidden_states,
+            model.model.vision_tower(pixels, input_boxes=boxes).region_hidden_states,
             atol=0,
             rtol=0,
         )

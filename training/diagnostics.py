@@ -324,7 +324,7 @@ def cloc_diagnostics(model, processor, train_rows: list[dict], test_rows: list[d
         )
         tokens = model.get_image_tokens(inputs["pixel_values"])
         boxes, box_mask = inputs["input_boxes"], inputs["box_mask"]
-        embeds = model.get_region_features(image_tokens=tokens, boxes=boxes, box_mask=box_mask)
+        embeds = model.get_region_features(image_tokens=tokens, input_boxes=boxes, box_mask=box_mask).region_embeds
         return tokens, embeds[box_mask], boxes, box_mask
 
     tokens_tr, regions_tr, _, _ = encode(train_rows)

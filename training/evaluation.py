@@ -164,9 +164,9 @@ class ImageTextScorer:
             )
             region = self.model.get_region_features(
                 pixel_values=inputs["pixel_values"].to(self.device),
-                boxes=inputs["input_boxes"].to(self.device),
+                input_boxes=inputs["input_boxes"].to(self.device),
                 box_mask=inputs["box_mask"].to(self.device),
-            )
+            ).region_embeds
             for i, bs in enumerate(boxes[start : start + self.batch_size]):
                 rows.append(region[i, : len(bs)])
         return torch.cat(rows) @ text.t()
