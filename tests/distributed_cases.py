@@ -113,9 +113,10 @@ def worker(rank: int, world: int, address: str, out: str, local_loss: bool) -> N
     for case in CASES:
         model = build(case)
         module = DistributedDataParallel(
-            ContrastiveTrainingModule(model, objective(case)), find_unused_parameters=True
+            ContrastiveTrainingModule(model, objective(case), FeatureGatherer(), local_loss),
+            find_unused_parameters=True,
         )
-        loss, _ = forward_backward(module, [rank_batches(case)[rank]], FeatureGatherer(), local_loss=local_loss)
+        loss, _ = forward_backward(module, [rank_batches(case)[rank]])
         dist.all_reduce(loss)
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results[case] = (loss / world, grads)

@@ -57,7 +57,7 @@ from .data import (
 from .distributed import FeatureGatherer
 from .evaluation import ImageTextScorer, evaluate_regions, evaluate_rows
 from .model_card import write_model_card
-from .objectives import OBJECTIVES, CLIPObjective
+from .objectives import OBJECTIVES, CLIPObjective, clamp_logit_scale_parameters
 from .step import ContrastiveTrainingModule, forward_backward
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
@@ -272,12 +272,8 @@ def build_optimizer(model, args: TrainingArguments, objective, fine_tuning: bool
 
 
 def clamp_logit_scales(model, objective) -> None:
-    """Keep every logit scale in [0, ln max] (open_clip; max = the config's `logit_scale_max`, else 100)."""
-    model = base_model(model)
-    limit = math.log(getattr(model.config, "logit_scale_max", 100.0))
-    with torch.no_grad():
-        for name in objective.logit_scale_names:
-            getattr(model, name).clamp_(0, limit)
+    """Keep every logit scale in [0, ln logit_scale_max] (open_clip; `training.objectives.logit_scale_max`)."""
+    clamp_logit_scale_parameters(base_model(model), objective.logit_scale_names)
 
 
 def _latest_checkpoint(output_dir: Path) -> Path | None:
@@ -533,7 +529,8 @@ def train(args: TrainingArguments, family: str) -> dict:
         max_steps = args.max_steps or steps_per_epoch * args.num_train_epochs
     optimizer = build_optimizer(model, args, objective, fine_tuning=args.init_from is not None)
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, max_steps)
-    module = ContrastiveTrainingModule(model, objective)
+    # Constructed on every process at the same point: it may create a process group collectively.
+    module = ContrastiveTrainingModule(model, objective, FeatureGatherer(), args.local_loss)
     if args.streaming:  # each process reads its own split of the stream; batches are moved to the device here
         module, optimizer = accelerator.prepare(module, optimizer)
     else:
@@ -546,7 +543,6 @@ def train(args: TrainingArguments, family: str) -> dict:
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "num_processes": accelerator.num_processes,
     }
-    gatherer = FeatureGatherer()
 
     if args.resume_from_checkpoint:
         checkpoint = (
@@ -603,8 +599,6 @@ def train(args: TrainingArguments, family: str) -> dict:
             loss, parts = forward_backward(
                 module,
                 micro,
-                gatherer,
-                args.local_loss,
                 accelerator.backward,
                 accelerator.no_sync,
                 accelerator.autocast,
