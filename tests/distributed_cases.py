@@ -35,9 +35,9 @@ def build(case: str):
 
 def objective(case: str):
     """The trainer's objective of the case (`clip_hard_negatives`: NegCLIP)."""
-    from training.objectives import OBJECTIVES, CLIPObjective
+    from training.families import get_family
 
-    return CLIPObjective(hard_negatives=True) if case == "clip_hard_negatives" else OBJECTIVES[case]
+    return get_family(case.split("_")[0]).objective(hard_negatives=case == "clip_hard_negatives")
 
 
 def hard_negative_batch(indices: range) -> dict:

@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 from tests.distributed_cases import CASES, build, full_batch, hard_negative_batch, objective, worker
-from training.objectives import OBJECTIVES, concat_features
+from training.objectives import concat_features
 from training.step import ContrastiveTrainingModule, forward_backward
 
 
@@ -50,7 +50,7 @@ def test_model_forward_loss_is_the_objective_loss():
     for case in ("occlip", "cloc"):
         batch = full_batch(case)
         model = build(case)
-        loss, _ = forward_backward(ContrastiveTrainingModule(model, OBJECTIVES[case]), [batch])
+        loss, _ = forward_backward(ContrastiveTrainingModule(model, objective(case)), [batch])
         torch.testing.assert_close(loss, model(**batch, return_loss=True).loss.detach(), atol=1e-6, rtol=1e-6)
 
 

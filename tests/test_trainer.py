@@ -272,7 +272,7 @@ def test_empty_dataset_and_missing_caption_are_clear_errors(tmp_path):
         run("clip", data, tmp_path / "out", "--mixed_precision", "fp16", "--gradient_accumulation_steps", "2")
     with pytest.raises(ValueError, match="pass --model_config .* or --init_from"):
         run("clip", write_dataset(tmp_path / "ok", rows=4), tmp_path / "out", "--max_steps", "1")
-    assert trainer_module.TrainingArguments.__dataclass_fields__["output_dir"].metadata["help"]
+    assert trainer_module.ContrastiveTrainingArguments.__dataclass_fields__["output_dir"].metadata["help"]
 
 
 def test_two_process_run_with_accumulation_resumes_and_loads(tmp_path):
@@ -504,3 +504,19 @@ def test_hub_ids_of_the_card_come_only_from_hub_names(tmp_path):
     cached.mkdir(parents=True)
     assert hub_id(str(cached), "datasets") == "someone/pairs"
     assert hub_id("not a repo id") is None
+
+
+def test_disable_tqdm_prints_progress_lines_with_the_logged_values(data, tmp_path, capsys):
+    """Without a bar (a log file, a batch job) each logged step prints step, loss, LR and samples/s to stdout."""
+    config = write_model_config(tmp_path / "config.json", "clip")
+    run("clip", data, tmp_path / "out", "--max_steps", "2", config=config)  # --logging_steps 1 --disable_tqdm
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    history = json.loads((tmp_path / "out" / "log_history.json").read_text())
+    assert len(lines) == 2 and [r["step"] for r in history] == [1, 2]
+    for line, record in zip(lines, history):
+        found = re.fullmatch(r"step (\d+)/2: loss ([\d.]+), lr ([\d.e+-]+), samples/s ([\d.]+)", line)
+        assert found, line
+        assert int(found[1]) == record["step"]
+        assert float(found[2]) == pytest.approx(record["loss"], abs=1e-4)
+        assert float(found[3]) == pytest.approx(record["lr"], rel=1e-2)
+        assert float(found[4]) == pytest.approx(record["samples_per_second"], abs=0.051)

@@ -70,8 +70,6 @@ class CLIPObjective:
     """
 
     name = "clip"
-    new_module_prefixes: tuple[str, ...] = ()
-    logit_scale_names = ("logit_scale",)
 
     def __init__(self, hard_negatives: bool = False):
         self.hard_negatives = hard_negatives
@@ -112,8 +110,6 @@ class OCCLIPObjective:
     """OC-CLIP: structured ITC over every (image, caption) pair of the global batch plus the local L_rel."""
 
     name = "occlip"
-    new_module_prefixes = ("binding.", "similarity.")
-    logit_scale_names = ("logit_scale",)
     _image_keys = ("pooler_output", "binding_keys", "binding_values")
     _text_keys = tuple(OCCLIPTextFeatures.__dataclass_fields__)
 
@@ -145,8 +141,6 @@ class CLOCObjective:
     """CLOC: image-text InfoNCE plus region-text InfoNCE and box regression, weighted by regions present."""
 
     name = "cloc"
-    new_module_prefixes = ("prompter.", "box_head.", "roi_head.")
-    logit_scale_names = ("logit_scale", "region_logit_scale")
     _keys = (
         "image_embeds",
         "text_embeds",
@@ -185,6 +179,3 @@ class CLOCObjective:
         if loss_attention is not None:
             parts["loss_grounding_attention"] = loss_attention.detach()
         return loss, parts
-
-
-OBJECTIVES = {objective.name: objective for objective in (CLIPObjective(), OCCLIPObjective(), CLOCObjective())}
