@@ -86,14 +86,14 @@ def rank_batches(case: str) -> list[dict]:
 
 def full_batch(case: str) -> dict:
     """The concatenated batch as one process would see it."""
-    from training.objectives import concat_features
+    from training.features import FeatureBatch
 
     halves = rank_batches(case)
     if case == "occlip":
         return dict(pixel_values=random_pixels(4, seed=21), **encode_graphs(example_graphs()))
     if case == "clip_hard_negatives":  # negatives follow all captions, not each half's
         return hard_negative_batch(range(4))
-    return concat_features(halves)
+    return FeatureBatch.concat(halves)
 
 
 def worker(rank: int, world: int, address: str, out: str, local_loss: bool) -> None:

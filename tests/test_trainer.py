@@ -399,11 +399,36 @@ def test_model_config_with_init_from_sets_only_the_new_modules(data, clip_folder
     cloc = AutoModel.from_pretrained(tmp_path / "cloc")
     assert cloc.roi_head is not None and cloc.config.prompter_config.vision_feature_layer == 1
     towers = tmp_path / "towers.json"
-    towers.write_text(json.dumps({"vision_config": {"hidden_size": 64}}))
-    with pytest.raises(ValueError, match=r"sets only what CLIP lacks; \['vision_config'\]"):
+    towers.write_text(json.dumps({"vision_config": {"hidden_size": 64, "patch_size": 8}, "projection_dim": 12}))
+    with pytest.raises(
+        ValueError,
+        match=r"contradicts the CLIP towers of --init_from .*: vision_config.hidden_size 64 "
+        r"\(checkpoint: 32\), projection_dim 12 \(checkpoint: 24\); with --init_from",
+    ):
         run("occlip", data, tmp_path / "bad", *from_clip(clip_folder, "full", steps=1), config=towers)
-    with pytest.raises(ValueError, match="sets only what CLIP lacks"):
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
+    with pytest.raises(ValueError, match="a CLIP model lacks nothing: \\['binding_config', 'rel_loss_weight'\\]"):
         run("clip", data, tmp_path / "bad2", *from_clip(clip_folder, "full", steps=1), config=settings)
+
+
+def test_init_from_with_model_config_loads_the_clip_weights_and_the_new_module_settings(data, clip_folder, tmp_path):
+    """Tower settings that repeat the checkpoint's are accepted; with frozen towers the trained model's towers are
+    the CLIP checkpoint's weights, and the binding module has the requested shape."""
+    settings = tmp_path / "occlip.json"
+    binding = {"num_hidden_layers": 1, "num_default_queries": 3}
+    settings.write_text(
+        json.dumps({"binding_config": binding, "rel_loss_weight": 0.25, "vision_config": {"patch_size": 8}})
+    )
+    run("occlip", data, tmp_path / "out", *from_clip(clip_folder, "frozen", steps=1), config=settings)
+    model = AutoModel.from_pretrained(tmp_path / "out")
+    assert model.config.binding_config.num_hidden_layers == 1 and model.config.binding_config.num_default_queries == 3
+    assert model.config.rel_loss_weight == 0.25 and len(model.binding.layers) == 1
+    clip = CLIPModel.from_pretrained(clip_folder).state_dict()
+    trained = model.state_dict()
+    towers = [
+        k for k in clip if k.startswith(("text_model.", "vision_model.", "visual_projection.", "text_projection."))
+    ]
+    assert towers and all(torch.equal(trained[k], clip[k]) for k in towers)
 
 
 def test_report_to_tensorboard_writes_the_logged_metrics(data, tmp_path):

@@ -100,7 +100,10 @@ class CLIPFamily(ModelFamily):
     def from_clip(self, clip: CLIPModel, values: dict):
         """The CLIP model itself (`values` must be empty: CLIP has no new modules)."""
         if values:
-            raise ValueError(f"--model_config with --init_from sets only what CLIP lacks; {sorted(values)} for clip")
+            raise ValueError(
+                f"--model_config with --init_from sets only what CLIP lacks, and a CLIP model lacks nothing: "
+                f"{sorted(values)}"
+            )
         return clip
 
     def objective(self, hard_negatives: bool = False):

@@ -18,6 +18,7 @@ from modeling_cloc.modeling_cloc import cloc_loss
 from modeling_occlip.modeling_occlip import OCCLIPImageFeatures, OCCLIPTextFeatures, occlip_loss
 
 from .distributed import Gatherer
+from .features import FeatureBatch
 
 
 def _own_rows(gatherer: Gatherer | None, local_loss: bool, gathered_rows: int) -> slice | None:
@@ -84,15 +85,20 @@ class ClipLoss(nn.Module):
     ) -> torch.Tensor:
         """The loss of this process's normalised embeddings `[n, D]` paired row by row, every process's rows
         being negatives; `logit_scale` is the temperature (exponentiated, clamped)."""
-        valid = torch.ones(image_embeds.shape[0], dtype=torch.bool, device=image_embeds.device)
-        negatives = [] if negative_text_embeds is None else [negative_text_embeds]
-        if _world(self.gatherer) > 1:
-            image_embeds, text_embeds, valid, *negatives = self.gatherer.gather_all(
-                [image_embeds, text_embeds, valid, *negatives], [0, 0, False, *[0] * len(negatives)]
-            )
-        rows = _own_rows(self.gatherer, self.local_loss, image_embeds.shape[0])
+        batch = FeatureBatch(
+            image_embeds=image_embeds,
+            text_embeds=text_embeds,
+            valid=torch.ones(image_embeds.shape[0], dtype=torch.bool, device=image_embeds.device),
+            negative_text_embeds=negative_text_embeds,
+        ).gather(self.gatherer)
+        rows = _own_rows(self.gatherer, self.local_loss, batch["image_embeds"].shape[0])
         return clip_contrastive_loss(
-            image_embeds, text_embeds, logit_scale, valid, negatives[0] if negatives else None, rows
+            batch["image_embeds"],
+            batch["text_embeds"],
+            logit_scale,
+            batch["valid"],
+            batch["negative_text_embeds"],
+            rows,
         )
 
 
@@ -116,13 +122,14 @@ class OCCLIPLoss(nn.Module):
         self.gatherer, self.local_loss = gatherer, local_loss
 
     def _gather(self, image: OCCLIPImageFeatures, text: OCCLIPTextFeatures):
-        keys, values, *text_tensors = self.gatherer.gather_all(
-            [image.binding_keys, image.binding_values] + [getattr(text, name) for name in self._text_names],
-            [0, 0, 0, False, 0, False, 0, 0],
-        )
+        batch = FeatureBatch(
+            binding_keys=image.binding_keys,
+            binding_values=image.binding_values,
+            **{name: getattr(text, name) for name in self._text_names},
+        ).gather(self.gatherer)
         return (
-            OCCLIPImageFeatures(binding_keys=keys, binding_values=values),
-            OCCLIPTextFeatures(**dict(zip(self._text_names, text_tensors))),
+            OCCLIPImageFeatures(binding_keys=batch["binding_keys"], binding_values=batch["binding_values"]),
+            OCCLIPTextFeatures(**{name: batch[name] for name in self._text_names}),
         )
 
     def forward(
@@ -165,25 +172,9 @@ class CLOCLoss(nn.Module):
     """CLOC's image-text InfoNCE plus region-text InfoNCE, box regression and (optionally) grounding attention,
     over the global batch. Every process must pass regions (possibly none valid) or none."""
 
-    _region_pads = {
-        "box_mask": False,
-        "input_boxes": 0,
-        "predicted_boxes": 0,
-        "grounding_mask": False,
-        "grounding_attention_mass": 0,
-    }
-
     def __init__(self, gatherer: Gatherer | None = None, local_loss: bool = False):
         super().__init__()
         self.gatherer, self.local_loss = gatherer, local_loss
-
-    def _gather(self, tensors: dict, pad_values: dict) -> dict:
-        """`tensors` (None values kept as None) gathered from every process with their pad values."""
-        names = [name for name, value in tensors.items() if value is not None]
-        if _world(self.gatherer) == 1 or not names:
-            return dict(tensors)
-        gathered = self.gatherer.gather_all([tensors[n] for n in names], [pad_values.get(n, 0) for n in names])
-        return {**tensors, **dict(zip(names, gathered))}
 
     def forward(
         self,
@@ -202,30 +193,30 @@ class CLOCLoss(nn.Module):
         """`(loss, loss_itc, loss_region, loss_grounding, loss_grounding_attention)` from this process's outputs
         of `CLOCModel.forward` (`model` gives the temperatures and the config)."""
         valid = torch.ones(image_embeds.shape[0], dtype=torch.bool, device=image_embeds.device)
-        images = self._gather(
-            {"image_embeds": image_embeds, "text_embeds": text_embeds, "image_valid": valid}, {"image_valid": False}
-        )
+        images = FeatureBatch(image_embeds=image_embeds, text_embeds=text_embeds, image_valid=valid)
+        images = images.gather(self.gatherer)
         rows = _own_rows(self.gatherer, self.local_loss, images["image_embeds"].shape[0])
         regions = region_rows = None
         if region_embeds is not None and region_text_embeds is not None:
             # Regions are flattened per process before the gather: each process's block is its valid regions.
-            flat = {
-                "region_embeds": region_embeds[box_mask],
-                "region_text_embeds": region_text_embeds[box_mask],
-                "region_valid": torch.ones(int(box_mask.sum()), dtype=torch.bool, device=box_mask.device),
-                "region_caption_keys": None if region_caption_keys is None else region_caption_keys[box_mask],
-            }
-            per_image = {
-                "box_mask": box_mask,
-                "input_boxes": input_boxes,
-                "predicted_boxes": predicted_boxes,
-                "grounding_mask": grounding_mask,
-                "grounding_attention_mass": grounding_attention_mass,
-            }
-            regions = {
-                **self._gather(flat, {"region_valid": False, "region_caption_keys": -1}),
-                **self._gather(per_image, self._region_pads),
-            }
+            flat = FeatureBatch(
+                {
+                    "region_embeds": region_embeds[box_mask],
+                    "region_text_embeds": region_text_embeds[box_mask],
+                    "region_valid": torch.ones(int(box_mask.sum()), dtype=torch.bool, device=box_mask.device),
+                    "region_caption_keys": None if region_caption_keys is None else region_caption_keys[box_mask],
+                }
+            )
+            per_image = FeatureBatch(
+                {
+                    "box_mask": box_mask,
+                    "input_boxes": input_boxes,
+                    "predicted_boxes": predicted_boxes,
+                    "grounding_mask": grounding_mask,
+                    "grounding_attention_mass": grounding_attention_mass,
+                }
+            )
+            regions = {**flat.gather(self.gatherer), **per_image.gather(self.gatherer)}
             region_rows = _own_rows(self.gatherer, self.local_loss, regions["region_embeds"].shape[0])
         return cloc_loss(
             model.config,

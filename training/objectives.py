@@ -12,12 +12,9 @@ import torch
 
 from modeling_occlip.modeling_occlip import OCCLIPImageFeatures, OCCLIPTextFeatures
 
-from .distributed import Gatherer, pad_to_shape
+from .distributed import Gatherer
+from .features import FeatureBatch
 from .losses import ClipLoss, CLOCLoss, OCCLIPLoss
-
-# Padding for ragged dims when features of different batches are joined: masks False, predicate ids -1.
-_PAD_VALUES = {"node_mask": False, "relation_mask": False, "box_mask": False, "grounding_mask": False}
-_PAD_VALUES["relation_predicate_id"] = -1
 
 DEFAULT_LOGIT_SCALE_MAX = 100.0
 """open_clip's cap on the temperature, for models whose config has no `logit_scale_max` (transformers' CLIP)."""
@@ -41,24 +38,9 @@ def clamp_logit_scale_parameters(model, names) -> None:
             getattr(model, name).clamp_(0, limit)
 
 
-def concat_features(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Concatenate feature dicts on dim 0, padding other dims to the largest (masks with False)."""
-    joined = {}
-    for key in parts[0]:
-        tensors = [part[key] for part in parts]
-        if tensors[0] is None:
-            joined[key] = None
-            continue
-        shape = [max(t.shape[d] for t in tensors) for d in range(tensors[0].dim())]
-        value = _PAD_VALUES.get(key, 0)
-        padded = [pad_to_shape(t, [t.shape[0], *shape[1:]], value) for t in tensors]
-        joined[key] = torch.cat(padded, dim=0)
-    return joined
-
-
 def splice_features(cache: list[dict], index: int, fresh: dict) -> dict[str, torch.Tensor]:
     """All cached micro-batch features with micro-batch `index` replaced by `fresh` (which carries gradients)."""
-    return concat_features([fresh if i == index else part for i, part in enumerate(cache)])
+    return FeatureBatch.concat([fresh if i == index else part for i, part in enumerate(cache)])
 
 
 class CLIPObjective:

@@ -22,6 +22,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from datasets.distributed import split_dataset_by_node
 from tqdm.auto import tqdm
 from transformers import (
+    CLIPConfig,
     CLIPImageProcessorPil,
     CLIPModel,
     CLIPProcessor,
@@ -141,7 +142,10 @@ class ContrastiveTrainingArguments:
     push_to_hub: bool = False
     hub_model_id: str | None = None
     gradient_checkpointing: bool = False
-    disable_tqdm: bool = False
+    disable_tqdm: bool = field(
+        default=False,
+        metadata={"help": "no progress bar: print a line per logged step (step, loss, LR, samples/s) instead"},
+    )
 
 
 class TrainingProgress:
@@ -172,6 +176,38 @@ def default_processor(family: "str | ModelFamily", image_size: int):
     return get_family(family).processor_class(image_processor=image_processor, tokenizer=bundled_clip_tokenizer())
 
 
+TOWER_SETTINGS = ("text_config", "vision_config", "projection_dim")
+
+
+def new_module_settings(values: dict, clip_config, model_config_path, init_from) -> dict:
+    """The `--model_config` values for the modules CLIP lacks, when fine-tuning from the CLIP at `init_from`.
+
+    Tower settings (`text_config`, `vision_config`, `projection_dim`) may be repeated as the checkpoint has them;
+    a value that contradicts the checkpoint is a `ValueError` naming it, since the towers come from there.
+    """
+    contradictions = []
+    for key in TOWER_SETTINGS:
+        if key not in values:
+            continue
+        given, saved = values[key], getattr(clip_config, key)
+        if isinstance(given, dict):
+            saved = saved.to_dict()
+            contradictions += [
+                f"{key}.{name} {value!r} (checkpoint: {saved.get(name)!r})"
+                for name, value in given.items()
+                if saved.get(name) != value
+            ]
+        elif given != saved:
+            contradictions.append(f"{key} {given!r} (checkpoint: {saved!r})")
+    if contradictions:
+        raise ValueError(
+            f"--model_config {model_config_path} contradicts the CLIP towers of --init_from {init_from}: "
+            f"{', '.join(contradictions)}; with --init_from, --model_config sets only what CLIP lacks (binding, "
+            "prompter, loss options), the towers coming from the checkpoint"
+        )
+    return {key: value for key, value in values.items() if key not in TOWER_SETTINGS}
+
+
 def build_model_and_processor(args: "ContrastiveTrainingArguments", family: "str | ModelFamily"):
     """The model (from `--model_config` or `--init_from`) and its processor."""
     family = get_family(family)
@@ -188,12 +224,8 @@ def build_model_and_processor(args: "ContrastiveTrainingArguments", family: "str
         model = family.model_class(config)
         processor = default_processor(family, config.vision_config.image_size)
         return model, processor
-    towers = sorted(set(values) & {"text_config", "vision_config", "projection_dim"})
-    if towers or (values and family.name == "clip"):
-        raise ValueError(
-            f"--model_config with --init_from sets only what CLIP lacks; {towers or sorted(values)} come from "
-            f"the checkpoint {args.init_from}"
-        )
+    clip_config = CLIPConfig.from_pretrained(args.init_from)
+    values = new_module_settings(values, clip_config, args.model_config, args.init_from)
     clip = CLIPModel.from_pretrained(args.init_from)
     model = family.from_clip(clip, values)
     try:
