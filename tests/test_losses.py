@@ -156,3 +156,21 @@ def test_logit_scale_cap_comes_from_the_config():
     assert logit_scale(clip).item() == pytest.approx(100.0)
     clamp_logit_scale_parameters(clip, ["logit_scale"])
     assert clip.logit_scale.item() == pytest.approx(torch.log(torch.tensor(100.0)).item())
+
+
+def test_clip_objective_and_loss_load_no_oc_clip_or_cloc_model_file():
+    """Training plain CLIP needs neither model file (CLIP's loss once lived in CLOC's)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys\n"
+        "from training.objectives import CLIPObjective\n"
+        "from training.losses import ClipLoss\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith(('modeling_cloc', 'modeling_occlip')))\n"
+        "assert not loaded, loaded\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

@@ -11,14 +11,16 @@ On every process the returned value is such that the mean over processes, and th
 DDP takes), are the loss of the global batch and its gradient.
 """
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from modeling_cloc.modeling_cloc import cloc_loss
-from modeling_occlip.modeling_occlip import OCCLIPImageFeatures, OCCLIPTextFeatures, occlip_loss
-
 from .distributed import Gatherer
 from .features import FeatureBatch
+
+if TYPE_CHECKING:  # the model files are imported where used: training plain CLIP loads neither of them
+    from modeling_occlip.modeling_occlip import OCCLIPImageFeatures, OCCLIPTextFeatures
 
 
 def _own_rows(gatherer: Gatherer | None, local_loss: bool, gathered_rows: int) -> slice | None:
@@ -121,7 +123,9 @@ class OCCLIPLoss(nn.Module):
         super().__init__()
         self.gatherer, self.local_loss = gatherer, local_loss
 
-    def _gather(self, image: OCCLIPImageFeatures, text: OCCLIPTextFeatures):
+    def _gather(self, image: "OCCLIPImageFeatures", text: "OCCLIPTextFeatures"):
+        from modeling_occlip.modeling_occlip import OCCLIPImageFeatures, OCCLIPTextFeatures
+
         batch = FeatureBatch(
             binding_keys=image.binding_keys,
             binding_values=image.binding_values,
@@ -133,7 +137,7 @@ class OCCLIPLoss(nn.Module):
         )
 
     def forward(
-        self, model, image_features: OCCLIPImageFeatures, text_features: OCCLIPTextFeatures
+        self, model, image_features: "OCCLIPImageFeatures", text_features: "OCCLIPTextFeatures"
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """`(loss, loss_itc, loss_rel)` of this process's pairs (image k with caption k) against the global batch;
         `model` is the `OCCLIPModel` whose binding module scores the pairs."""
@@ -165,6 +169,8 @@ class OCCLIPLoss(nn.Module):
             terms = model.relation_loss_terms(image_features, text_features)
             total = terms.new_tensor(float(terms.numel()))
             total = total if self.gatherer is None else self.gatherer.all_reduce_sum(total)
+        from modeling_occlip.modeling_occlip import occlip_loss
+
         return occlip_loss(per_image, per_text, terms, total, weight, labels, scored_fraction=1 / world)
 
 
@@ -218,6 +224,8 @@ class CLOCLoss(nn.Module):
             )
             regions = {**flat.gather(self.gatherer), **per_image.gather(self.gatherer)}
             region_rows = _own_rows(self.gatherer, self.local_loss, regions["region_embeds"].shape[0])
+        from modeling_cloc.modeling_cloc import cloc_loss
+
         return cloc_loss(
             model.config,
             model._logit_scale(),

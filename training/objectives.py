@@ -10,8 +10,6 @@ import math
 
 import torch
 
-from modeling_occlip.modeling_occlip import OCCLIPImageFeatures, OCCLIPTextFeatures
-
 from .distributed import Gatherer
 from .features import FeatureBatch
 from .losses import ClipLoss, CLOCLoss, OCCLIPLoss
@@ -93,7 +91,15 @@ class OCCLIPObjective:
 
     name = "occlip"
     _image_keys = ("pooler_output", "binding_keys", "binding_values")
-    _text_keys = tuple(OCCLIPTextFeatures.__dataclass_fields__)
+    _text_keys = (
+        "node_embeds",
+        "node_mask",
+        "relation_embeds",
+        "relation_mask",
+        "relation_subject_index",
+        "relation_object_index",
+        "relation_predicate_id",
+    )
 
     def forward_kwargs(self) -> dict:
         """Features only: the logit grid is built by the loss, over the gathered batch."""
@@ -110,6 +116,9 @@ class OCCLIPObjective:
 
     def loss(self, model, features, loss_module: OCCLIPLoss) -> tuple[torch.Tensor, dict]:
         """`(L_itc + w L_rel, parts)`."""
+        # Imported here: training plain CLIP loads neither OC-CLIP's nor CLOC's model file.
+        from modeling_occlip.modeling_occlip import OCCLIPImageFeatures, OCCLIPTextFeatures
+
         image = OCCLIPImageFeatures(**{k: features[k] for k in self._image_keys})
         text = OCCLIPTextFeatures(**{k: features[k] for k in self._text_keys})
         loss, loss_itc, loss_rel = loss_module(model, image, text)
