@@ -31,12 +31,12 @@ class CLOCOutput(ModelOutput):
 
     loss: `loss_itc + lambda * (loss_region + loss_grounding)` with lambda scaled by the fraction of images with
     regions. loss_itc: image-caption InfoNCE (named as in `OCCLIPOutput`). loss_region / loss_grounding:
-    region-caption InfoNCE and box regression. logits_per_image / logits_per_text: image-caption logits as in
-    CLIP. image_embeds / text_embeds: normalised. region_embeds: `[B, R, D]` normalised region embeddings of the
-    input boxes (zero where `box_mask` is False). With region captions: region_text_embeds (`[B, R, D]`,
-    normalised caption embeddings), predicted_boxes (`[B, R, 4]`, grounding of each caption), grounding_mask (`[B, R]`, the captions the box
-    loss uses) and region_caption_keys (`[B, R]` int64, equal for captions with identical tokens: what the
-    `"exact"` near-duplicate filter compares). With `grounding_attention_loss_weight > 0`:
+    region-caption InfoNCE and box regression. logits_per_image / logits_per_text: image-caption logits as in CLIP.
+    image_embeds / text_embeds: normalised. region_embeds: `[B, R, D]` normalised region embeddings of the input
+    boxes (zero where `box_mask` is False). With region captions: region_text_embeds (`[B, R, D]`, normalised
+    caption embeddings), predicted_boxes (`[B, R, 4]`, grounding of each caption), grounding_mask (`[B, R]`, the
+    captions the box loss uses) and region_caption_keys (`[B, R]` int64, equal for captions with identical tokens:
+    what the `"exact"` near-duplicate filter compares). With `grounding_attention_loss_weight > 0`:
     grounding_attention_mass (`[B, R]`, the share of each caption's text-prompt attention over the image patches
     that falls inside its own box) and loss_grounding_attention (mean `-log` of it over the grounding targets).
     These are the features `loss_from_features` takes.
