@@ -525,6 +525,7 @@ def _check_run(args: ContrastiveTrainingArguments, family: ModelFamily):
 
 
 def _make_accelerator(args: ContrastiveTrainingArguments, trackers) -> Accelerator:
+    """The run's Accelerator: mixed precision, trackers, seedable sampler, DDP that tolerates unused parameters."""
     return Accelerator(
         # Accelerate sets up gloo for a CPU-only launch only when asked: without `cpu=True` every process of a
         # `torchrun` on CPU would believe it is the only one (no DDP, no gathered loss, racing checkpoint writes).
@@ -673,6 +674,7 @@ def _resume(run: TrainingRun) -> None:
 
 
 def _init_trackers(run: TrainingRun) -> None:
+    """Start `--report_to`'s trackers with the run's options as hyperparameters (main process)."""
     if run.accelerator.is_main_process:
         # TensorBoard's hparams take only scalars and strings: a list option (--lora_target_modules) is joined.
         config = {
@@ -750,6 +752,7 @@ def _after_step(run: TrainingRun) -> None:
 
 
 def _evaluate(run: TrainingRun) -> None:
+    """Evaluate the model at this step on `--eval_data` and record the metrics."""
     step = run.progress.step
     evaluated = run_evaluation(run.accelerator, run.module, run.processor, run.family, run.evaluation_rows, step)
     run.metrics.update(evaluated)
