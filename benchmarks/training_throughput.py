@@ -87,7 +87,7 @@ def measure(family: str, size: str, steps: int) -> dict:
     from torch.nn.parallel import DistributedDataParallel
 
     from training.distributed import FeatureGatherer
-    from training.objectives import OBJECTIVES
+    from training.families import get_family
     from training.step import ContrastiveTrainingModule, forward_backward
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -95,17 +95,16 @@ def measure(family: str, size: str, steps: int) -> dict:
     if world > 1:
         torch.distributed.init_process_group("gloo")
     model = build(family, size).train()
-    module = ContrastiveTrainingModule(model, OBJECTIVES[family])
+    module = ContrastiveTrainingModule(model, get_family(family).objective(), FeatureGatherer())
     if world > 1:
         module = DistributedDataParallel(module, find_unused_parameters=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     rows = SIZES[size][-1] // world
-    gatherer = FeatureGatherer()
     times = []
     for step in range(steps + 1):  # the first step warms up
         inputs = batch(family, size, rows, seed=step * world + rank)
         start = time.perf_counter()
-        forward_backward(module, [inputs], gatherer)
+        forward_backward(module, [inputs])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if step:

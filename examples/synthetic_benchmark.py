@@ -28,7 +28,7 @@ from training.data import load_image_text_dataset, open_image
 from training.diagnostics import cloc_diagnostics, occlip_diagnostics
 from training.evaluation import ImageTextScorer, evaluate_synthetic
 from training.synthetic import SceneConfig, make_synthetic_dataset
-from training.trainer import TrainingArguments, train
+from training.trainer import ContrastiveTrainingArguments, train
 
 # The new modules read the towers' first layer: in these small CLIPs the last layer's patch tokens mix the whole
 # image (a linear probe recovers little of an object's position from them), and binding formed reliably only from
@@ -156,8 +156,8 @@ def new_module_config(name: str, args: BenchmarkArguments) -> dict | None:
 
 def _training_arguments(
     args: BenchmarkArguments, data: Path, folder: Path, seed: int, steps: int, batch: int, **kwargs
-) -> TrainingArguments:
-    return TrainingArguments(
+) -> ContrastiveTrainingArguments:
+    return ContrastiveTrainingArguments(
         train_data=str(data / "train"),
         output_dir=str(folder),
         max_steps=steps,

@@ -11,12 +11,12 @@ processor and model card, and resumable state under `OUT/checkpoints/` (`--resum
 """
 
 from training.cli import parse_args
-from training.trainer import TrainingArguments, train
+from training.trainer import ContrastiveTrainingArguments, train
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Parse the options and train; returns the final metrics."""
-    (args,) = parse_args(TrainingArguments, args=argv)
+    (args,) = parse_args(ContrastiveTrainingArguments, args=argv)
     return train(args, "cloc")
 
 

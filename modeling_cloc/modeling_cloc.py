@@ -38,13 +38,13 @@ class CLOCOutput(ModelOutput):
     r"""Output of [`CLOCModel.forward`]; the CLIP fields mean what they mean in `CLIPOutput`.
 
     loss (`torch.Tensor` of shape `()`, *optional*, returned when `return_loss` is `True`):
-        `loss_clip + lambda * (loss_region + loss_grounding + w * loss_grounding_attention)`, lambda =
+        `loss_itc + lambda * (loss_region + loss_grounding + w * loss_grounding_attention)`, lambda =
         `region_loss_weight` x the fraction of images with regions (see `CLOCModel.loss_from_features`).
     logits_per_image (`torch.Tensor` of shape `(image_batch_size, text_batch_size)`):
         Image-caption similarity scores, `exp(logit_scale)` (clamped at `logit_scale_max`) x cosine.
     logits_per_text (`torch.Tensor` of shape `(text_batch_size, image_batch_size)`):
         The transpose of `logits_per_image`.
-    loss_clip (`torch.Tensor` of shape `()`, *optional*, returned when `return_loss` is `True`):
+    loss_itc (`torch.Tensor` of shape `()`, *optional*, returned when `return_loss` is `True`):
         Symmetric image-caption InfoNCE (CLIP's loss).
     loss_region (`torch.Tensor` of shape `()`, *optional*, returned with `return_loss` and region captions):
         Region-caption InfoNCE over the valid regions, near-duplicate captions left out of the softmax.
@@ -87,7 +87,7 @@ class CLOCOutput(ModelOutput):
     loss: torch.Tensor | None = None
     logits_per_image: torch.Tensor | None = None
     logits_per_text: torch.Tensor | None = None
-    loss_clip: torch.Tensor | None = None
+    loss_itc: torch.Tensor | None = None
     loss_region: torch.Tensor | None = None
     loss_grounding: torch.Tensor | None = None
     image_embeds: torch.Tensor | None = None
@@ -641,67 +641,132 @@ def _init_prompter(prompter: CLOCPrompter, std: float) -> None:
 
 
 def contrastive_loss(
-    first: torch.Tensor,
-    second: torch.Tensor,
+    image_side: torch.Tensor,
+    text_side: torch.Tensor,
     scale: torch.Tensor,
-    gatherer=None,
-    local_loss: bool = False,
     valid: torch.Tensor | None = None,
     keep_pairs=None,
-    hard_negatives: torch.Tensor | None = None,
     duplicate_keys: torch.Tensor | None = None,
+    rows: slice | None = None,
 ) -> torch.Tensor:
-    """Symmetric InfoNCE between normalised rows `first[i]` and `second[i]` `[n, D]`, over all processes' rows.
+    """Symmetric InfoNCE between normalised rows `image_side[i]` and `text_side[i]` `[N, D]` of a whole batch
+    (a trainer passes the rows gathered from every process).
 
-    `gatherer` (`rank`, `world_size`, differentiable `gather_all`, `all_reduce_sum`; see `training.distributed`) joins
-    the processes' rows; with `local_loss` this process scores only its own rows against every column. `valid`
-    `[n]` marks the rows that take part (others are padding). `keep_pairs(rows_second, all_second)` returns a
-    `[r, N]` bool mask of pairs allowed in the softmax (the matching pair always is). `hard_negatives` `[n, D]`
-    (NegCLIP) adds one extra `second` row per pair, over all processes, as columns of the `first -> second`
-    softmax only (a padding row's negative is left out). `duplicate_keys` `[n]` (int64): pairs whose keys are
-    equal, other than the matching pair, leave both softmaxes. The returned value is such
-    that its mean over processes, and the mean of the processes' gradients (as DDP takes), are the loss over the
-    global batch and its gradient.
+    `valid` `[N]` marks the rows that take part (others are padding). `keep_pairs(rows_text, all_text)` returns a
+    `[r, N]` bool mask of the pairs allowed in the softmax (the matching pair always is). `duplicate_keys` `[N]`
+    (int64): pairs whose keys are equal, other than the matching pair, leave both softmaxes. `rows` scores only
+    those rows against every column (open_clip's local loss: a process's own rows); the value is then scaled by
+    `N / len(rows)`, so that the mean over equal blocks of rows (over processes) is the loss of the whole batch.
+    Returns the mean over valid rows of `(CE(image -> text) + CE(text -> image)) / 2`.
     """
-    world, rank = (1, 0) if gatherer is None else (gatherer.world_size, gatherer.rank)
-    valid = torch.ones(first.shape[0], dtype=torch.bool, device=first.device) if valid is None else valid
-    all_first, all_second, all_valid, all_negatives = first, second, valid, hard_negatives
-    all_keys = duplicate_keys
-    if world > 1:
-        extra = [] if hard_negatives is None else [hard_negatives]
-        keys = [] if duplicate_keys is None else [duplicate_keys]
-        gathered = gatherer.gather_all(
-            [first, second, valid, *keys, *extra], [0, 0, False, *[-1] * len(keys), *[0] * len(extra)]
-        )
-        all_first, all_second, all_valid = gathered[:3]
-        all_keys = gathered[3] if keys else None
-        all_negatives = gathered[3 + len(keys)] if extra else None
-    padded = all_first.shape[0] // world  # rows per process after padding to the largest
-    if local_loss and world > 1:
-        targets = torch.arange(first.shape[0], device=first.device) + rank * padded
-        rows_first, rows_second, rows_valid, rows_keys = first, second, valid, duplicate_keys
-    else:
-        targets = torch.arange(all_first.shape[0], device=first.device)
-        rows_first, rows_second, rows_valid, rows_keys = all_first, all_second, all_valid, all_keys
-    keep = all_valid[None, :].expand(targets.shape[0], -1).clone()
+    count = image_side.shape[0]
+    valid = torch.ones(count, dtype=torch.bool, device=image_side.device) if valid is None else valid
+    rows = slice(None) if rows is None else rows
+    targets = torch.arange(count, device=image_side.device)[rows]
+    rows_image, rows_text, rows_valid = image_side[rows], text_side[rows], valid[rows]
+    keep = valid[None, :].expand(targets.shape[0], -1).clone()
     if keep_pairs is not None:
-        keep &= keep_pairs(rows_second, all_second)
+        keep &= keep_pairs(rows_text, text_side)
     if duplicate_keys is not None:
-        keep &= rows_keys[:, None] != all_keys[None, :]
-    keep[torch.arange(targets.shape[0], device=first.device), targets] = True
-    total = rows_first.new_tensor(float(valid.sum()))
-    total = total if gatherer is None else gatherer.all_reduce_sum(total)
-    loss = rows_first.new_zeros(())
-    first_columns, first_keep = all_second, keep
-    if hard_negatives is not None:
-        first_columns = torch.cat([all_second, all_negatives])
-        first_keep = torch.cat([keep, all_valid[None, :].expand(targets.shape[0], -1)], dim=1)
-    for rows, columns, allowed in ((rows_first, first_columns, first_keep), (rows_second, all_first, keep)):
-        logits = (scale * rows @ columns.t()).masked_fill(~allowed, float("-inf"))
+        keep &= duplicate_keys[rows][:, None] != duplicate_keys[None, :]
+    keep[torch.arange(targets.shape[0], device=image_side.device), targets] = True
+    loss = image_side.new_zeros(())
+    for row_side, columns in ((rows_image, text_side), (rows_text, image_side)):
+        logits = (scale * row_side @ columns.t()).masked_fill(~keep, float("-inf"))
         per_row = nn.functional.cross_entropy(logits, targets, reduction="none")
         loss = loss + 0.5 * per_row[rows_valid].sum()
-    # Every process holds the full sum unless local: then x world, because DDP averages the gradients.
-    return loss * (world if local_loss and world > 1 else 1) / total.clamp(min=1)
+    return loss * (count / max(1, targets.shape[0])) / valid.sum().clamp(min=1)
+
+
+def near_duplicate_mask(caption_embeds: torch.Tensor, other_embeds: torch.Tensor, threshold: float) -> torch.Tensor:
+    """`[V, V']` True where caption `other_embeds[j]` may stay in the softmax of `caption_embeds[i]`: their cosine is
+    <= `threshold` (CLOC's cosine near-duplicate filter). No gradient flows through the mask."""
+    with torch.no_grad():
+        rows = nn.functional.normalize(caption_embeds, dim=-1)
+        columns = nn.functional.normalize(other_embeds, dim=-1)
+        return rows @ columns.t() <= threshold
+
+
+def cloc_loss(
+    config: CLOCConfig,
+    logit_scale: torch.Tensor,
+    region_logit_scale: torch.Tensor,
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    image_valid: torch.Tensor | None = None,
+    regions: dict[str, torch.Tensor] | None = None,
+    rows: slice | None = None,
+    region_rows: slice | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """`(loss, loss_itc, loss_region, loss_grounding, loss_grounding_attention)` of a whole batch (a trainer passes the
+    features gathered from every process; `CLOCModel.loss_from_features` one process's).
+
+    `L = L_itc + lambda (L_region + L_grounding + w L_attention)`: image-caption InfoNCE (`contrastive_loss`);
+    region-caption InfoNCE over every valid region with near-duplicate captions removed from the softmax (identical
+    caption keys for `region_text_filter="exact"`, cosine > threshold for `"cosine"`); mean box error
+    (`grounding_loss`) over grounding targets; with w = `grounding_attention_loss_weight` > 0, the mean `-log` of
+    each grounding target's attention share inside its box; lambda = `region_loss_weight` x the fraction of the
+    batch's images that have regions.
+
+    Args:
+        logit_scale / region_logit_scale: the temperatures, exponentiated and clamped.
+        image_embeds / text_embeds (`[N, D]`): normalised; `image_valid` `[N]` marks real rows (others padding).
+        regions: `None` (no regions) or `region_embeds` / `region_text_embeds` (`[V, D]`, the batch's valid regions
+            one after the other), `region_valid` (`[V]`), `region_caption_keys` (`[V]`, exact filter), and per image
+            `box_mask`, `input_boxes`, `predicted_boxes`, `grounding_mask`, `grounding_attention_mass` (`[N, R, ...]`).
+        rows / region_rows: score only these image rows and region rows (a process's own: open_clip's local loss),
+            scaled as in `contrastive_loss`.
+    """
+    count = image_embeds.shape[0]
+    image_valid = (
+        torch.ones(count, dtype=torch.bool, device=image_embeds.device) if image_valid is None else image_valid
+    )
+    loss_itc = contrastive_loss(image_embeds, text_embeds, logit_scale, image_valid, rows=rows)
+    if regions is None or regions.get("region_embeds") is None or regions.get("region_text_embeds") is None:
+        return loss_itc, loss_itc, None, None, None
+    box_mask, grounding_mask = regions["box_mask"], regions["grounding_mask"]
+    if not bool(box_mask.any()):
+        return loss_itc, loss_itc, None, None, None
+    exact = config.region_text_filter == "exact"
+    if exact and regions.get("region_caption_keys") is None:
+        raise ValueError(
+            "region_text_filter='exact' needs region_caption_keys (returned by forward with region_input_ids)"
+        )
+    threshold = config.region_text_filter_threshold
+    loss_region = contrastive_loss(
+        regions["region_embeds"],
+        regions["region_text_embeds"],
+        region_logit_scale,
+        regions.get("region_valid"),
+        keep_pairs=None
+        if exact
+        else (lambda rows_text, all_text: near_duplicate_mask(rows_text, all_text, threshold)),
+        duplicate_keys=regions["region_caption_keys"] if exact else None,
+        rows=region_rows,
+    )
+    # Local sums over the batch's counts, x the share of rows scored (as `contrastive_loss` does).
+    rows = slice(None) if rows is None else rows
+    share = count / max(1, len(range(count)[rows]))
+    targets = grounding_mask.sum().to(image_embeds.dtype).clamp(min=1)
+    scored = grounding_mask[rows]
+    error = regions["predicted_boxes"][rows] - regions["input_boxes"][rows]
+    error = error.abs() if config.grounding_loss == "l1" else error**2
+    loss_grounding = error[scored].sum() * share / (4 * targets)
+    local = loss_region + loss_grounding
+    loss_attention = None
+    if config.grounding_attention_loss_weight > 0:
+        mass = regions.get("grounding_attention_mass")
+        if mass is None:
+            raise ValueError(
+                "grounding_attention_loss_weight > 0 needs grounding_attention_mass (returned by forward with "
+                "input_boxes and region_input_ids)"
+            )
+        # 1e-6 keeps -log finite for a caption that looks entirely outside its box.
+        loss_attention = -torch.log(mass[rows][scored] + 1e-6).sum() * share / targets
+        local = local + config.grounding_attention_loss_weight * loss_attention
+    with_regions = (box_mask.any(-1) & image_valid).sum().to(image_embeds.dtype)
+    weight = config.region_loss_weight * with_regions / image_valid.sum().to(image_embeds.dtype)
+    return loss_itc + weight * local, loss_itc, loss_region, loss_grounding, loss_attention
 
 
 def caption_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -1082,13 +1147,13 @@ class CLOCModel(CLOCPreTrainedModel):
                 region_caption_keys,
                 grounding_attention_mass=attention_mass,
             )
-        loss, loss_clip, loss_region, loss_grounding, loss_grounding_attention = losses
+        loss, loss_itc, loss_region, loss_grounding, loss_grounding_attention = losses
         # Built once, all fields at once, so the tuple form keeps the declared order (loss first, as CLIP's).
         return CLOCOutput(
             loss=loss,
             logits_per_image=logits_per_text.t(),
             logits_per_text=logits_per_text,
-            loss_clip=loss_clip,
+            loss_itc=loss_itc,
             loss_region=loss_region,
             loss_grounding=loss_grounding,
             image_embeds=image_embeds,
@@ -1124,16 +1189,18 @@ class CLOCModel(CLOCPreTrainedModel):
     def _logit_scale(self) -> torch.Tensor:
         return self.logit_scale.exp().clamp(max=self.config.logit_scale_max)
 
+    def _region_logit_scale(self) -> torch.Tensor:
+        return self.region_logit_scale.exp().clamp(max=self.config.logit_scale_max)
+
     def region_negative_mask(self, caption_embeds: torch.Tensor, other_embeds: torch.Tensor | None = None):
         """`[V, V']` True where a region-caption pair may stay in the softmax: captions whose cosine with the
-        row's own caption is <= `region_text_filter_threshold` (the matching pair is always kept by the loss).
-        Without `other_embeds`, the captions are compared with themselves and the diagonal is True."""
-        with torch.no_grad():
-            rows = nn.functional.normalize(caption_embeds, dim=-1)
-            columns = rows if other_embeds is None else nn.functional.normalize(other_embeds, dim=-1)
-            keep = rows @ columns.t() <= self.config.region_text_filter_threshold
-            if other_embeds is None:
-                keep.fill_diagonal_(True)
+        row's own caption is <= `region_text_filter_threshold` (`near_duplicate_mask`; the matching pair is always
+        kept by the loss). Without `other_embeds`, the captions are compared with themselves and the diagonal is
+        True."""
+        other = caption_embeds if other_embeds is None else other_embeds
+        keep = near_duplicate_mask(caption_embeds, other, self.config.region_text_filter_threshold)
+        if other_embeds is None:
+            keep.fill_diagonal_(True)
         return keep
 
     def grounding_attention_mass(
@@ -1186,72 +1253,31 @@ class CLOCModel(CLOCPreTrainedModel):
         predicted_boxes: torch.Tensor | None = None,
         grounding_mask: torch.Tensor | None = None,
         region_caption_keys: torch.Tensor | None = None,
-        gatherer=None,
-        local_loss: bool = False,
         grounding_attention_mass: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """`(loss, loss_clip, loss_region, loss_grounding, loss_grounding_attention)` from `forward`'s outputs,
-        over the global batch.
-
-        `L = L_CLIP + lambda (L_region + L_grounding + w L_attention)`: image-caption InfoNCE; region-caption
-        InfoNCE over every valid region of the global batch with near-duplicate captions removed from the softmax
-        (identical `region_caption_keys` for `region_text_filter="exact"`, cosine > threshold for `"cosine"`);
-        mean box error (`grounding_loss`) over grounding targets; with `grounding_attention_mass` and
-        w = `grounding_attention_loss_weight` > 0, the mean `-log` of each grounding target's attention share
-        inside its box; lambda = `region_loss_weight` x the fraction of the global batch's images that have
-        regions. `gatherer` / `local_loss` as in `contrastive_loss`; all processes must pass regions (possibly
-        none valid) or none.
-        """
-        loss_clip = contrastive_loss(image_embeds, text_embeds, self._logit_scale(), gatherer, local_loss)
-        if region_embeds is None or region_text_embeds is None:
-            return loss_clip, loss_clip, None, None, None
-        world = 1 if gatherer is None else gatherer.world_size
-        counts = torch.stack(
-            [
-                box_mask.sum(),
-                box_mask.any(-1).sum(),
-                grounding_mask.sum(),
-                torch.tensor(box_mask.shape[0], device=box_mask.device),
-            ]
-        ).to(image_embeds.dtype)
-        counts = counts if gatherer is None else gatherer.all_reduce_sum(counts)
-        if counts[0] == 0:
-            return loss_clip, loss_clip, None, None, None
-        region_scale = self.region_logit_scale.exp().clamp(max=self.config.logit_scale_max)
-        exact = self.config.region_text_filter == "exact"
-        if exact and region_caption_keys is None:
-            raise ValueError(
-                "region_text_filter='exact' needs region_caption_keys (returned by forward with region_input_ids)"
-            )
-        loss_region = contrastive_loss(
-            region_embeds[box_mask],
-            region_text_embeds[box_mask],
-            region_scale,
-            gatherer,
-            local_loss,
-            keep_pairs=None if exact else self.region_negative_mask,
-            duplicate_keys=region_caption_keys[box_mask] if exact else None,
+        """`(loss, loss_itc, loss_region, loss_grounding, loss_grounding_attention)` of one process's batch, from
+        `forward`'s outputs: `cloc_loss` (see there for the terms). Training over several processes uses
+        `training.losses.CLOCLoss`, which calls `cloc_loss` on the gathered features."""
+        regions = None
+        if region_embeds is not None and region_text_embeds is not None:
+            regions = {
+                "region_embeds": region_embeds[box_mask],
+                "region_text_embeds": region_text_embeds[box_mask],
+                "region_caption_keys": None if region_caption_keys is None else region_caption_keys[box_mask],
+                "box_mask": box_mask,
+                "input_boxes": input_boxes,
+                "predicted_boxes": predicted_boxes,
+                "grounding_mask": grounding_mask,
+                "grounding_attention_mass": grounding_attention_mass,
+            }
+        return cloc_loss(
+            self.config,
+            self._logit_scale(),
+            self._region_logit_scale(),
+            image_embeds,
+            text_embeds,
+            regions=regions,
         )
-        error = predicted_boxes - input_boxes
-        error = error.abs() if self.config.grounding_loss == "l1" else error**2
-        summed = error[grounding_mask].sum()
-        # Local sum over the global count; x world because DDP averages the processes' gradients.
-        loss_grounding = summed * world / (4 * counts[2].clamp(min=1))
-        local = loss_region + loss_grounding
-        loss_attention = None
-        attention_weight = self.config.grounding_attention_loss_weight
-        if attention_weight > 0:
-            if grounding_attention_mass is None:
-                raise ValueError(
-                    "grounding_attention_loss_weight > 0 needs grounding_attention_mass (returned by forward with "
-                    "input_boxes and region_input_ids)"
-                )
-            # 1e-6 keeps -log finite for a caption that looks entirely outside its box.
-            summed = -torch.log(grounding_attention_mass[grounding_mask] + 1e-6).sum()
-            loss_attention = summed * world / counts[2].clamp(min=1)
-            local = local + attention_weight * loss_attention
-        weight = self.config.region_loss_weight * counts[1] / counts[3]
-        return loss_clip + weight * local, loss_clip, loss_region, loss_grounding, loss_attention
 
 
 @dataclass

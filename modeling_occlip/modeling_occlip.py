@@ -199,6 +199,39 @@ class OCCLIPRerankOutput(ModelOutput):
     global_logits: torch.Tensor | None = None
 
 
+def occlip_loss(
+    logits_per_image: torch.Tensor,
+    logits_per_text: torch.Tensor,
+    relation_terms: torch.Tensor | None = None,
+    num_relation_terms: torch.Tensor | None = None,
+    rel_loss_weight: float = 0.0,
+    labels: torch.Tensor | None = None,
+    scored_fraction: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`(loss, loss_itc, loss_rel)`: OC-CLIP's `L_itc + rel_loss_weight * L_rel`.
+
+    Args:
+        logits_per_image / logits_per_text (`[r, N]`): structured logits of the scored rows against every column
+            (`OCCLIPModel.score`); a trainer passes the gathered batch's columns.
+        labels (`[r]`): each row's matching column (default `arange(r)`, image k paired with caption k).
+        relation_terms (`[n]`): `OCCLIPModel.relation_loss_terms` of the scored pairs; `num_relation_terms` their
+            number over the whole batch. `L_rel` is their mean over the batch.
+        scored_fraction: the share of the batch's pairs whose relation terms are given (a process's own: 1/world);
+            the sum is divided by it, so that the mean over processes is the batch's loss.
+    """
+    labels = torch.arange(logits_per_image.shape[0], device=logits_per_image.device) if labels is None else labels
+    loss_itc = 0.5 * (
+        nn.functional.cross_entropy(logits_per_image, labels) + nn.functional.cross_entropy(logits_per_text, labels)
+    )
+    if not rel_loss_weight or relation_terms is None:
+        return loss_itc, loss_itc, None
+    total = (
+        relation_terms.new_tensor(float(relation_terms.numel())) if num_relation_terms is None else num_relation_terms
+    )
+    loss_rel = relation_terms.sum() / scored_fraction / total.clamp(min=1)
+    return loss_itc + rel_loss_weight * loss_rel, loss_itc, loss_rel
+
+
 def _refuse_missing_weights(info: dict, what: str, source, hint: str = "") -> None:
     """Raise, naming them, if a load left weights missing (they would silently start random)."""
     missing = sorted(info["missing_keys"])
@@ -991,7 +1024,7 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
         same_as_positive = (match | ~relation_mask[:, None, :]).all(-1)
         return subjects, objects, valid & ~same_as_positive
 
-    def _relation_loss_terms(
+    def relation_loss_terms(
         self, image_features: OCCLIPImageFeatures, text_features: OCCLIPGraphFeatures
     ) -> torch.Tensor:
         """Local graph contrastive loss per usable (image, graph) pair, `[n]`: the pair against its own
@@ -1030,62 +1063,22 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
         self,
         image_features: OCCLIPImageFeatures,
         text_features: OCCLIPGraphFeatures,
-        gatherer=None,
-        local_loss: bool = False,
         logits_per_image: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """`(loss, loss_itc, loss_rel)` for image k paired with caption k, over the global batch.
-
-        `gatherer` (e.g. `training.distributed.FeatureGatherer`: `rank`, `world_size`, differentiable
-        `gather_all`, `all_reduce_sum`) joins the processes' features, so every (image, caption) pair of the global batch is
-        bound. With `local_loss`, this process scores only its own rows and columns against the global batch.
-        The value returned on each process is such that the mean over processes, and the mean of their
-        gradients (DDP), are the global loss and its gradient; equal batch sizes per process are assumed.
-        `logits_per_image` (single process) reuses an already computed `score(image_features, text_features)`.
-        """
-        world, rank = (1, 0) if gatherer is None else (gatherer.world_size, gatherer.rank)
-        num_local = image_features.binding_keys.shape[0]
-        if text_features.num_captions != num_local:
+        """`(loss, loss_itc, loss_rel)` of one process's batch, image k paired with caption k: `occlip_loss` over
+        `score(image_features, text_features)` (or the given `logits_per_image`) and `relation_loss_terms`.
+        Training over several processes uses `training.losses.OCCLIPLoss`, which calls the same functions on the
+        gathered features."""
+        num_images = image_features.binding_keys.shape[0]
+        if text_features.num_captions != num_images:
             raise ValueError(
-                f"the loss pairs image k with caption k, but got {num_local} images and "
+                f"the loss pairs image k with caption k, but got {num_images} images and "
                 f"{text_features.num_captions} captions."
             )
-        labels = torch.arange(num_local, device=image_features.binding_keys.device)
-        if world == 1:
-            per_image = self.score(image_features, text_features) if logits_per_image is None else logits_per_image
-            per_text = per_image.t()
-        else:
-            names = ("node_embeds", "node_mask", "relation_embeds", "relation_mask")
-            names += ("relation_subject_index", "relation_object_index")
-            keys, values, *text = gatherer.gather_all(
-                [image_features.binding_keys, image_features.binding_values]
-                + [getattr(text_features, name) for name in names],
-                [0, 0, 0, False, 0, False, 0, 0],
-            )
-            all_images = OCCLIPImageFeatures(binding_keys=keys, binding_values=values)
-            all_texts = OCCLIPGraphFeatures(**dict(zip(names, text)))
-            if all_images.binding_keys.shape[0] != world * num_local:
-                raise ValueError("every process needs the same batch size for the gathered OC-CLIP loss")
-            if local_loss:  # this process's rows and columns against the global batch
-                labels = labels + rank * num_local
-                per_image = self.score(image_features, all_texts)  # [n, N]
-                per_text = self.score(all_images, text_features).t()  # [n, N]
-            else:
-                per_image = self.score(all_images, all_texts)
-                per_text = per_image.t()
-                labels = torch.arange(per_image.shape[0], device=per_image.device)
-        loss_itc = 0.5 * (
-            nn.functional.cross_entropy(per_image, labels) + nn.functional.cross_entropy(per_text, labels)
-        )
-        loss, loss_rel = loss_itc, None
-        if self.config.rel_loss_weight:
-            terms = self._relation_loss_terms(image_features, text_features)
-            count = terms.new_tensor(float(terms.numel()))
-            total = count if gatherer is None else gatherer.all_reduce_sum(count)
-            # Mean over the global batch's usable pairs; x world because DDP averages the processes' gradients.
-            loss_rel = terms.sum() * world / total.clamp(min=1)
-            loss = loss + self.config.rel_loss_weight * loss_rel
-        return loss, loss_itc, loss_rel
+        per_image = self.score(image_features, text_features) if logits_per_image is None else logits_per_image
+        weight = self.config.rel_loss_weight
+        terms = self.relation_loss_terms(image_features, text_features) if weight else None
+        return occlip_loss(per_image, per_image.t(), terms, rel_loss_weight=weight)
 
     @can_return_tuple
     def forward(

@@ -35,9 +35,9 @@ def build(case: str):
 
 def objective(case: str):
     """The trainer's objective of the case (`clip_hard_negatives`: NegCLIP)."""
-    from training.objectives import OBJECTIVES, CLIPObjective
+    from training.families import get_family
 
-    return CLIPObjective(hard_negatives=True) if case == "clip_hard_negatives" else OBJECTIVES[case]
+    return get_family(case.split("_")[0]).objective(hard_negatives=case == "clip_hard_negatives")
 
 
 def hard_negative_batch(indices: range) -> dict:
@@ -86,14 +86,14 @@ def rank_batches(case: str) -> list[dict]:
 
 def full_batch(case: str) -> dict:
     """The concatenated batch as one process would see it."""
-    from training.objectives import concat_features
+    from training.features import FeatureBatch
 
     halves = rank_batches(case)
     if case == "occlip":
         return dict(pixel_values=random_pixels(4, seed=21), **encode_graphs(example_graphs()))
     if case == "clip_hard_negatives":  # negatives follow all captions, not each half's
         return hard_negative_batch(range(4))
-    return concat_features(halves)
+    return FeatureBatch.concat(halves)
 
 
 def worker(rank: int, world: int, address: str, out: str, local_loss: bool) -> None:
@@ -113,9 +113,10 @@ def worker(rank: int, world: int, address: str, out: str, local_loss: bool) -> N
     for case in CASES:
         model = build(case)
         module = DistributedDataParallel(
-            ContrastiveTrainingModule(model, objective(case)), find_unused_parameters=True
+            ContrastiveTrainingModule(model, objective(case), FeatureGatherer(), local_loss),
+            find_unused_parameters=True,
         )
-        loss, _ = forward_backward(module, [rank_batches(case)[rank]], FeatureGatherer(), local_loss=local_loss)
+        loss, _ = forward_backward(module, [rank_batches(case)[rank]])
         dist.all_reduce(loss)
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results[case] = (loss / world, grads)

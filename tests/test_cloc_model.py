@@ -108,7 +108,7 @@ def batch():
 def test_loss_is_clip_plus_scaled_region_terms(model):
     with torch.no_grad():
         out = model(**batch(), return_loss=True)
-    expected = out.loss_clip + (2 / 3) * (out.loss_region + out.loss_grounding)
+    expected = out.loss_itc + (2 / 3) * (out.loss_region + out.loss_grounding)
     torch.testing.assert_close(out.loss, expected)
 
 
@@ -130,7 +130,7 @@ def test_losses_fall_and_grounding_overfits():
         optimizer.zero_grad()
         out.loss.backward()
         optimizer.step()
-        history.append((out.loss_clip.item(), out.loss_region.item(), out.loss_grounding.item()))
+        history.append((out.loss_itc.item(), out.loss_region.item(), out.loss_grounding.item()))
     first, last = history[0], history[-1]
     assert all(b < 0.05 * a for a, b in zip(first, last)), history[::25]
     model.eval()
@@ -330,7 +330,7 @@ def test_grounding_attention_loss_is_minus_log_of_the_text_prompt_mass_inside_th
     expected_term = -torch.log(mass[out.grounding_mask] + 1e-6).mean()
     torch.testing.assert_close(out.loss_grounding_attention, expected_term)
     torch.testing.assert_close(
-        out.loss, out.loss_clip + (2 / 3) * (out.loss_region + out.loss_grounding + 0.5 * expected_term)
+        out.loss, out.loss_itc + (2 / 3) * (out.loss_region + out.loss_grounding + 0.5 * expected_term)
     )
     out.loss_grounding_attention.backward()
     assert prompter.layers[0].q_proj.weight.grad.abs().sum() > 0

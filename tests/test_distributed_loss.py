@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 from tests.distributed_cases import CASES, build, full_batch, hard_negative_batch, objective, worker
-from training.objectives import OBJECTIVES, concat_features
+from training.features import FeatureBatch
 from training.step import ContrastiveTrainingModule, forward_backward
 
 
@@ -50,7 +50,7 @@ def test_model_forward_loss_is_the_objective_loss():
     for case in ("occlip", "cloc"):
         batch = full_batch(case)
         model = build(case)
-        loss, _ = forward_backward(ContrastiveTrainingModule(model, OBJECTIVES[case]), [batch])
+        loss, _ = forward_backward(ContrastiveTrainingModule(model, objective(case)), [batch])
         torch.testing.assert_close(loss, model(**batch, return_loss=True).loss.detach(), atol=1e-6, rtol=1e-6)
 
 
@@ -59,7 +59,7 @@ def test_cached_feature_accumulation_gives_the_full_batch_gradient(case):
     batch = full_batch(case)
     micro = [{k: v[i : i + 1] for k, v in batch.items()} for i in range(4)]
     if case == "occlip":  # each micro-batch padded on its own, as a data loader would
-        micro = [concat_features([{k: v[i : i + 1] for k, v in batch.items()}]) for i in range(4)]
+        micro = [FeatureBatch.concat([{k: v[i : i + 1] for k, v in batch.items()}]) for i in range(4)]
     if case == "clip_hard_negatives":
         micro = [hard_negative_batch(range(i, i + 1)) for i in range(4)]
     assert_same(single_process(case, micro), single_process(case, [batch]), f"{case} accumulation")

@@ -272,7 +272,7 @@ def test_empty_dataset_and_missing_caption_are_clear_errors(tmp_path):
         run("clip", data, tmp_path / "out", "--mixed_precision", "fp16", "--gradient_accumulation_steps", "2")
     with pytest.raises(ValueError, match="pass --model_config .* or --init_from"):
         run("clip", write_dataset(tmp_path / "ok", rows=4), tmp_path / "out", "--max_steps", "1")
-    assert trainer_module.TrainingArguments.__dataclass_fields__["output_dir"].metadata["help"]
+    assert trainer_module.ContrastiveTrainingArguments.__dataclass_fields__["output_dir"].metadata["help"]
 
 
 def test_two_process_run_with_accumulation_resumes_and_loads(tmp_path):
@@ -399,11 +399,36 @@ def test_model_config_with_init_from_sets_only_the_new_modules(data, clip_folder
     cloc = AutoModel.from_pretrained(tmp_path / "cloc")
     assert cloc.roi_head is not None and cloc.config.prompter_config.vision_feature_layer == 1
     towers = tmp_path / "towers.json"
-    towers.write_text(json.dumps({"vision_config": {"hidden_size": 64}}))
-    with pytest.raises(ValueError, match=r"sets only what CLIP lacks; \['vision_config'\]"):
+    towers.write_text(json.dumps({"vision_config": {"hidden_size": 64, "patch_size": 8}, "projection_dim": 12}))
+    with pytest.raises(
+        ValueError,
+        match=r"contradicts the CLIP towers of --init_from .*: vision_config.hidden_size 64 "
+        r"\(checkpoint: 32\), projection_dim 12 \(checkpoint: 24\); with --init_from",
+    ):
         run("occlip", data, tmp_path / "bad", *from_clip(clip_folder, "full", steps=1), config=towers)
-    with pytest.raises(ValueError, match="sets only what CLIP lacks"):
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
+    with pytest.raises(ValueError, match="a CLIP model lacks nothing: \\['binding_config', 'rel_loss_weight'\\]"):
         run("clip", data, tmp_path / "bad2", *from_clip(clip_folder, "full", steps=1), config=settings)
+
+
+def test_init_from_with_model_config_loads_the_clip_weights_and_the_new_module_settings(data, clip_folder, tmp_path):
+    """Tower settings that repeat the checkpoint's are accepted; with frozen towers the trained model's towers are
+    the CLIP checkpoint's weights, and the binding module has the requested shape."""
+    settings = tmp_path / "occlip.json"
+    binding = {"num_hidden_layers": 1, "num_default_queries": 3}
+    settings.write_text(
+        json.dumps({"binding_config": binding, "rel_loss_weight": 0.25, "vision_config": {"patch_size": 8}})
+    )
+    run("occlip", data, tmp_path / "out", *from_clip(clip_folder, "frozen", steps=1), config=settings)
+    model = AutoModel.from_pretrained(tmp_path / "out")
+    assert model.config.binding_config.num_hidden_layers == 1 and model.config.binding_config.num_default_queries == 3
+    assert model.config.rel_loss_weight == 0.25 and len(model.binding.layers) == 1
+    clip = CLIPModel.from_pretrained(clip_folder).state_dict()
+    trained = model.state_dict()
+    towers = [
+        k for k in clip if k.startswith(("text_model.", "vision_model.", "visual_projection.", "text_projection."))
+    ]
+    assert towers and all(torch.equal(trained[k], clip[k]) for k in towers)
 
 
 def test_report_to_tensorboard_writes_the_logged_metrics(data, tmp_path):
@@ -504,3 +529,19 @@ def test_hub_ids_of_the_card_come_only_from_hub_names(tmp_path):
     cached.mkdir(parents=True)
     assert hub_id(str(cached), "datasets") == "someone/pairs"
     assert hub_id("not a repo id") is None
+
+
+def test_disable_tqdm_prints_progress_lines_with_the_logged_values(data, tmp_path, capsys):
+    """Without a bar (a log file, a batch job) each logged step prints step, loss, LR and samples/s to stdout."""
+    config = write_model_config(tmp_path / "config.json", "clip")
+    run("clip", data, tmp_path / "out", "--max_steps", "2", config=config)  # --logging_steps 1 --disable_tqdm
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    history = json.loads((tmp_path / "out" / "log_history.json").read_text())
+    assert len(lines) == 2 and [r["step"] for r in history] == [1, 2]
+    for line, record in zip(lines, history):
+        found = re.fullmatch(r"step (\d+)/2: loss ([\d.]+), lr ([\d.e+-]+), samples/s ([\d.]+)", line)
+        assert found, line
+        assert int(found[1]) == record["step"]
+        assert float(found[2]) == pytest.approx(record["loss"], abs=1e-4)
+        assert float(found[3]) == pytest.approx(record["lr"], rel=1e-2)
+        assert float(found[4]) == pytest.approx(record["samples_per_second"], abs=0.051)

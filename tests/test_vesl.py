@@ -37,7 +37,7 @@ from tests.vesl_fixtures import (
 )
 from training.cli import parse_args
 from training.data import load_image_text_dataset
-from training.trainer import TrainingArguments, train
+from training.trainer import ContrastiveTrainingArguments, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -197,7 +197,7 @@ def test_run_writes_trainer_format_and_stats(straight, imagefolder, capsys):
 def test_output_trains_one_cloc_step(straight, tmp_path):
     out, _ = straight
     config = write_model_config(tmp_path / "config.json", "cloc")
-    args = TrainingArguments(
+    args = ContrastiveTrainingArguments(
         train_data=str(out),
         output_dir=str(tmp_path / "model"),
         model_config=str(config),

@@ -29,7 +29,6 @@ from processing.dataset_parsing import SCENE_GRAPH_FEATURE
 from processing.dataset_source import is_hub_id, is_save_to_disk_folder, map_columns, open_dataset, parquet_files
 from processing.images import to_rgb
 from processing.rule_parser import caption_preview, caption_problem
-from processing.scene_graph import SceneGraph
 
 SKIPPED_KEY = "skipped_rows"  # per-batch count of rows dropped by on_bad_sample="skip"
 
@@ -442,7 +441,8 @@ def pick_hard_negative(negatives, index: int, where: str) -> str:
 
 
 class TrainingCollator:
-    """Rows -> model inputs through the family's processor (`clip`, `occlip` or `cloc`).
+    """Rows -> model inputs through the family's processor (`family`: a `training.families.ModelFamily` or its
+    name, `clip`, `occlip` or `cloc`), which says what a row must carry and how rows become inputs.
 
     `on_bad_sample="skip"` drops bad rows and counts them in the batch (`SKIPPED_KEY`, which the trainer pops);
     `"error"` raises `BadSample` naming the row. With `root`, image paths must resolve inside that folder; with
@@ -453,18 +453,21 @@ class TrainingCollator:
     def __init__(
         self,
         processor,
-        family: str,
+        family,
         on_bad_sample: str = "error",
         max_regions: int | None = None,
         hard_negatives: bool = False,
         root: Path | None = None,
         local_files: bool = True,
     ):
+        from .families import get_family  # families reads rows with this module's checks
+
         if on_bad_sample not in ("error", "skip"):
             raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
-        if hard_negatives and family != "clip":
-            raise ValueError(f"hard negatives are a CLIP baseline; the {family} collator does not take them")
-        self.processor, self.family, self.on_bad_sample = processor, family, on_bad_sample
+        self.family = get_family(family)
+        if hard_negatives and self.family.name != "clip":
+            raise ValueError(f"hard negatives are a CLIP baseline; the {self.family.name} collator does not take them")
+        self.processor, self.on_bad_sample = processor, on_bad_sample
         self.max_regions, self.hard_negatives = max_regions, hard_negatives
         self.root = root  # image paths must resolve inside it (the dataset folder)
         self.local_files = local_files
@@ -480,20 +483,7 @@ class TrainingCollator:
         prepared = {"image": open_image(row, where, self.root, self.local_files), "caption": caption}
         if self.hard_negatives:
             prepared["negative"] = pick_hard_negative(row.get("negatives"), index, where)
-        if self.family == "occlip":
-            graph = row.get("scene_graph")
-            if graph and graph.get("objects"):
-                try:
-                    SceneGraph.from_dict(graph)
-                except ValueError as error:
-                    raise BadSample(f"{where}: malformed scene_graph ({error})") from None
-            prepared["scene_graph"] = graph if graph and graph.get("objects") else None
-        if self.family == "cloc":
-            boxes, texts = check_regions(row.get("regions"), where)
-            if self.max_regions is not None:
-                boxes, texts = boxes[: self.max_regions], texts[: self.max_regions]
-            prepared["boxes"], prepared["texts"] = boxes, texts
-        return prepared
+        return {**prepared, **self.family.prepare_row(row, where, self.max_regions)}
 
     def __call__(self, rows: list[dict]) -> dict:
         """A batch dict of tensors for the model's forward (plus the count of skipped rows)."""
@@ -512,23 +502,4 @@ class TrainingCollator:
                 skipped += 1
         if not prepared:
             raise BadSample("every row of a batch was bad; nothing to train on")
-        images = [p["image"] for p in prepared]
-        captions = [p["caption"] for p in prepared]
-        if self.family == "clip":
-            texts = captions + [p["negative"] for p in prepared] if self.hard_negatives else captions
-            out = self.processor(images=images, text=texts, padding=True, truncation=True, return_tensors="pt")
-        elif self.family == "occlip":
-            graphs = [p["scene_graph"] for p in prepared]
-            if any(g is None for g in graphs):
-                parsed = self.processor.caption_parser.parse_batch([c for c, g in zip(captions, graphs) if g is None])
-                parsed = iter(parsed)
-                graphs = [g if g is not None else next(parsed) for g in graphs]
-            out = self.processor(images=images, scene_graphs=graphs, paired=True)
-        else:
-            out = self.processor(
-                images=images,
-                text=captions,
-                input_boxes=[p["boxes"] for p in prepared],
-                region_captions=[p["texts"] for p in prepared],
-            )
-        return {**out, SKIPPED_KEY: torch.tensor(skipped)}
+        return {**self.family.model_inputs(self.processor, prepared), SKIPPED_KEY: torch.tensor(skipped)}

@@ -1,13 +1,29 @@
 """Differentiable feature gathering across processes for contrastive losses (open_clip's `gather_with_grad`).
 
 `accelerator.gather` is not differentiable; `FeatureGatherer.gather_all` is: its backward sums every process's
-gradient for a slice and hands each process the gradient of its own rows. Models take any object with this
-interface (`rank`, `world_size`, `gather_all`, `all_reduce_sum`), so they stay free of a dependency on this
-package.
+gradient for a slice and hands each process the gradient of its own rows. The loss modules
+(`training.losses`) take any `Gatherer`, so tests can pass their own.
 """
+
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
+
+
+class Gatherer(Protocol):
+    """What the loss modules need to join the processes' features."""
+
+    rank: int
+    world_size: int
+
+    def gather_all(self, tensors: list[torch.Tensor], pad_values: list | None = None) -> list[torch.Tensor]:
+        """All processes' tensors concatenated on dim 0 in rank order (padded to the largest), with gradients."""
+        ...
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum over processes, without gradient."""
+        ...
 
 
 def pad_to_shape(tensor: torch.Tensor, shape, pad_value=0) -> torch.Tensor:
@@ -68,7 +84,8 @@ def _feature_group():
 
 
 class FeatureGatherer:
-    """Gathers per-process features (padding ragged dims) with gradients; identity on a single process.
+    """The `Gatherer` of `torch.distributed`: gathers per-process features (padding ragged dims) with gradients;
+    identity on a single process.
 
     Construct it on every process at the same point (it may create a process group collectively).
     """
@@ -105,10 +122,6 @@ class FeatureGatherer:
                 dist.all_gather(parts, tensor.contiguous(), group=self.group)
                 gathered[i] = torch.cat(parts, dim=0)
         return gathered
-
-    def gather(self, tensor: torch.Tensor, pad_value=0) -> torch.Tensor:
-        """`gather_all` of one tensor."""
-        return self.gather_all([tensor], [pad_value])[0]
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over processes, without gradient (counts, normalisers)."""

@@ -27,9 +27,9 @@ import torch
 from . import public_benchmarks as pb
 from .cli import parse_args
 from .evaluation import ImageTextScorer, evaluate_synthetic
+from .families import FAMILIES
 
 BENCHMARKS = ("synthetic", "sugarcrepe", "aro", "winoground", "coco_regions", "refcoco")
-FAMILIES = {"clip": "clip", "occlip": "occlip", "cloc": "cloc"}
 
 
 @dataclass

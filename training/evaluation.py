@@ -5,7 +5,6 @@ the Hub) and an `ImageTextScorer` that turns any of the three models plus its pr
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from processing.vesl import box_iou  # noqa: F401  (re-exported: one box IoU for NMS and evaluation)
 
@@ -63,15 +62,18 @@ def grounding_accuracy(predicted: torch.Tensor, target: torch.Tensor, threshold:
 class ImageTextScorer:
     """Similarities of images and captions for a CLIP, OC-CLIP or CLOC model with its processor.
 
-    `family` is `"clip"`, `"occlip"` or `"cloc"`. Scores are unscaled similarities (cosine, or OC-CLIP's structured
+    `family` is a `training.families.ModelFamily` or its name (`"clip"`, `"occlip"`, `"cloc"`); it says how images
+    and captions are encoded and scored. Scores are unscaled similarities (cosine, or OC-CLIP's structured
     `s(x, G)`), comparable within one model. Region scoring and grounding need CLOC (or `crop=True`, which crops
     each box and encodes it as an image: the crop-and-encode CLIP baseline).
     """
 
-    def __init__(self, model, processor, family: str, batch_size: int = 64, progress: bool = False):
-        if family not in ("clip", "occlip", "cloc"):
-            raise ValueError(f"family must be clip, occlip or cloc, got {family!r}")
-        self.model, self.processor, self.family, self.batch_size = model.eval(), processor, family, batch_size
+    def __init__(self, model, processor, family, batch_size: int = 64, progress: bool = False):
+        from .families import get_family
+
+        self.model_family = get_family(family)
+        self.family = self.model_family.name
+        self.model, self.processor, self.batch_size = model.eval(), processor, batch_size
         self.progress = progress  # a progress bar over each batched loop (the evaluation command turns it on)
 
     def _starts(self, count: int, what: str):
@@ -91,45 +93,21 @@ class ImageTextScorer:
     @torch.no_grad()
     def encode_images(self, images):
         """Image features for `score` (normalised embeddings, or OC-CLIP's cached binding features)."""
-        parts = []
-        for start in self._starts(len(images), "images"):
-            pixels = self._pixels(images[start : start + self.batch_size])
-            if self.family == "occlip":
-                parts.append(self.model.get_image_features(pixels))
-            else:
-                parts.append(
-                    nn.functional.normalize(self.model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
-                )
-        if self.family == "occlip":
-            from modeling_occlip.modeling_occlip import OCCLIPImageFeatures
-
-            return OCCLIPImageFeatures(
-                binding_keys=torch.cat([p.binding_keys for p in parts]),
-                binding_values=torch.cat([p.binding_values for p in parts]),
-                pooler_output=torch.cat([p.pooler_output for p in parts]),
-            )
-        return torch.cat(parts)
+        parts = [
+            self.model_family.encode_image_batch(self.model, self._pixels(images[start : start + self.batch_size]))
+            for start in self._starts(len(images), "images")
+        ]
+        return self.model_family.join_image_features(parts)
 
     @torch.no_grad()
     def encode_texts(self, texts: list[str], scene_graphs: list | None = None):
         """Text features for `score`; OC-CLIP parses captions (or takes `scene_graphs`)."""
-        if self.family == "occlip":
-            if scene_graphs is not None:
-                inputs = self.processor(scene_graphs=scene_graphs)
-            else:
-                inputs = self.processor(text=texts)
-            inputs = {k: v.to(self.device) for k, v in inputs.items()}
-            return self.model.get_graph_features(**inputs)
-        tokens = self.processor.tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(self.device)
-        embeds = self.model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
-        return nn.functional.normalize(embeds.pooler_output, dim=-1)
+        return self.model_family.encode_texts(self.model, self.processor, texts, self.device, scene_graphs)
 
     @torch.no_grad()
     def score(self, image_features, text_features) -> torch.Tensor:
         """Similarities `[I, T]`."""
-        if self.family == "occlip":
-            return self.model.score(image_features, text_features, scale=False)
-        return image_features @ text_features.t()
+        return self.model_family.score(self.model, image_features, text_features)
 
     @torch.no_grad()
     def similarity(self, images, texts: list[str]) -> torch.Tensor:
@@ -139,10 +117,7 @@ class ImageTextScorer:
     @torch.no_grad()
     def pair_scores(self, images, texts: list[str]) -> torch.Tensor:
         """Score of image k with caption k, `[N]`."""
-        if self.family == "occlip":
-            index = torch.arange(len(images), device=self.device)
-            return self.model.score_pairs(self.encode_images(images), self.encode_texts(texts), index, index, False)
-        return (self.encode_images(images) * self.encode_texts(texts)).sum(-1)
+        return self.model_family.pair_scores(self.model, self.encode_images(images), self.encode_texts(texts))
 
     @torch.no_grad()
     def region_scores(self, images, boxes: list[list[list[float]]], texts: list[str], crop: bool = False):
@@ -154,7 +129,7 @@ class ImageTextScorer:
         if crop:
             crops = [image.crop(tuple(int(round(v)) for v in box)) for image, bs in zip(images, boxes) for box in bs]
             return self.score(self.encode_images(crops), text)
-        if self.family != "cloc":
+        if not self.model_family.has_regions:
             raise ValueError("region_scores needs a CLOC model (or crop=True for the crop-and-encode baseline)")
         rows = []
         for start in self._starts(len(images), "regions"):
@@ -174,7 +149,7 @@ class ImageTextScorer:
     @torch.no_grad()
     def ground(self, images, captions: list[list[str]]) -> list[torch.Tensor]:
         """Predicted pixel boxes per image for its region captions (CLOC)."""
-        if self.family != "cloc":
+        if not self.model_family.has_regions:
             raise ValueError("grounding needs a CLOC model")
         results = []
         for start in self._starts(len(images), "grounding"):
@@ -269,7 +244,7 @@ def evaluate_regions(scorer: ImageTextScorer, rows: list[dict], images, classes:
     scores = scorer.region_scores(images, boxes, classes, crop=crop)
     labels = torch.tensor([classes.index(t) for t in labels_text], device=scores.device)
     metrics = {"region_classification": topk_accuracy(scores, labels, ks=(1,))["top1"]}
-    if not crop and scorer.family == "cloc":
+    if not crop and scorer.model_family.has_regions:
         predicted = scorer.ground(images, [[region["text"] for region in row["regions"]] for row in rows])
         target = torch.tensor([b for bs in boxes for b in bs])
         metrics["grounding_acc50"] = grounding_accuracy(torch.cat(predicted), target)

@@ -1,57 +1,55 @@
 """What the trainer needs per model family: which forward to run, which features to keep, and the loss over them.
 
 Features are dicts of batch-first tensors, so micro-batches can be cached and concatenated (cached-feature
-accumulation) and processes can gather them (`training.distributed.FeatureGatherer`). The loss itself lives
-in the model (`OCCLIPModel.loss_from_features`, `CLOCModel.loss_from_features`, `contrastive_loss` for CLIP),
-so one process without a gatherer computes exactly what `model(..., return_loss=True)` computes.
+accumulation) and processes can gather them. The losses are `training.losses`' modules (open_clip style), which
+own the gatherer and the local/global choice and call the model files' pure loss functions, so one process
+computes exactly what `model(..., return_loss=True)` computes.
 """
 
+import math
+
 import torch
-from transformers import CLIPModel
 
-from modeling_cloc import CLOCModel
-from modeling_cloc.modeling_cloc import contrastive_loss
-from modeling_occlip import OCCLIPModel
-from modeling_occlip.modeling_occlip import OCCLIPGraphFeatures, OCCLIPImageFeatures
+from .distributed import Gatherer
+from .features import FeatureBatch
+from .losses import ClipLoss, CLOCLoss, OCCLIPLoss
 
-from .distributed import pad_to_shape
-
-# Padding for ragged dims when features of different batches are joined: masks False, predicate ids -1.
-_PAD_VALUES = {"node_mask": False, "relation_mask": False, "box_mask": False, "grounding_mask": False}
-_PAD_VALUES["relation_predicate_id"] = -1
+DEFAULT_LOGIT_SCALE_MAX = 100.0
+"""open_clip's cap on the temperature, for models whose config has no `logit_scale_max` (transformers' CLIP)."""
 
 
-def concat_features(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Concatenate feature dicts on dim 0, padding other dims to the largest (masks with False)."""
-    joined = {}
-    for key in parts[0]:
-        tensors = [part[key] for part in parts]
-        if tensors[0] is None:
-            joined[key] = None
-            continue
-        shape = [max(t.shape[d] for t in tensors) for d in range(tensors[0].dim())]
-        value = _PAD_VALUES.get(key, 0)
-        padded = [pad_to_shape(t, [t.shape[0], *shape[1:]], value) for t in tensors]
-        joined[key] = torch.cat(padded, dim=0)
-    return joined
+def logit_scale_max(config) -> float:
+    """The cap on `exp(logit_scale)`: the config's `logit_scale_max` (OC-CLIP, CLOC), else open_clip's 100."""
+    return float(getattr(config, "logit_scale_max", DEFAULT_LOGIT_SCALE_MAX))
+
+
+def logit_scale(model, name: str = "logit_scale") -> torch.Tensor:
+    """`exp(model.<name>)` clamped at `logit_scale_max(model.config)`: the temperature the loss uses."""
+    return getattr(model, name).exp().clamp(max=logit_scale_max(model.config))
+
+
+def clamp_logit_scale_parameters(model, names) -> None:
+    """Keep each logit-scale parameter in `[0, ln logit_scale_max]` after an optimiser step (open_clip)."""
+    limit = math.log(logit_scale_max(model.config))
+    with torch.no_grad():
+        for name in names:
+            getattr(model, name).clamp_(0, limit)
 
 
 def splice_features(cache: list[dict], index: int, fresh: dict) -> dict[str, torch.Tensor]:
     """All cached micro-batch features with micro-batch `index` replaced by `fresh` (which carries gradients)."""
-    return concat_features([fresh if i == index else part for i, part in enumerate(cache)])
+    return FeatureBatch.concat([fresh if i == index else part for i, part in enumerate(cache)])
 
 
 class CLIPObjective:
-    """transformers `CLIPModel`: symmetric InfoNCE of normalised embeddings, logit scale clamped at 100.
+    """transformers `CLIPModel`: symmetric InfoNCE of normalised embeddings, logit scale clamped at
+    `logit_scale_max`.
 
     With `hard_negatives=True` (NegCLIP; the collator appends one negative caption per row after the batch's
     captions) the negatives are extra text columns of the image-to-text softmax over the global batch.
     """
 
     name = "clip"
-    model_class = CLIPModel
-    new_module_prefixes: tuple[str, ...] = ()
-    logit_scale_names = ("logit_scale",)
 
     def __init__(self, hard_negatives: bool = False):
         self.hard_negatives = hard_negatives
@@ -73,29 +71,35 @@ class CLIPObjective:
         count = images.shape[0]
         return {"image_embeds": images, "text_embeds": texts[:count], "negative_text_embeds": texts[count:]}
 
-    def loss(self, model, features, gatherer=None, local_loss=False) -> tuple[torch.Tensor, dict]:
+    def build_loss(self, gatherer: Gatherer | None = None, local_loss: bool = False) -> ClipLoss:
+        """The loss module over the global batch."""
+        return ClipLoss(gatherer, local_loss)
+
+    def loss(self, model, features, loss_module: ClipLoss) -> tuple[torch.Tensor, dict]:
         """`(loss, {name: value})` over the global batch."""
-        scale = model.logit_scale.exp().clamp(max=100.0)
-        loss = contrastive_loss(
+        loss = loss_module(
             features["image_embeds"],
             features["text_embeds"],
-            scale,
-            gatherer,
-            local_loss,
-            hard_negatives=features.get("negative_text_embeds"),
+            logit_scale(model),
+            features.get("negative_text_embeds"),
         )
-        return loss, {"loss_clip": loss.detach()}
+        return loss, {"loss_itc": loss.detach()}
 
 
 class OCCLIPObjective:
     """OC-CLIP: structured ITC over every (image, caption) pair of the global batch plus the local L_rel."""
 
     name = "occlip"
-    model_class = OCCLIPModel
-    new_module_prefixes = ("binding.", "similarity.")
-    logit_scale_names = ("logit_scale",)
     _image_keys = ("pooler_output", "binding_keys", "binding_values")
-    _text_keys = tuple(OCCLIPGraphFeatures.__dataclass_fields__)
+    _text_keys = (
+        "node_embeds",
+        "node_mask",
+        "relation_embeds",
+        "relation_mask",
+        "relation_subject_index",
+        "relation_object_index",
+        "relation_predicate_id",
+    )
 
     def forward_kwargs(self) -> dict:
         """Features only: the logit grid is built by the loss, over the gathered batch."""
@@ -106,11 +110,18 @@ class OCCLIPObjective:
         image, text = outputs.image_features, outputs.graph_features
         return {**{k: getattr(image, k) for k in self._image_keys}, **{k: getattr(text, k) for k in self._text_keys}}
 
-    def loss(self, model, features, gatherer=None, local_loss=False) -> tuple[torch.Tensor, dict]:
+    def build_loss(self, gatherer: Gatherer | None = None, local_loss: bool = False) -> OCCLIPLoss:
+        """The loss module over the global batch."""
+        return OCCLIPLoss(gatherer, local_loss)
+
+    def loss(self, model, features, loss_module: OCCLIPLoss) -> tuple[torch.Tensor, dict]:
         """`(L_itc + w L_rel, parts)`."""
+        # Imported here: training plain CLIP loads neither OC-CLIP's nor CLOC's model file.
+        from modeling_occlip.modeling_occlip import OCCLIPGraphFeatures, OCCLIPImageFeatures
+
         image = OCCLIPImageFeatures(**{k: features[k] for k in self._image_keys})
         text = OCCLIPGraphFeatures(**{k: features[k] for k in self._text_keys})
-        loss, loss_itc, loss_rel = model.loss_from_features(image, text, gatherer=gatherer, local_loss=local_loss)
+        loss, loss_itc, loss_rel = loss_module(model, image, text)
         parts = {"loss_itc": loss_itc.detach()}
         if loss_rel is not None:
             parts["loss_rel"] = loss_rel.detach()
@@ -121,9 +132,6 @@ class CLOCObjective:
     """CLOC: image-text InfoNCE plus region-text InfoNCE and box regression, weighted by regions present."""
 
     name = "cloc"
-    model_class = CLOCModel
-    new_module_prefixes = ("prompter.", "box_head.", "roi_head.")
-    logit_scale_names = ("logit_scale", "region_logit_scale")
     _keys = (
         "image_embeds",
         "text_embeds",
@@ -147,17 +155,18 @@ class CLOCObjective:
         found["input_boxes"] = None if batch is None else batch.get("input_boxes")
         return found
 
-    def loss(self, model, features, gatherer=None, local_loss=False) -> tuple[torch.Tensor, dict]:
-        """`(L_CLIP + lambda (L_region + L_grounding), parts)`."""
-        loss, loss_clip, loss_region, loss_grounding, loss_attention = model.loss_from_features(
-            **{k: features[k] for k in self._keys}, gatherer=gatherer, local_loss=local_loss
+    def build_loss(self, gatherer: Gatherer | None = None, local_loss: bool = False) -> CLOCLoss:
+        """The loss module over the global batch."""
+        return CLOCLoss(gatherer, local_loss)
+
+    def loss(self, model, features, loss_module: CLOCLoss) -> tuple[torch.Tensor, dict]:
+        """`(L_itc + lambda (L_region + L_grounding), parts)`."""
+        loss, loss_itc, loss_region, loss_grounding, loss_attention = loss_module(
+            model, **{k: features[k] for k in self._keys}
         )
-        parts = {"loss_clip": loss_clip.detach()}
+        parts = {"loss_itc": loss_itc.detach()}
         if loss_region is not None:
             parts.update(loss_region=loss_region.detach(), loss_grounding=loss_grounding.detach())
         if loss_attention is not None:
             parts["loss_grounding_attention"] = loss_attention.detach()
         return loss, parts
-
-
-OBJECTIVES = {objective.name: objective for objective in (CLIPObjective(), OCCLIPObjective(), CLOCObjective())}

@@ -13,6 +13,7 @@ import contextlib
 import torch
 from torch import nn
 
+from .distributed import Gatherer
 from .objectives import splice_features
 
 
@@ -31,35 +32,34 @@ def _differentiable(features: dict) -> list[torch.Tensor]:
 
 
 class ContrastiveTrainingModule(nn.Module):
-    """The model plus its objective, so that the loss is computed inside `forward`.
+    """The model plus its objective's loss module (`training.losses`), so that the loss is computed inside `forward`.
 
     DDP (`find_unused_parameters=True`) then sees every parameter the loss uses, including those used only by
     the loss (logit scales, OC-CLIP's scoring head) and those a batch leaves out (CLOC without regions, OC-CLIP's
     unused global projection).
     """
 
-    def __init__(self, model: nn.Module, objective):
+    def __init__(self, model: nn.Module, objective, gatherer: Gatherer | None = None, local_loss: bool = False):
         super().__init__()
         self.model = model
         self.objective = objective
+        self.loss = objective.build_loss(gatherer, local_loss)
 
     def features(self, batch: dict) -> dict:
         """The objective's features of one batch."""
         return self.objective.features(self.model(**batch, **self.objective.forward_kwargs()), batch)
 
-    def forward(self, batch: dict, gatherer=None, local_loss: bool = False, cache=None, index: int | None = None):
+    def forward(self, batch: dict, cache=None, index: int | None = None):
         """`(loss, parts, fresh features)`; with `cache`, micro-batch `index`'s features are spliced into it."""
         fresh = self.features(batch)
         features = fresh if cache is None else splice_features(cache, index, fresh)
-        loss, parts = self.objective.loss(self.model, features, gatherer, local_loss)
+        loss, parts = self.objective.loss(self.model, features, self.loss)
         return loss, parts, fresh
 
 
 def forward_backward(
     module,
     micro_batches: list[dict],
-    gatherer=None,
-    local_loss: bool = False,
     backward=None,
     no_sync=None,
     autocast=None,
@@ -74,7 +74,7 @@ def forward_backward(
     backward = backward or (lambda loss: loss.backward())
     no_sync = no_sync or (lambda _: contextlib.nullcontext())
     if len(micro_batches) == 1:
-        loss, parts, _ = module(micro_batches[0], gatherer, local_loss)
+        loss, parts, _ = module(micro_batches[0])
         backward(loss)
         return loss.detach(), parts
 
@@ -89,7 +89,7 @@ def forward_backward(
     for index, batch in enumerate(micro_batches):
         _set_rng_state(states[index])
         with no_sync(module) if index < last else contextlib.nullcontext():
-            loss, parts, fresh = module(batch, gatherer, local_loss, cache, index)
+            loss, parts, fresh = module(batch, cache, index)
             if index < last:
                 tensors = _differentiable(fresh)
                 grads = torch.autograd.grad(loss, tensors, allow_unused=True)

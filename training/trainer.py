@@ -29,9 +29,6 @@ from transformers import (
     get_cosine_schedule_with_warmup,
 )
 
-from modeling_cloc import CLOCConfig, CLOCModel
-from modeling_occlip import OCCLIPConfig, OCCLIPModel
-from processing import CLOCProcessor, OCCLIPProcessor
 from processing.clip_tokenizer import bundled_clip_tokenizer
 
 from .checkpoint import (
@@ -57,8 +54,9 @@ from .data import (
 )
 from .distributed import FeatureGatherer
 from .evaluation import ImageTextScorer, evaluate_regions, evaluate_rows
+from .families import ModelFamily, get_family
 from .model_card import write_model_card
-from .objectives import OBJECTIVES, CLIPObjective
+from .objectives import clamp_logit_scale_parameters
 from .step import ContrastiveTrainingModule, forward_backward
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
@@ -68,7 +66,7 @@ RUN_SHAPE_KEYS = ("per_device_train_batch_size", "gradient_accumulation_steps", 
 
 
 @dataclass
-class TrainingArguments:
+class ContrastiveTrainingArguments:
     """Every option of the training scripts (names as in `data.md`)."""
 
     output_dir: str = field(metadata={"help": "final model + processor + card; resumable state in checkpoints/"})
@@ -152,7 +150,10 @@ class TrainingArguments:
     push_to_hub: bool = False
     hub_model_id: str | None = None
     gradient_checkpointing: bool = False
-    disable_tqdm: bool = False
+    disable_tqdm: bool = field(
+        default=False,
+        metadata={"help": "no progress bar: print a line per logged step (step, loss, LR, samples/s) instead"},
+    )
 
 
 class TrainingProgress:
@@ -175,21 +176,49 @@ class TrainingProgress:
         vars(self).update({n: state[n] for n in names})
 
 
-MODEL_CLASSES = {"clip": CLIPModel, "occlip": OCCLIPModel, "cloc": CLOCModel}
-CONFIG_CLASSES = {"clip": CLIPConfig, "occlip": OCCLIPConfig, "cloc": CLOCConfig}
-PROCESSOR_CLASSES = {"clip": CLIPProcessor, "occlip": OCCLIPProcessor, "cloc": CLOCProcessor}
-
-
-def default_processor(family: str, image_size: int):
+def default_processor(family: "str | ModelFamily", image_size: int):
     """The family's processor with the bundled CLIP tokenizer and a CLIP image processor at `image_size`."""
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
-    return PROCESSOR_CLASSES[family](image_processor=image_processor, tokenizer=bundled_clip_tokenizer())
+    return get_family(family).processor_class(image_processor=image_processor, tokenizer=bundled_clip_tokenizer())
 
 
-def build_model_and_processor(args: TrainingArguments, family: str):
+TOWER_SETTINGS = ("text_config", "vision_config", "projection_dim")
+
+
+def new_module_settings(values: dict, clip_config, model_config_path, init_from) -> dict:
+    """The `--model_config` values for the modules CLIP lacks, when fine-tuning from the CLIP at `init_from`.
+
+    Tower settings (`text_config`, `vision_config`, `projection_dim`) may be repeated as the checkpoint has them;
+    a value that contradicts the checkpoint is a `ValueError` naming it, since the towers come from there.
+    """
+    contradictions = []
+    for key in TOWER_SETTINGS:
+        if key not in values:
+            continue
+        given, saved = values[key], getattr(clip_config, key)
+        if isinstance(given, dict):
+            saved = saved.to_dict()
+            contradictions += [
+                f"{key}.{name} {value!r} (checkpoint: {saved.get(name)!r})"
+                for name, value in given.items()
+                if saved.get(name) != value
+            ]
+        elif given != saved:
+            contradictions.append(f"{key} {given!r} (checkpoint: {saved!r})")
+    if contradictions:
+        raise ValueError(
+            f"--model_config {model_config_path} contradicts the CLIP towers of --init_from {init_from}: "
+            f"{', '.join(contradictions)}; with --init_from, --model_config sets only what CLIP lacks (binding, "
+            "prompter, loss options), the towers coming from the checkpoint"
+        )
+    return {key: value for key, value in values.items() if key not in TOWER_SETTINGS}
+
+
+def build_model_and_processor(args: "ContrastiveTrainingArguments", family: "str | ModelFamily"):
     """The model (from `--model_config` or `--init_from`) and its processor."""
+    family = get_family(family)
     if args.model_config is None and args.init_from is None:
         raise ValueError("pass --model_config (train from scratch) or --init_from (a CLIP folder)")
     values = {}
@@ -199,44 +228,40 @@ def build_model_and_processor(args: TrainingArguments, family: str):
         if not isinstance(values, dict):
             raise ValueError(f"--model_config {args.model_config} must hold a JSON object")
     if args.init_from is None:
-        config = CONFIG_CLASSES[family](**values)
-        model = MODEL_CLASSES[family](config)
+        config = family.config(values)
+        model = family.model_class(config)
         processor = default_processor(family, config.vision_config.image_size)
         return model, processor
-    towers = sorted(set(values) & {"text_config", "vision_config", "projection_dim"})
-    if towers or (values and family == "clip"):
-        raise ValueError(
-            f"--model_config with --init_from sets only what CLIP lacks; {towers or sorted(values)} come from "
-            f"the checkpoint {args.init_from}"
-        )
+    clip_config = CLIPConfig.from_pretrained(args.init_from)
+    values = new_module_settings(values, clip_config, args.model_config, args.init_from)
     clip = CLIPModel.from_pretrained(args.init_from)
-    model = clip if family == "clip" else MODEL_CLASSES[family].from_clip(clip, **values)
+    model = family.from_clip(clip, values)
     try:
         loaded = CLIPProcessor.from_pretrained(args.init_from)
-        processor = PROCESSOR_CLASSES[family](image_processor=loaded.image_processor, tokenizer=loaded.tokenizer)
+        processor = family.processor_class(image_processor=loaded.image_processor, tokenizer=loaded.tokenizer)
     except (OSError, ValueError, TypeError):
         processor = default_processor(family, clip.config.vision_config.image_size)
     return model, processor
 
 
-def _is_new_module(name: str, objective) -> bool:
-    return not name.startswith(TOWER_PREFIXES) and name not in objective.logit_scale_names
+def _is_new_module(name: str, family: ModelFamily) -> bool:
+    return not name.startswith(TOWER_PREFIXES) and name not in family.logit_scale_names
 
 
-def apply_finetune_mode(model, args: TrainingArguments, objective):
+def apply_finetune_mode(model, args: "ContrastiveTrainingArguments", family: ModelFamily):
     """Full (unchanged), frozen towers (only new modules and logit scales train), or LoRA via PEFT."""
     if args.finetune_mode == "full":
         return model
     if args.finetune_mode == "frozen":
-        if not any(_is_new_module(n, objective) for n, _ in model.named_parameters()):
-            raise ValueError(f"--finetune_mode frozen leaves nothing to train in a {objective.name} model")
+        if not any(_is_new_module(n, family) for n, _ in model.named_parameters()):
+            raise ValueError(f"--finetune_mode frozen leaves nothing to train in a {family.name} model")
         for name, parameter in model.named_parameters():
-            parameter.requires_grad_(_is_new_module(name, objective) or name in objective.logit_scale_names)
+            parameter.requires_grad_(_is_new_module(name, family) or name in family.logit_scale_names)
         return model
     if args.finetune_mode == "lora":
         from peft import LoraConfig, get_peft_model
 
-        new_modules = sorted({p.rstrip(".") for p in objective.new_module_prefixes if hasattr(model, p.rstrip("."))})
+        new_modules = sorted({p.rstrip(".") for p in family.new_module_prefixes if hasattr(model, p.rstrip("."))})
         new_modules = [m for m in new_modules if getattr(model, m) is not None]
         config = LoraConfig(
             r=args.lora_r,
@@ -246,7 +271,7 @@ def apply_finetune_mode(model, args: TrainingArguments, objective):
             modules_to_save=["visual_projection", "text_projection", *new_modules],
         )
         peft_model = get_peft_model(model, config)
-        for name in objective.logit_scale_names:  # logit scales are parameters, not modules: train them directly
+        for name in family.logit_scale_names:  # logit scales are parameters, not modules: train them directly
             getattr(peft_model.base_model.model, name).requires_grad_(True)
         return peft_model
     raise ValueError(f"--finetune_mode must be full, frozen or lora, got {args.finetune_mode!r}")
@@ -257,7 +282,9 @@ def base_model(model):
     return model.base_model.model if hasattr(model, "peft_config") else model
 
 
-def build_optimizer(model, args: TrainingArguments, objective, fine_tuning: bool) -> torch.optim.AdamW:
+def build_optimizer(
+    model, args: "ContrastiveTrainingArguments", family: ModelFamily, fine_tuning: bool
+) -> torch.optim.AdamW:
     """AdamW: no weight decay on 1-D parameters (biases, norms, embeddings' vectors) and logit scales; towers
     at `backbone_learning_rate` when fine-tuning from CLIP."""
     backbone_lr = args.backbone_learning_rate if args.backbone_learning_rate is not None else args.learning_rate / 10
@@ -266,7 +293,7 @@ def build_optimizer(model, args: TrainingArguments, objective, fine_tuning: bool
         if not parameter.requires_grad:
             continue
         plain = name.replace("base_model.model.", "")
-        no_decay = parameter.ndim < 2 or plain.split(".")[-1] in objective.logit_scale_names or "norm" in plain
+        no_decay = parameter.ndim < 2 or plain.split(".")[-1] in family.logit_scale_names or "norm" in plain
         is_tower = plain.startswith(TOWER_PREFIXES) and "lora_" not in plain and "modules_to_save" not in plain
         lr = backbone_lr if (fine_tuning and is_tower) else args.learning_rate
         key = (lr, 0.0 if no_decay else args.weight_decay)
@@ -279,13 +306,9 @@ def build_optimizer(model, args: TrainingArguments, objective, fine_tuning: bool
     )
 
 
-def clamp_logit_scales(model, objective) -> None:
-    """Keep every logit scale in [0, ln max] (open_clip; max = the config's `logit_scale_max`, else 100)."""
-    model = base_model(model)
-    limit = math.log(getattr(model.config, "logit_scale_max", 100.0))
-    with torch.no_grad():
-        for name in objective.logit_scale_names:
-            getattr(model, name).clamp_(0, limit)
+def clamp_logit_scales(model, family: ModelFamily) -> None:
+    """Keep every logit scale in [0, ln logit_scale_max] (open_clip; `training.objectives.logit_scale_max`)."""
+    clamp_logit_scale_parameters(base_model(model), family.logit_scale_names)
 
 
 def _latest_checkpoint(output_dir: Path) -> Path | None:
@@ -308,7 +331,7 @@ def _check_run_shape(checkpoint: Path, saved: dict, current: dict) -> None:
         )
 
 
-def _input_paths(args: "TrainingArguments") -> dict[str, Path]:
+def _input_paths(args: "ContrastiveTrainingArguments") -> dict[str, Path]:
     """The local folders this run reads from, by flag (a glob or file pattern gives its folder)."""
     found = {}
     for flag in ("train_data", "dataset_name", "eval_data", "init_from"):
@@ -325,7 +348,7 @@ def _input_paths(args: "TrainingArguments") -> dict[str, Path]:
     return found
 
 
-def check_output_dir(args: "TrainingArguments") -> None:
+def check_output_dir(args: "ContrastiveTrainingArguments") -> None:
     """`ValueError` when `--output_dir` is an input folder, or it and a data folder contain one another: the final
     model card, config and checkpoints would overwrite or be mixed into the inputs (checked before any write)."""
     output = Path(args.output_dir).resolve()
@@ -349,7 +372,7 @@ def _positive_int(args, name: str, allow_none: bool = False) -> None:
         raise ValueError(f"--{name} must be a positive integer, got {value!r}")
 
 
-def validate_arguments(args: "TrainingArguments") -> None:
+def validate_arguments(args: "ContrastiveTrainingArguments") -> None:
     """`ValueError` naming the option for values that would train nothing, divide by zero or diverge at once."""
     if (args.train_data is None) == (args.dataset_name is None):
         raise ValueError("pass one of --train_data and --dataset_name (the training data), not both or neither")
@@ -453,38 +476,87 @@ def accelerator_processes() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def train(args: TrainingArguments, family: str) -> dict:
-    """Train a `family` model (`clip`, `occlip`, `cloc`) as `args` says; returns the final metrics."""
-    if args.hard_negatives and family != "clip":
-        raise ValueError(f"--hard_negatives is the CLIP baseline's option; {family} trains without hard negatives")
+@dataclass
+class TrainingRun:
+    """What the stages of `train` share: the prepared module, optimiser and data, and the run's records."""
+
+    args: ContrastiveTrainingArguments
+    family: ModelFamily
+    accelerator: Accelerator
+    module: ContrastiveTrainingModule
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    processor: object
+    dataset: object
+    loader: torch.utils.data.DataLoader
+    max_steps: int
+    model_config: dict
+    run_shape: dict
+    evaluation_rows: list[dict] | None = None
+    progress: TrainingProgress = field(default_factory=TrainingProgress)
+    metrics: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)  # every logged record (transformers' Trainer log_history)
+    evaluated_step: int | None = None  # the final model is evaluated unless the last step already was
+    samples: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def output_dir(self) -> Path:
+        """`--output_dir`."""
+        return Path(self.args.output_dir)
+
+    @property
+    def rows_per_step(self) -> int:
+        """Rows of one optimisation step over every process and micro-batch."""
+        args = self.args
+        return args.per_device_train_batch_size * args.gradient_accumulation_steps * self.accelerator.num_processes
+
+
+def _check_run(args: ContrastiveTrainingArguments, family: ModelFamily):
+    """Every check that needs no model or data, before anything is built or written; returns the trackers."""
+    if args.hard_negatives and family.name != "clip":
+        raise ValueError(
+            f"--hard_negatives is the CLIP baseline's option; {family.name} trains without hard negatives"
+        )
     validate_arguments(args)
     trackers = requested_trackers(args.report_to)
     check_output_dir(args)  # before anything is written
-    objective = CLIPObjective(hard_negatives=True) if args.hard_negatives else OBJECTIVES[family]
-    output_dir = Path(args.output_dir)
-    if family == "occlip" and args.on_bad_sample == "skip" and accelerator_processes() > 1:
+    if family.name == "occlip" and args.on_bad_sample == "skip" and accelerator_processes() > 1:
         # OC-CLIP's gathered loss needs equal batches on every process; a skipped row breaks that.
         raise ValueError("--on_bad_sample skip is not supported for OC-CLIP with several processes; clean the data")
     if args.mixed_precision == "fp16" and args.gradient_accumulation_steps > 1:
         # Cached-feature accumulation backpropagates feature gradients outside the fp16 loss scaler.
         raise ValueError("--mixed_precision fp16 does not combine with --gradient_accumulation_steps > 1; use bf16")
-    accelerator = Accelerator(
+    if args.streaming and not args.max_steps:
+        raise ValueError("--streaming needs --max_steps (a streamed dataset has no length)")
+    return trackers
+
+
+def _make_accelerator(args: ContrastiveTrainingArguments, trackers) -> Accelerator:
+    """The run's Accelerator: mixed precision, trackers, seedable sampler, DDP that tolerates unused parameters."""
+    return Accelerator(
         # Accelerate sets up gloo for a CPU-only launch only when asked: without `cpu=True` every process of a
         # `torchrun` on CPU would believe it is the only one (no DDP, no gathered loss, racing checkpoint writes).
         cpu=accelerator_processes() > 1 and not torch.cuda.is_available(),
         mixed_precision=args.mixed_precision,
         log_with=trackers,
-        project_config=ProjectConfiguration(project_dir=str(output_dir)),
+        project_config=ProjectConfiguration(project_dir=str(args.output_dir)),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
-    set_seed(args.seed)
+
+
+def _build_model(args: ContrastiveTrainingArguments, family: ModelFamily):
+    """`(model, processor, model config as a dict)`, the fine-tuning mode applied."""
     model, processor = build_model_and_processor(args, family)
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = apply_finetune_mode(model, args, objective)
-    model_config = json.loads(base_model(model).config.to_json_string(use_diff=False))
+    model = apply_finetune_mode(model, args, family)
+    return model, processor, json.loads(base_model(model).config.to_json_string(use_diff=False))
 
+
+def _training_loader(args: ContrastiveTrainingArguments, family: ModelFamily, processor, accelerator: Accelerator):
+    """`(dataset, loader, bad metadata lines skipped at load)` of the training data."""
     source, flag = training_source(args)
     dataset, skipped_at_load = load_training_data(
         source,
@@ -496,12 +568,6 @@ def train(args: TrainingArguments, family: str) -> dict:
         config_name=args.dataset_config_name,
         flag=flag,
     )
-    evaluation_rows = None
-    eval_source = args.eval_data if args.eval_data is not None else source if args.eval_split is not None else None
-    if eval_source is not None:  # read (and checked) before training, not at the first evaluation
-        evaluation_rows = load_evaluation_rows(
-            eval_source, args.eval_max_samples, args.image_column, args.caption_column, args.eval_split
-        )
     root = data_root(source)  # None for a Hub dataset: its rows may then name no file at all
     collator = TrainingCollator(
         processor,
@@ -513,8 +579,6 @@ def train(args: TrainingArguments, family: str) -> dict:
         local_files=root is not None,
     )
     if args.streaming:
-        if not args.max_steps:
-            raise ValueError("--streaming needs --max_steps (a streamed dataset has no length)")
         if accelerator.num_processes > 1:
             dataset = split_dataset_by_node(dataset, accelerator.process_index, accelerator.num_processes)
         dataset = dataset.shuffle(seed=args.seed, buffer_size=args.shuffle_buffer_size)
@@ -530,164 +594,252 @@ def train(args: TrainingArguments, family: str) -> dict:
         num_workers=args.dataloader_num_workers,
         generator=None if args.streaming else torch.Generator().manual_seed(args.seed),
     )
+    return dataset, loader, skipped_at_load
+
+
+def _count_steps(args: ContrastiveTrainingArguments, dataset, loader, accelerator: Accelerator) -> int:
+    """The number of optimisation steps of the run (`ValueError` when the data give no full step)."""
     if args.streaming:
-        max_steps = args.max_steps
-    else:
-        steps_per_epoch = len(loader) // accelerator.num_processes // args.gradient_accumulation_steps
-        if steps_per_epoch == 0:
-            raise ValueError(
-                f"{len(dataset)} rows give no full step of {args.per_device_train_batch_size} x "
-                f"{args.gradient_accumulation_steps} x {accelerator.num_processes} rows"
-            )
-        max_steps = args.max_steps or steps_per_epoch * args.num_train_epochs
-    optimizer = build_optimizer(model, args, objective, fine_tuning=args.init_from is not None)
+        return args.max_steps
+    steps_per_epoch = len(loader) // accelerator.num_processes // args.gradient_accumulation_steps
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{len(dataset)} rows give no full step of {args.per_device_train_batch_size} x "
+            f"{args.gradient_accumulation_steps} x {accelerator.num_processes} rows"
+        )
+    return args.max_steps or steps_per_epoch * args.num_train_epochs
+
+
+def _prepare_run(args: ContrastiveTrainingArguments, family: ModelFamily, trackers) -> TrainingRun:
+    """Accelerator, model, data, optimiser and schedule, all prepared for the loop."""
+    accelerator = _make_accelerator(args, trackers)
+    set_seed(args.seed)
+    model, processor, model_config = _build_model(args, family)
+    dataset, loader, skipped_at_load = _training_loader(args, family, processor, accelerator)
+    evaluation_rows = None
+    # Without --eval_data, --eval_split names a split of the training data.
+    eval_source = (
+        args.eval_data
+        if args.eval_data is not None
+        else training_source(args)[0]
+        if args.eval_split is not None
+        else None
+    )
+    if eval_source is not None:  # read (and checked) before training, not at the first evaluation
+        evaluation_rows = load_evaluation_rows(
+            eval_source, args.eval_max_samples, args.image_column, args.caption_column, args.eval_split
+        )
+    max_steps = _count_steps(args, dataset, loader, accelerator)
+    optimizer = build_optimizer(model, args, family, fine_tuning=args.init_from is not None)
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, max_steps)
-    module = ContrastiveTrainingModule(model, objective)
+    # Constructed on every process at the same point: the gatherer may create a process group collectively.
+    module = ContrastiveTrainingModule(
+        model, family.objective(args.hard_negatives), FeatureGatherer(), args.local_loss
+    )
     if args.streaming:  # each process reads its own split of the stream; batches are moved to the device here
         module, optimizer = accelerator.prepare(module, optimizer)
     else:
         module, optimizer, loader = accelerator.prepare(module, optimizer, loader)
-    progress = TrainingProgress()
     # The scheduler stays out of `prepare` (which would step it once per process); it is saved with the progress
     # counters as JSON (`training.checkpoint`: resume reads no pickle).
-    run_shape = {
-        "per_device_train_batch_size": args.per_device_train_batch_size,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "num_processes": accelerator.num_processes,
-    }
-    gatherer = FeatureGatherer()
-
+    run = TrainingRun(
+        args=args,
+        family=family,
+        accelerator=accelerator,
+        module=module,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        processor=processor,
+        dataset=dataset,
+        loader=loader,
+        max_steps=max_steps,
+        model_config=model_config,
+        run_shape={
+            "per_device_train_batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "num_processes": accelerator.num_processes,
+        },
+        evaluation_rows=evaluation_rows,
+    )
     if args.resume_from_checkpoint:
-        checkpoint = (
-            _latest_checkpoint(output_dir)
-            if args.resume_from_checkpoint == "latest"
-            else Path(args.resume_from_checkpoint)
-        )
-        if checkpoint is None or not checkpoint.is_dir():
-            raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no checkpoint found")
-        state = read_training_state(checkpoint)  # refuses incomplete and pickled (older) checkpoints
-        _check_resume_config(checkpoint, model_config)
-        _check_run_shape(checkpoint, state.get("run_shape") or {}, run_shape)
-        load_training_state(accelerator, checkpoint, module, optimizer)
-        try:
-            scheduler.load_state_dict(state["scheduler"])
-        except (KeyError, TypeError, ValueError) as error:
-            raise CheckpointError(f"{checkpoint}: malformed scheduler state ({error})") from None
-        progress.load_state_dict(state.get("progress"))  # its count already holds the bad metadata lines
+        _resume(run)
     elif accelerator.is_main_process:  # every process reads all of metadata.jsonl: count its bad lines once
-        progress.skipped += skipped_at_load
-    if accelerator.is_main_process:
+        run.progress.skipped += skipped_at_load
+    return run
+
+
+def _resume(run: TrainingRun) -> None:
+    """Model, optimiser, schedule and progress from `--resume_from_checkpoint` (checked against this run)."""
+    args = run.args
+    checkpoint = (
+        _latest_checkpoint(run.output_dir)
+        if args.resume_from_checkpoint == "latest"
+        else Path(args.resume_from_checkpoint)
+    )
+    if checkpoint is None or not checkpoint.is_dir():
+        raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no checkpoint found")
+    state = read_training_state(checkpoint)  # refuses incomplete and pickled (older) checkpoints
+    _check_resume_config(checkpoint, run.model_config)
+    _check_run_shape(checkpoint, state.get("run_shape") or {}, run.run_shape)
+    load_training_state(run.accelerator, checkpoint, run.module, run.optimizer)
+    try:
+        run.scheduler.load_state_dict(state["scheduler"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{checkpoint}: malformed scheduler state ({error})") from None
+    run.progress.load_state_dict(state.get("progress"))  # its count already holds the bad metadata lines
+
+
+def _init_trackers(run: TrainingRun) -> None:
+    """Start `--report_to`'s trackers with the run's options as hyperparameters (main process)."""
+    if run.accelerator.is_main_process:
         # TensorBoard's hparams take only scalars and strings: a list option (--lora_target_modules) is joined.
         config = {
             k: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v
-            for k, v in asdict(args).items()
+            for k, v in asdict(run.args).items()
             if v is not None
         }
-        accelerator.init_trackers("training", config=config)
+        run.accelerator.init_trackers("training", config=config)
 
+
+def _train_step(run: TrainingRun, micro: list[dict]) -> tuple[torch.Tensor, dict]:
+    """Forward, backward and optimiser step on one step's micro-batches; returns the loss and its parts."""
+    accelerator, progress = run.accelerator, run.progress
+    progress.batches_in_epoch += len(micro)
+    # Counted per trained batch (not in the collator): workers and read-ahead would miscount.
+    progress.skipped += int(sum(batch.pop(SKIPPED_KEY).sum() for batch in micro))
+    run.module.train()
+    loss, parts = forward_backward(run.module, micro, accelerator.backward, accelerator.no_sync, accelerator.autocast)
+    check_finite_loss(progress.step + 1, loss, parts, accelerator)
+    if run.args.max_grad_norm:
+        accelerator.clip_grad_norm_(run.module.parameters(), run.args.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    clamp_logit_scales(accelerator.unwrap_model(run.module).model, run.family)
+    progress.step += 1
+    run.samples += run.rows_per_step
+    return loss, parts
+
+
+def _log_step(run: TrainingRun, loss: torch.Tensor, parts: dict, bar) -> None:
+    """Every `--logging_steps` and at the last step: the process-averaged losses, LR and throughput to the
+    trackers, the history, and the progress bar (or, with `--disable_tqdm`, a line on stdout)."""
+    step = run.progress.step
+    if step % run.args.logging_steps and step != run.max_steps:
+        return
+    reduced = run.accelerator.reduce(torch.stack([loss, *parts.values()]), reduction="mean").tolist()
+    metrics = dict(zip(["loss", *parts], reduced))
+    metrics["lr"] = run.scheduler.get_last_lr()[0]
+    metrics["samples_per_second"] = run.samples / (time.perf_counter() - run.started)
+    run.metrics = metrics
+    run.accelerator.log(metrics, step=step)
+    run.history.append({"step": step, **metrics})
+    shown = {"loss": f"{metrics['loss']:.4f}", "lr": f"{metrics['lr']:.2e}"}
+    shown["sps"] = f"{metrics['samples_per_second']:.1f}"
+    if bar.disable:
+        if run.accelerator.is_main_process:  # a log file gets progress lines instead of a bar
+            print(
+                f"step {step}/{run.max_steps}: loss {shown['loss']}, lr {shown['lr']}, samples/s {shown['sps']}",
+                flush=True,
+            )
+    else:
+        bar.set_postfix(**shown)
+
+
+def _after_step(run: TrainingRun) -> None:
+    """Periodic evaluation and checkpoint, when their step comes."""
+    args, step = run.args, run.progress.step
+    if run.evaluation_rows is not None and args.eval_steps and step % args.eval_steps == 0:
+        _evaluate(run)
+    if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+        state = {"progress": run.progress.state_dict(), "scheduler": run.scheduler.state_dict()}
+        state["run_shape"] = run.run_shape
+        check_finite_weights(run.accelerator.unwrap_model(run.module), step)
+        save_checkpoint(
+            run.accelerator,
+            run.module,
+            run.optimizer,
+            run.output_dir,
+            step,
+            state,
+            run.model_config,
+            args.checkpoints_total_limit,
+        )
+
+
+def _evaluate(run: TrainingRun) -> None:
+    """Evaluate the model at this step on `--eval_data` and record the metrics."""
+    step = run.progress.step
+    evaluated = run_evaluation(run.accelerator, run.module, run.processor, run.family, run.evaluation_rows, step)
+    run.metrics.update(evaluated)
+    run.history.append({"step": step, **evaluated})
+    run.evaluated_step = step
+
+
+def _train_loop(run: TrainingRun) -> None:
+    """Epochs of steps until `max_steps`, resuming inside an epoch where a checkpoint left off."""
+    args, accelerator, progress = run.args, run.accelerator, run.progress
     bar = tqdm(
-        total=max_steps,
+        total=run.max_steps,
         initial=progress.step,
         disable=args.disable_tqdm or not accelerator.is_local_main_process,
-        desc=f"train {family}",
+        desc=f"train {run.family.name}",
     )
-    metrics, started, samples = {}, time.perf_counter(), 0
-    history = []  # every logged record, written to OUT/log_history.json (as transformers' Trainer log_history)
-    evaluated_step = None  # the final model is evaluated unless the last step already was
-    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-    while progress.step < max_steps:
-        batches = _epoch_batches(accelerator, loader, dataset, args.streaming, progress)
+    while progress.step < run.max_steps:
+        batches = _epoch_batches(accelerator, run.loader, run.dataset, args.streaming, progress)
         steps_this_epoch = 0
-        while progress.step < max_steps:
+        while progress.step < run.max_steps:
             micro = _next_micro_batches(accelerator, batches, args.gradient_accumulation_steps)
             if micro is None:  # this epoch has no full step left on some process
                 if steps_this_epoch == 0 and progress.batches_in_epoch == 0:
                     raise ValueError("the dataset gives no full step on every process: lower the batch size")
                 break
             steps_this_epoch += 1
-            progress.batches_in_epoch += len(micro)
-            # Counted per trained batch (not in the collator): workers and read-ahead would miscount.
-            progress.skipped += int(sum(batch.pop(SKIPPED_KEY).sum() for batch in micro))
-            module.train()
-            loss, parts = forward_backward(
-                module,
-                micro,
-                gatherer,
-                args.local_loss,
-                accelerator.backward,
-                accelerator.no_sync,
-                accelerator.autocast,
-            )
-            check_finite_loss(progress.step + 1, loss, parts, accelerator)
-            if args.max_grad_norm:
-                accelerator.clip_grad_norm_(module.parameters(), args.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            clamp_logit_scales(accelerator.unwrap_model(module).model, objective)
-            progress.step += 1
-            samples += per_step
-            if progress.step % args.logging_steps == 0 or progress.step == max_steps:
-                reduced = accelerator.reduce(torch.stack([loss, *parts.values()]), reduction="mean").tolist()
-                metrics = dict(zip(["loss", *parts], reduced))
-                metrics["lr"] = scheduler.get_last_lr()[0]
-                metrics["samples_per_second"] = samples / (time.perf_counter() - started)
-                accelerator.log(metrics, step=progress.step)
-                history.append({"step": progress.step, **metrics})
-                bar.set_postfix(
-                    loss=f"{metrics['loss']:.4f}",
-                    lr=f"{metrics['lr']:.2e}",
-                    sps=f"{metrics['samples_per_second']:.1f}",
-                )
+            loss, parts = _train_step(run, micro)
+            _log_step(run, loss, parts, bar)
             bar.update(1)
-            if evaluation_rows is not None and args.eval_steps and progress.step % args.eval_steps == 0:
-                evaluated = run_evaluation(accelerator, module, processor, family, evaluation_rows, progress.step)
-                metrics.update(evaluated)
-                history.append({"step": progress.step, **evaluated})
-                evaluated_step = progress.step
-            if args.checkpointing_steps and progress.step % args.checkpointing_steps == 0:
-                state = {
-                    "progress": progress.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "run_shape": run_shape,
-                }
-                check_finite_weights(accelerator.unwrap_model(module), progress.step)
-                save_checkpoint(
-                    accelerator,
-                    module,
-                    optimizer,
-                    output_dir,
-                    progress.step,
-                    state,
-                    model_config,
-                    args.checkpoints_total_limit,
-                )
+            _after_step(run)
         else:
             break
         progress.epoch += 1
         progress.batches_in_epoch = 0
     bar.close()
-    if evaluation_rows is not None and evaluated_step != progress.step:
-        evaluated = run_evaluation(accelerator, module, processor, family, evaluation_rows, progress.step)
-        metrics.update(evaluated)
-        history.append({"step": progress.step, **evaluated})
+
+
+def _finish(run: TrainingRun) -> dict:
+    """Final evaluation, skipped-row count, and (main process) the saved model, processor, card and history."""
+    accelerator, progress = run.accelerator, run.progress
+    if run.evaluation_rows is not None and run.evaluated_step != progress.step:
+        _evaluate(run)
     skipped = torch.tensor(float(progress.skipped), device=accelerator.device)
-    metrics["skipped_rows"] = int(accelerator.reduce(skipped, reduction="sum").item())
-    if metrics["skipped_rows"] and accelerator.is_main_process:
-        print(f"skipped {metrics['skipped_rows']} bad rows (--on_bad_sample skip)")
+    run.metrics["skipped_rows"] = int(accelerator.reduce(skipped, reduction="sum").item())
+    if run.metrics["skipped_rows"] and accelerator.is_main_process:
+        print(f"skipped {run.metrics['skipped_rows']} bad rows (--on_bad_sample skip)")
     accelerator.wait_for_everyone()
-    check_finite_weights(accelerator.unwrap_model(module), progress.step)
+    check_finite_weights(accelerator.unwrap_model(run.module), progress.step)
     if accelerator.is_main_process:
-        save_final(accelerator.unwrap_model(module).model, processor, output_dir, args, family, metrics)
+        model = accelerator.unwrap_model(run.module).model
+        save_final(model, run.processor, run.output_dir, run.args, run.family.name, run.metrics)
         # Records of this run (after a resume: from the resumed step on).
-        (output_dir / "log_history.json").write_text(json.dumps(history, indent=1))
-        if args.push_to_hub:
-            push_to_hub(output_dir, args.hub_model_id or output_dir.name)
+        (run.output_dir / "log_history.json").write_text(json.dumps(run.history, indent=1))
+        if run.args.push_to_hub:
+            push_to_hub(run.output_dir, run.args.hub_model_id or run.output_dir.name)
     accelerator.end_training()
-    return metrics
+    return run.metrics
 
 
-def training_source(args: TrainingArguments) -> tuple[str, str]:
+def train(args: ContrastiveTrainingArguments, family: "str | ModelFamily") -> dict:
+    """Train a `family` model (`clip`, `occlip`, `cloc` or a `ModelFamily`) as `args` says; returns the final
+    metrics."""
+    family = get_family(family)
+    trackers = _check_run(args, family)
+    run = _prepare_run(args, family, trackers)
+    _init_trackers(run)
+    _train_loop(run)
+    return _finish(run)
+
+
+def training_source(args: ContrastiveTrainingArguments) -> tuple[str, str]:
     """The training data's location and the flag that gave it (`--train_data` or `--dataset_name`)."""
     if args.dataset_name is not None:
         return args.dataset_name, "--dataset_name"
@@ -715,7 +867,9 @@ def load_evaluation_rows(
     return rows
 
 
-def run_evaluation(accelerator: Accelerator, module, processor, family: str, rows: list[dict], step: int) -> dict:
+def run_evaluation(
+    accelerator: Accelerator, module, processor, family: "str | ModelFamily", rows: list[dict], step: int
+) -> dict:
     """`training.evaluation.evaluate_rows` on the main process (others wait), logged as `eval/<metric>`."""
     results = {}
     if accelerator.is_main_process:
@@ -724,7 +878,7 @@ def run_evaluation(accelerator: Accelerator, module, processor, family: str, row
         images = [r["image"] for r in rows]
         values = evaluate_rows(scorer, rows, images)
         region_rows = [r for r in rows if r.get("regions")]
-        if family == "cloc" and region_rows:  # classes: the region texts of the evaluation rows
+        if get_family(family).has_regions and region_rows:  # classes: the region texts of the evaluation rows
             classes = sorted({region["text"] for r in region_rows for region in r["regions"]})
             values.update(evaluate_regions(scorer, region_rows, [r["image"] for r in region_rows], classes))
         results = {f"eval/{k}": v for k, v in values.items()}
@@ -775,7 +929,9 @@ def save_checkpoint(
     return save_training_state(accelerator, folder, module, optimizer, state, model_config, total_limit)
 
 
-def save_final(model, processor, output_dir: Path, args: TrainingArguments, family: str, metrics: dict) -> None:
+def save_final(
+    model, processor, output_dir: Path, args: ContrastiveTrainingArguments, family: str, metrics: dict
+) -> None:
     """Model (LoRA merged; the adapter also under `adapter/`), processor and model card at `output_dir`."""
     output_dir.mkdir(parents=True, exist_ok=True)
     if hasattr(model, "peft_config"):
