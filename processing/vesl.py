@@ -11,7 +11,8 @@ Scale (reading and writing shards: `processing/vesl_data.py`): process `p` of `P
 skips the finished ones; every shard records the settings it was made with, and a rerun under other settings is
 refused. Unreadable images are counted and skipped, never fatal; so are rows whose image path lies outside the input
 folder or names something other than a regular file under `MAX_IMAGE_BYTES`, and rows whose text is too long or not
-UTF-8 (counted as `refused_files` and `bad_captions`, the first few named in the log). An `--output_dir` that is,
+UTF-8 (counted as `refused_files` and `bad_captions`, the first few named in the log), or, with
+`--on_bad_sample error`, an error naming the first such row and its path. An `--output_dir` that is,
 contains or lies inside the input is refused before anything is written.
 """
 
@@ -331,8 +332,14 @@ class VeslArguments:
     device: str | None = field(default=None, metadata={"help": "default: this process's accelerator, else cpu"})
     dtype: str = field(default="float32", metadata={"help": "float32, float16 or bfloat16"})
     disable_tqdm: bool = False
+    on_bad_sample: str = field(
+        default="skip",
+        metadata={"help": "skip (bad rows counted, the first few logged) or error (stop at the first, naming it)"},
+    )
 
     def __post_init__(self):
+        if self.on_bad_sample not in ("error", "skip"):
+            raise ValueError(f"--on_bad_sample must be 'error' or 'skip', got {self.on_bad_sample!r}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"--threshold must lie in [0, 1], got {self.threshold}")
         if not 0.0 < self.nms_iou <= 1.0:
@@ -356,7 +363,8 @@ class VeslArguments:
 
     def output_settings(self) -> dict:
         """The options that decide the output (a resumed run must use the same ones)."""
-        ignored = {"output_dir", "batch_size", "device", "disable_tqdm"}
+        # on_bad_sample: rows that are written do not depend on it (error mode only stops earlier).
+        ignored = {"output_dir", "batch_size", "device", "disable_tqdm", "on_bad_sample"}
         return {k: v for k, v in asdict(self).items() if k not in ignored}
 
 
@@ -418,6 +426,16 @@ class Annotator:
         stats = VeslStats()
         writer = ShardWriter(output_dir, shard.index, self.args.output_format, self.args.output_settings())
         logged = 0
+
+        def bad_row(message: str) -> None:
+            # Error mode stops at the first bad row; skip mode names only the first few (the rest are counted).
+            nonlocal logged
+            if self.args.on_bad_sample == "error":
+                raise ValueError(f"shard {shard.index} ({shard.name}), {message} (--on_bad_sample error)")
+            if logged < _MAX_LOGGED_BAD_IMAGES:
+                logger.warning(f"shard {shard.index} ({shard.name}), {message}; row skipped")
+                logged += 1
+
         try:
             batch = []
             for row in shard.rows():
@@ -425,24 +443,18 @@ class Annotator:
                     progress.update(1)
                 problem = _text_problem(row)
                 if problem is not None:
+                    bad_row(f"{row.key}: {problem}")
                     stats.bad_captions += 1
-                    if logged < _MAX_LOGGED_BAD_IMAGES:
-                        logger.warning(f"shard {shard.index} ({shard.name}), {row.key}: {problem}; row skipped")
-                        logged += 1
                     continue
                 try:
                     image, data, extension = open_source_image(row.image)
                 except RefusedFile as error:  # names the row and the path
+                    bad_row(str(error))
                     stats.refused_files += 1
-                    if logged < _MAX_LOGGED_BAD_IMAGES:
-                        logger.warning(f"shard {shard.index} ({shard.name}): {error}; row skipped")
-                        logged += 1
                     continue
                 except Exception as error:  # PIL raises many types for corrupt files
+                    bad_row(f"{row.key}: unreadable image ({error})")
                     stats.unreadable_images += 1
-                    if logged < _MAX_LOGGED_BAD_IMAGES:
-                        logger.warning(f"shard {shard.index} ({shard.name}), {row.key}: unreadable image ({error})")
-                        logged += 1
                     continue
                 batch.append((row, image, data, extension))
                 if len(batch) == self.args.batch_size:
