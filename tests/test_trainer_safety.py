@@ -350,9 +350,9 @@ def train_cloc_main(data, out, config):
 
 
 def test_a_cold_datasets_cache_and_a_warm_one_train_the_same_weights(data, tmp_path):
-    """Three runs in fresh processes share one HF_HOME: the first builds any cache, the others find it warm."""
+    """Two runs in fresh processes share one fresh HF_HOME: the first builds any cache, the second finds it warm."""
     config = write_model_config(tmp_path / "config.json", "occlip")
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     env.pop("HF_DATASETS_CACHE", None)
     weights = []
     for attempt in range(2):
