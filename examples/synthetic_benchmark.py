@@ -396,6 +396,8 @@ def draw_chart(results: dict, path: Path):
             title += f" (target ≥ {TARGETS[metric]:.2f}, dashed)"
         ax.set_title(title, fontsize=10)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        # Fixed slots: with autoscaling, a lone model with one split drew one bar across the whole panel.
+        ax.set_xlim(-0.5, len(names) - 0.5)
         ax.set_ylim(0, 1.15)
         ax.set_ylabel("accuracy")
         ax.grid(axis="y", alpha=0.3)

@@ -106,3 +106,18 @@ def test_pictures_are_skipped_with_one_line_without_matplotlib(tmp_path, monkeyp
     assert not list(tmp_path.glob("*.png"))
     with pytest.raises(ImportError, match=r"\[plots\]"):
         sb.draw_chart(RESULTS, tmp_path / "results.png")
+
+
+def test_each_model_keeps_its_slot_when_a_split_is_missing(tmp_path):
+    """A panel with one model and one split used to autoscale that single bar across the whole panel, with the
+    model's tick at the edge; each model now has a slot of width 1 centred on its tick."""
+    figure = sb.draw_chart({"clip_crop": {"seen": {"region_classification": 0.7}}}, tmp_path / "one.png")
+    (panel,) = figure.axes
+    assert panel.get_xlim() == pytest.approx((-0.5, 0.5))
+    (bars,) = [c for c in panel.containers if isinstance(c, BarContainer)]
+    (bar,) = bars
+    assert bar.get_width() == pytest.approx(0.8) and bar.get_x() == pytest.approx(-0.4) and bar.get_height() == 0.7
+    figure = sb.draw_chart(RESULTS, tmp_path / "results.png")
+    panels = {ax.get_title().split(" (")[0]: ax for ax in figure.axes}
+    assert panels["region classification"].get_xlim() == pytest.approx((-0.5, 0.5))
+    assert panels["attribute swap"].get_xlim() == pytest.approx((-0.5, 1.5))
