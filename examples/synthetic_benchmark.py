@@ -453,14 +453,15 @@ def draw_curves(curves: dict, path: Path):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("total training step (base, then fine-tuning)")
         ax.set_ylabel("validation accuracy (unseen pairs)")
-        ax.set_ylim(0, 1.05)
+        ax.set_ylim(-0.03, 1.05)  # a curve at 0 (an untrained head) stays visible above the axis
         ax.grid(alpha=0.3)
         # Colour names the model and line style the metric: a legend of each pair grew past the panel.
         models = [n for n in curves if any(curves[n].get(m) for m in metrics)]
         handles = [Line2D([], [], color=palette[list(curves).index(n) % len(palette)], marker="o") for n in models]
         handles += [Line2D([], [], color="black", linestyle=style) for style in ("-", "--")]
         labels = models + [m.replace("_", " ") for m in metrics]
-        ax.legend(handles, labels, fontsize=7, loc="lower right", ncols=2)
+        # Below the panel, not inside it: "lower right" hid low early points and curves that stay near 0.
+        ax.legend(handles, labels, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncols=4)
     figure.savefig(path)
     return figure
 

@@ -121,3 +121,21 @@ def test_each_model_keeps_its_slot_when_a_split_is_missing(tmp_path):
     panels = {ax.get_title().split(" (")[0]: ax for ax in figure.axes}
     assert panels["region classification"].get_xlim() == pytest.approx((-0.5, 0.5))
     assert panels["attribute swap"].get_xlim() == pytest.approx((-0.5, 1.5))
+
+
+def test_curve_legends_sit_below_the_panels_and_zero_stays_visible(tmp_path):
+    """The legend used to sit inside at the lower right, over the low early points; a curve at 0 lay on the axis."""
+    curves = {
+        "base_clip": {"attribute_swap": [[1, 0.3], [2, 0.6]]},
+        "cloc": {"region_classification": [[3, 0.2], [4, 0.2]], "grounding_acc50": [[3, 0.0], [4, 0.0]]},
+    }
+    figure = sb.draw_curves(curves, tmp_path / "learning_curves.png")
+    renderer = figure.canvas.get_renderer()
+    for ax in figure.axes:
+        legend = ax.get_legend().get_window_extent(renderer)
+        panel = ax.get_window_extent(renderer)
+        assert legend.y1 < panel.y0, ax.get_title()  # entirely below the plotting area
+        assert ax.get_ylim()[0] < 0 < 1 < ax.get_ylim()[1]
+    _, localisation = figure.axes
+    drawn = {line.get_label(): np.column_stack(line.get_data()).tolist() for line in localisation.get_lines()}
+    assert drawn["cloc: grounding acc50"] == [[3, 0.0], [4, 0.0]]
