@@ -3,6 +3,7 @@ synthetic scenes, then CLIP, CLIP + hard negatives, OC-CLIP and CLOC are each fi
 data, steps, batch and schedule, and evaluated with the base on seen and unseen object pairs.
 
     python examples/synthetic_benchmark.py --output_dir DIR [--full]
+    occlip-cloc-synthetic-benchmark --output_dir DIR [--full]   # or: python -m training.synthetic_benchmark
 
 Writes `DIR/data/` (jittered scenes; `test_*_plain/` unjittered), `DIR/base_clip/` (stage 0, reused while its
 settings match), `DIR/<model>/` (model + processor + card + `log_history.json`, loadable with `AutoModel` /
@@ -103,7 +104,7 @@ def check_targets(results: dict) -> list[tuple[str, bool]]:
 
 @dataclass
 class BenchmarkArguments:
-    """Options of `examples/synthetic_benchmark.py`."""
+    """Options of `examples/synthetic_benchmark.py` / `occlip-cloc-synthetic-benchmark`."""
 
     output_dir: str = field(metadata={"help": "where data, models, results.json and the PNGs go"})
     full: bool = field(default=False, metadata={"help": "longer training, 3 seeds, mean ± std"})
