@@ -53,6 +53,7 @@ def folders(tmp_path_factory):
     return root, occlip
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_saved_llava_with_an_occlip_tower_loads_in_stock_transformers(folders, tmp_path, clean_python, capsys):
     from tests.isolated_python import run_isolated
