@@ -1,4 +1,4 @@
-"""`examples/llava_cloc.py` with tiny random CLOC and Llama folders: weights carried into LLaVA, the region-token
+"""`training/llava_cloc.py` with tiny random CLOC and Llama folders: weights carried into LLaVA, the region-token
 path inserts the projected Prompter state, generation is LLaVA's greedy answer, and the saved model reloads."""
 
 import json
@@ -17,11 +17,11 @@ from transformers import (
     LlavaProcessor,
 )
 
-from examples import llava_cloc
 from modeling_cloc import CLOCVisionConfig
 from processing import CLOCProcessor
 from processing.clip_tokenizer import bundled_clip_tokenizer
 from tests.factories import tiny_cloc_model
+from training import llava_cloc
 
 
 @pytest.fixture(scope="module")

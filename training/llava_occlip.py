@@ -6,7 +6,7 @@
 `OCCLIP_DIR` is an OC-CLIP folder saved with its processor; `LM_DIR` a causal LM folder with its tokenizer.
 OC-CLIP's image tower is a plain CLIP ViT (the binding module and scene-graph text side stay behind), so it is
 exported as a stock `clip_vision_model` (`OCCLIPVisionModel.export_clip_vision`, with OC-CLIP's own image
-processor) and the LLaVA model is built around that (`examples.llava_cloc.build_llava`). The image's patch features
+processor) and the LLaVA model is built around that (`training.llava_cloc.build_llava`). The image's patch features
 (layer `--vision_feature_layer`) replace the `<image>` tokens; the projector is new and untrained, so the answer is
 meaningless until the LLaVA model is trained. Without `--image` a drawn scene is used.
 
@@ -25,10 +25,10 @@ import torch
 from PIL import Image
 from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
 
-from examples.llava_cloc import IMAGE_TOKEN, build_llava, drawn_scene
 from modeling_occlip import OCCLIPVisionModel
 from processing import OCCLIPProcessor
 from training.cli import parse_args
+from training.llava_cloc import IMAGE_TOKEN, build_llava, drawn_scene
 
 TOWER_DIR = "vision_tower"  # the exported CLIP tower inside --output_dir
 
