@@ -28,6 +28,8 @@ def test_console_scripts_cover_every_command_and_resolve_to_callables():
         "occlip-cloc-synthetic-benchmark",
         "occlip-cloc-make-synthetic-data",
         "occlip-cloc-convert-open-clip",
+        "occlip-cloc-llava-cloc",
+        "occlip-cloc-llava-occlip",
     }
     for name, target in SCRIPTS.items():
         module, _, attribute = target.partition(":")
@@ -58,6 +60,26 @@ def test_make_synthetic_data_script_writes_the_splits(monkeypatch, tmp_path, cap
     assert sum(1 for _ in (tmp_path / "train" / "metadata.jsonl").open()) == 5
 
 
+def test_every_example_is_a_thin_wrapper_over_an_installed_command():
+    from training import llava_cloc, llava_occlip, synthetic_benchmark
+
+    expected = {
+        "train_clip": commands.train_clip,
+        "train_occlip": commands.train_occlip,
+        "train_cloc": commands.train_cloc,
+        "vesl_annotate": commands.vesl_annotate,
+        "make_synthetic_data": commands.make_synthetic_data,
+        "convert_open_clip": commands.convert_open_clip,
+        "synthetic_benchmark": synthetic_benchmark.main,
+        "llava_cloc": llava_cloc.main,
+        "llava_occlip": llava_occlip.main,
+    }
+    standalone = {"__init__", "occlip_smoke"}  # a short read-me-first use of the model API, not a command
+    assert sorted(p.stem for p in (ROOT / "examples").glob("*.py") if p.stem not in standalone) == sorted(expected)
+    for name, command in expected.items():
+        assert importlib.import_module(f"examples.{name}").main is command, name
+
+
 def _project_copy(destination: Path) -> Path:
     """The files a source distribution would hold, copied so that a build leaves the worktree untouched."""
     for name in (*LIBRARY, "examples", "tests"):
@@ -80,7 +102,7 @@ def test_wheel_installs_only_the_library_and_its_console_scripts(tmp_path):
     assert {name for name in top_level if not name.endswith(".dist-info")} == set(LIBRARY)
     bundled = {f"processing/data/{path.name}" for path in (ROOT / "processing" / "data").iterdir()}
     assert bundled and bundled <= set(names)  # the CLIP vocabulary the processors load offline
-    assert "training/commands.py" in names and "training/synthetic_benchmark.py" in names
+    assert {"training/commands.py", "training/synthetic_benchmark.py", "training/llava_cloc.py"} <= set(names)
     (entry_points,) = [name for name in names if name.endswith(".dist-info/entry_points.txt")]
     declared = zipfile.ZipFile(wheel).read(entry_points).decode()
     for name, target in SCRIPTS.items():
@@ -96,6 +118,8 @@ MODULE_FORMS = [
     ["-m", "examples.make_synthetic_data"],
     ["-m", "examples.convert_open_clip"],
     ["-m", "examples.synthetic_benchmark"],
+    ["-m", "examples.llava_cloc"],
+    ["-m", "examples.llava_occlip"],
     ["-m", "training.synthetic_benchmark"],
     ["-m", "training.evaluate"],
     ["examples/synthetic_benchmark.py"],

@@ -1,4 +1,5 @@
-"""The package's command lines: the three trainers, VESL, the synthetic data writer and the open_clip converter.
+"""The package's command lines: the three trainers, VESL, the synthetic data writer and the open_clip converter;
+the console scripts of the synthetic benchmark and the LLaVA scripts, whose code lives in their own modules.
 
 Each `NAME(argv)` parses its options (flags, or keys of a `--config` YAML/JSON file; see `--help`) and returns its
 result for code and tests. `examples/*.py` are thin wrappers over these functions, and the console scripts of
@@ -26,7 +27,7 @@ from processing.open_clip_conversion import (
 )
 from processing.vesl import VeslArguments, annotate
 
-from . import synthetic_benchmark
+from . import llava_cloc, llava_occlip, synthetic_benchmark
 from .cli import parse_args
 from .synthetic import SceneConfig, make_synthetic_dataset
 from .trainer import ContrastiveTrainingArguments, train
@@ -143,3 +144,5 @@ vesl_annotate_script = _console_script(vesl_annotate)
 make_synthetic_data_script = _console_script(make_synthetic_data)
 convert_open_clip_script = _console_script(convert_open_clip)
 synthetic_benchmark_script = _console_script(synthetic_benchmark.main)
+llava_cloc_script = _console_script(llava_cloc.main)
+llava_occlip_script = _console_script(llava_occlip.main)

@@ -2,6 +2,7 @@
 
     python examples/llava_cloc.py --cloc_model CLOC_DIR --language_model LM_DIR \
         [--image photo.jpg] [--box 10 20 120 90] [--output_dir llava_cloc]
+    occlip-cloc-llava-cloc ...   # the same, installed
 
 `CLOC_DIR` is a CLOC folder saved with its processor; `LM_DIR` a causal LM folder with its tokenizer. The script
 builds `LlavaForConditionalGeneration` with `CLOCVisionModel` (Prompter included) as its vision tower, copies the
@@ -45,7 +46,7 @@ PROMPTER_DIR = "prompter"  # side-car folder inside --output_dir
 
 @dataclass
 class LlavaClocArguments:
-    """Options of `examples/llava_cloc.py`."""
+    """Options of `examples/llava_cloc.py` / `occlip-cloc-llava-cloc`."""
 
     cloc_model: str = field(metadata={"help": "folder of a CLOC model saved with its processor"})
     language_model: str = field(metadata={"help": "folder of a causal language model with its tokenizer"})

@@ -2,6 +2,7 @@
 
     python examples/llava_occlip.py --occlip_model OCCLIP_DIR --language_model LM_DIR \
         [--image photo.jpg] [--output_dir llava_occlip]
+    occlip-cloc-llava-occlip ...   # the same, installed
 
 `OCCLIP_DIR` is an OC-CLIP folder saved with its processor; `LM_DIR` a causal LM folder with its tokenizer.
 OC-CLIP's image tower is a plain CLIP ViT (the binding module and scene-graph text side stay behind), so it is
@@ -35,7 +36,7 @@ TOWER_DIR = "vision_tower"  # the exported CLIP tower inside --output_dir
 
 @dataclass
 class LlavaOcclipArguments:
-    """Options of `examples/llava_occlip.py`."""
+    """Options of `examples/llava_occlip.py` / `occlip-cloc-llava-occlip`."""
 
     occlip_model: str = field(metadata={"help": "folder of an OC-CLIP model saved with its processor"})
     language_model: str = field(metadata={"help": "folder of a causal language model with its tokenizer"})
