@@ -8,17 +8,13 @@
 
 Every option is a flag (see `--help`) or a key of the `--config` YAML/JSON file; `OUT` ends up holding the model,
 processor and model card, and resumable state under `OUT/checkpoints/` (`--resume_from_checkpoint latest`).
+
+A thin wrapper: the command is `training.commands.train_clip`, installed as the console script `occlip-cloc-train-clip`.
 """
 
-from training.cli import parse_args
-from training.trainer import ContrastiveTrainingArguments, train
+from training.commands import train_clip as main
 
-
-def main(argv: list[str] | None = None) -> dict:
-    """Parse the options and train; returns the final metrics."""
-    (args,) = parse_args(ContrastiveTrainingArguments, args=argv)
-    return train(args, "clip")
-
+__all__ = ["main"]
 
 if __name__ == "__main__":
     main()

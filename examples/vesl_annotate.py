@@ -8,21 +8,13 @@
 dataset id; each process takes every `num_processes`-th shard. A rerun with the same options resumes (finished
 shards are skipped). `OUT` then trains CLOC directly: `examples/train_cloc.py --train_data OUT`. Every option is
 a flag (see `--help`) or a key of a `--config` YAML/JSON file.
+
+A thin wrapper: the command is `training.commands.vesl_annotate`, installed as the console script `occlip-cloc-vesl`.
 """
 
-import logging
+from training.commands import vesl_annotate as main
 
-from processing.vesl import VeslArguments, annotate
-from training.cli import parse_args
-
-
-def main(argv: list[str] | None = None) -> dict | None:
-    """Parse the options and annotate; returns the run's statistics (on the main process, once complete)."""
-    (args,) = parse_args(VeslArguments, args=argv)
-    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("processing").setLevel(logging.INFO)  # per-process shard reports and skipped images
-    return annotate(args)
-
+__all__ = ["main"]
 
 if __name__ == "__main__":
     main()

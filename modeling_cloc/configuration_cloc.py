@@ -59,7 +59,7 @@ class CLOCVisionConfig(CLIPVisionConfig):
 
 @strict
 class CLOCPrompterConfig(PreTrainedConfig):
-    r"""The Prompter and box head of CLOC (spec `cloc.md` §2, §9).
+    r"""The Prompter and box head of CLOC (`docs/cloc.md` §2, §9).
 
     Args:
         num_hidden_layers (`int`, defaults to 1): transformer layers over `[prompt tokens ; image tokens]`.

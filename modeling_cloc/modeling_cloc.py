@@ -1,4 +1,4 @@
-"""CLOC: contrastive localized language-image pre-training, as a transformers model (spec `cloc.md`).
+"""CLOC: contrastive localized language-image pre-training, as a transformers model (`docs/cloc.md`).
 
 CLIP towers under CLIP's parameter names plus a light Prompter that turns the image tokens and a box (or a
 region caption) into a region embedding, and a box head for grounding.

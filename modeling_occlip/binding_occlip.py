@@ -1,4 +1,4 @@
-"""OC-CLIP's binding module and structured similarity (spec `occlip.md` §2.1-2.2).
+"""OC-CLIP's binding module and structured similarity (`docs/occlip.md` §2.1-2.2).
 
 Everything that depends on one image only (patch keys/values, with the query and output projections folded
 in) or on one caption only (queries, node/relation vectors, the text half of the relation MLPs) is computed

@@ -32,7 +32,7 @@ class OCCLIPVisionConfig(CLIPVisionConfig):
 
 @strict
 class OCCLIPBindingConfig(PreTrainedConfig):
-    r"""Binding module and structured similarity of OC-CLIP (spec `occlip.md` §2.1, §2.2, §8).
+    r"""Binding module and structured similarity of OC-CLIP (`docs/occlip.md` §2.1, §2.2, §8).
 
     Args:
         hidden_size (`int`, *optional*):

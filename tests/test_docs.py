@@ -1,5 +1,6 @@
-"""The docs name code that exists: every `file.py:name` (or `file.py:Class.method`) reference in docs/*.md points
-at a file of the repository that defines that name, and the docstring citations point at docs that exist."""
+"""The docs name code that exists: every `file.py:name` (or `file.py:Class.method`) reference in docs/*.md and the
+README points at a file of the repository that defines that name, and the docstring citations point at docs that
+exist, by their path."""
 
 import re
 import subprocess
@@ -9,6 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = sorted((ROOT / "docs").glob("*.md"))
+README = ROOT / "README.md"
 # `modeling_cloc/modeling_cloc.py:CLOCModel.loss_from_features`, `binding_occlip.py:OCCLIPBindingLayer.forward`
 REFERENCE = re.compile(r"`((?:[\w]+/)*[\w]+\.py):([A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)*)`")
 
@@ -28,7 +30,7 @@ def _defines(source: str, name: str) -> bool:
 
 
 def references():
-    return [(doc.name, *match) for doc in DOCS for match in REFERENCE.findall(doc.read_text())]
+    return [(doc.name, *match) for doc in [*DOCS, README] for match in REFERENCE.findall(doc.read_text())]
 
 
 def test_the_docs_hold_references():
@@ -52,3 +54,24 @@ def test_docstring_citations_name_docs_that_exist():
     for path in listed.stdout.split():
         cited |= set(re.findall(r"docs/([\w-]+\.md)", (ROOT / path).read_text()))
     assert cited and all((ROOT / "docs" / name).is_file() for name in cited), sorted(cited)
+
+
+def test_docstrings_cite_the_notes_by_their_path():
+    """A method note is cited as `docs/occlip.md`, never by its bare file name, which no reader can open."""
+    listed = subprocess.run(["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True, text=True)
+    bare = re.compile(r"`((?:occlip|cloc|data|design|engineering)\.md)`")
+    offenders = [
+        f"{path}:{number}: {line.strip()}"
+        for path in listed.stdout.split()
+        for number, line in enumerate((ROOT / path).read_text().splitlines(), 1)
+        if bare.search(line)
+    ]
+    assert offenders == []
+
+
+def test_the_contributors_section_names_the_equations_and_the_family_registry():
+    section = README.read_text().split("## For contributors", 1)[1]
+    cited = {name for doc, _, name in references() if doc == "README.md"}
+    assert {"occlip_loss", "OCCLIPModel.relation_loss_terms", "OCCLIPModel.score", "contrastive_loss"} <= cited
+    assert {"cloc_loss", "CLOCPrompter", "OCCLIPLoss", "CLOCLoss", "ModelFamily", "FAMILIES"} <= cited
+    assert "docs/occlip.md" in section and "docs/cloc.md" in section

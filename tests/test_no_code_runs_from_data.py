@@ -153,6 +153,7 @@ def test_trust_remote_code_defaults_to_false(trees):
     assert VeslArguments(input="in", output_dir="out").trust_remote_code is False
 
 
+@pytest.mark.slow
 def test_importing_the_package_opens_no_connection():
     """Every socket connection and name lookup raises in the child before the imports; HF_HUB_OFFLINE is unset
     so that nothing relies on it."""

@@ -1,4 +1,4 @@
-"""The Accelerate training loop shared by CLIP, OC-CLIP and CLOC (open_clip's feature set, `engineering.md` §5).
+"""The Accelerate training loop shared by CLIP, OC-CLIP and CLOC (open_clip's features, `docs/design.md` "Training").
 
 `train(args, family)` builds or loads the model (`--model_config` from scratch, `--init_from` a transformers
 CLIP folder), applies the fine-tuning mode (full / frozen towers / LoRA), and runs a loop with the loss over the
@@ -67,7 +67,7 @@ RUN_SHAPE_KEYS = ("per_device_train_batch_size", "gradient_accumulation_steps", 
 
 @dataclass
 class ContrastiveTrainingArguments:
-    """Every option of the training scripts (names as in `data.md`)."""
+    """Every option of the training scripts (names as in `docs/data.md`)."""
 
     output_dir: str = field(metadata={"help": "final model + processor + card; resumable state in checkpoints/"})
     train_data: str | None = field(

@@ -18,7 +18,7 @@ from processing.boxes import box_problem, check_box
 from processing.vesl import select_regions
 from training.data import BadSample, _check_metadata_row, check_regions
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CAPTIONS = ["a red cube to the left of a blue sphere on a wooden table in a sunny room", "a small brown dog"]
 GRAPHS = [
     {

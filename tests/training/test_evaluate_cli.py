@@ -18,7 +18,7 @@ from training import public_benchmarks as pb
 from training.evaluate import load_scorer, main
 from training.evaluation import evaluate_synthetic
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +134,7 @@ def test_errors_name_the_problem(saved_cloc, tmp_path, capsys):
     assert f"synthetic split {tmp_path}: expected a folder with metadata.jsonl" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_python_dash_m_on_the_synthetic_benchmark(saved_cloc, tmp_path):
     from training.synthetic import make_synthetic_dataset
 

@@ -1,4 +1,4 @@
-"""`examples/llava_cloc.py` with tiny random CLOC and Llama folders: weights carried into LLaVA, the region-token
+"""`training/llava_cloc.py` with tiny random CLOC and Llama folders: weights carried into LLaVA, the region-token
 path inserts the projected Prompter state, generation is LLaVA's greedy answer, and the saved model reloads."""
 
 import json
@@ -17,11 +17,11 @@ from transformers import (
     LlavaProcessor,
 )
 
-from examples import llava_cloc
 from modeling_cloc import CLOCVisionConfig
 from processing import CLOCProcessor
 from processing.clip_tokenizer import bundled_clip_tokenizer
 from tests.factories import tiny_cloc_model
+from training import llava_cloc
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +118,7 @@ def test_example_runs_and_its_saved_llava_reloads(folders, tmp_path, capsys):
         llava_cloc.main([*argv, "--box", "1", "2", "30"])
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_output_dir_loads_in_stock_transformers_and_side_car_restores_regions(folders, tmp_path, clean_python):
     """`--output_dir` is the supported route: stock transformers loads it without the package, its image features
@@ -200,6 +201,7 @@ def test_prompter_side_car_errors(folders, tmp_path):
         bare.save_prompter(tmp_path / "none")
 
 
+@pytest.mark.slow
 def test_llava_with_cloc_tower_needs_the_package_which_is_why_output_dir_exports(folders, tmp_path, clean_python):
     """The plain save of a CLOC-tower LLaVA fails without the package even with trust_remote_code (transformers
     resolves LLaVA's vision_config through its static table); if this ever loads, the side-car route can go."""

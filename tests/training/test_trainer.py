@@ -27,7 +27,7 @@ from tests.training_fixtures import write_dataset, write_model_config
 from training import trainer as trainer_module
 from training.data import TrainingCollator, load_image_text_dataset
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 MAINS = {"clip": train_clip.main, "occlip": train_occlip.main, "cloc": train_cloc.main}
 
 
@@ -191,6 +191,7 @@ def test_frozen_towers_stay_unchanged(data, clip_folder, tmp_path):
     assert any(not torch.equal(start[k], end[k]) for k in start if k.startswith("binding."))
 
 
+@pytest.mark.slow
 def test_push_to_hub_uploads_the_final_folder(data, tmp_path, monkeypatch, clean_python):
     calls = []
 
@@ -275,6 +276,7 @@ def test_empty_dataset_and_missing_caption_are_clear_errors(tmp_path):
     assert trainer_module.ContrastiveTrainingArguments.__dataclass_fields__["output_dir"].metadata["help"]
 
 
+@pytest.mark.slow
 def test_two_process_run_with_accumulation_resumes_and_loads(tmp_path):
     """`torchrun --nproc_per_node 2` (gloo, CPU): CLOC with local loss and cached-feature accumulation trains,
     checkpoints, resumes in the same output folder, and the result loads."""
@@ -295,7 +297,7 @@ def test_two_process_run_with_accumulation_resumes_and_loads(tmp_path):
     command += ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", "--local_loss", "true"]
     command += ["--checkpointing_steps", "2", "--disable_tqdm", "true"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = REPO_ROOT
     for steps, extra in (("2", []), ("4", ["--resume_from_checkpoint", "latest"])):
         result = subprocess.run(
             [*command, "--max_steps", steps, *extra], cwd=root, env=env, capture_output=True, text=True, timeout=300
@@ -478,6 +480,7 @@ def python_blocks(markdown: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", markdown, flags=re.S)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["clip", "occlip", "cloc"])
 def test_model_card_metadata_is_true_and_its_snippet_runs(family, data, cached_clip_folder, tmp_path):
     from huggingface_hub import ModelCard

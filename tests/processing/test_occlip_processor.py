@@ -141,6 +141,7 @@ def test_end_to_end_captions_and_pil_images_give_hand_built_logits():
     torch.testing.assert_close(model(**inputs).logits_per_image, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_missing_spacy_in_remote_process_gives_install_hint(clean_python, tmp_path):
     folder = tmp_path / "checkpoint"
     tiny_processor().save_pretrained(folder)
@@ -194,6 +195,7 @@ def test_save_load_round_trip(tmp_path):
         torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
 
 
+@pytest.mark.slow
 def test_remote_code_processor_and_model_in_clean_venv(clean_python, tmp_path):
     folder = tmp_path / "checkpoint"
     processor, model = tiny_processor(), tiny_clip_vocab_model()

@@ -39,7 +39,7 @@ from training.cli import parse_args
 from training.data import load_image_text_dataset
 from training.trainer import ContrastiveTrainingArguments, train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------------------------------------ pure functions
@@ -268,6 +268,7 @@ def test_detector_and_captioner_objects(models):
     assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
 
 
+@pytest.mark.slow
 def test_two_processes_write_disjoint_shards_covering_the_input(models, imagefolder, straight, tmp_path):
     with socket.socket() as probe:  # a free port: the default one may be held by another run
         probe.bind(("127.0.0.1", 0))

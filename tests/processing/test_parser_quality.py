@@ -8,7 +8,7 @@ import pytest
 from processing import SceneGraph
 from processing.parser_metrics import score_graphs
 
-GOLD = Path(__file__).parent / "data" / "parser_gold.jsonl"
+GOLD = Path(__file__).parents[1] / "data" / "parser_gold.jsonl"
 
 
 def test_gold_file_has_100_valid_labelled_captions_of_both_kinds():

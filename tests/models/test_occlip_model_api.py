@@ -439,7 +439,7 @@ def test_readme_occlip_example_runs(tmp_path):
     """The README's first OC-CLIP block, with its placeholders filled by a tiny saved CLIP and tiny inputs."""
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = readme[readme.index("## OC-CLIP") :]
     start = section.index("```python\n") + len("```python\n")
     block = section[start : section.index("```\n", start)]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from examples import synthetic_benchmark as sb
+from training import synthetic_benchmark as sb
 
 pytest.importorskip("matplotlib")
 from matplotlib.container import BarContainer, ErrorbarContainer  # noqa: E402

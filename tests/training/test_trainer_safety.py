@@ -24,7 +24,7 @@ from training.checkpoint import CheckpointError, sha256_of
 from training.data import MetadataError, load_image_text_dataset
 from training.trainer import check_finite_loss
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MAINS = {"clip": train_clip.main, "occlip": train_occlip.main}
 
 
@@ -349,6 +349,7 @@ def train_cloc_main(data, out, config):
 # ------------------------------------------------------------------------------------ 16. no datasets-cache effect
 
 
+@pytest.mark.slow
 def test_a_cold_datasets_cache_and_a_warm_one_train_the_same_weights(data, tmp_path):
     """Two runs in fresh processes share one fresh HF_HOME: the first builds any cache, the second finds it warm."""
     config = write_model_config(tmp_path / "config.json", "occlip")

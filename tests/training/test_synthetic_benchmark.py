@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 from transformers import AutoModel, AutoProcessor
 
-from examples import synthetic_benchmark
+from training import synthetic_benchmark
 
 
 def test_demo_pipeline_writes_results_models_and_pictures(tmp_path, capsys):

@@ -1,5 +1,6 @@
 """CLOC: CLIP parity after from_clip, save/load and remote code without the package, checkpointing parity."""
 
+import pytest
 import torch
 from transformers import AutoModel
 
@@ -34,6 +35,7 @@ def test_from_clip_towers_match_clip_exactly(tmp_path):
         torch.testing.assert_close(model.prompter.post_layernorm.weight, clip.vision_model.post_layernorm.weight)
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_round_trip_and_remote_code_in_clean_venv(clean_python, tmp_path):
     model = tiny_cloc_model(seed=2)
@@ -110,6 +112,7 @@ def test_zero_shot_pipeline_uses_clip_logits():
     torch.testing.assert_close(torch.tensor([result[label] for label in labels]), probs, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_zero_shot_pipeline_loads_a_saved_folder_with_remote_code_only(clean_python, tmp_path):
     """`auto_map` names AutoModelForZeroShotImageClassification: the pipeline runs without the package."""

@@ -30,6 +30,7 @@ def assert_same(got, expected, what: str) -> None:
         assert difference <= 1e-5 * scale, f"{what}: {name} differs by {difference:.2e} (largest {scale:.2e})"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("local_loss", [False, True])
 def test_two_processes_match_one_process_on_the_concatenated_batch(tmp_path, local_loss):
     out = tmp_path / "results.pt"

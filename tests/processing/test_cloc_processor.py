@@ -87,6 +87,7 @@ def test_outputs_feed_cloc_model_and_round_trip(tmp_path):
     torch.testing.assert_close(again["input_boxes"][:, 0], inputs["input_boxes"][:, 0])
 
 
+@pytest.mark.slow
 def test_remote_code_processor_in_clean_venv(clean_python, tmp_path):
     from tests.isolated_python import run_isolated
 

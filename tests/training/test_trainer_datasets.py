@@ -26,7 +26,7 @@ from training import trainer as trainer_module
 from training.data import BadSample, TrainingCollator, data_root, load_training_data
 from training.trainer import default_processor, load_evaluation_rows
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MAINS = {"clip": train_clip.main, "occlip": train_occlip.main, "cloc": train_cloc.main}
 
 
@@ -315,6 +315,7 @@ def write_shards(imagefolder: Path, folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["parquet", "webdataset"])
 def test_a_cold_datasets_cache_and_a_warm_one_train_the_same_weights(imagefolder, tmp_path, kind):
     """Issue 14 item 16 for the inputs that `datasets` does cache (an imagefolder is read in memory and has its own

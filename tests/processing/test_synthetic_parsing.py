@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from processing import RuleSceneGraphParser, SceneGraph, canonicalize_scene_graph
-from tests.test_occlip_processor import tiny_processor
+from tests.processing.test_occlip_processor import tiny_processor
 from training.synthetic import COLOURS, NEGATIVE_KINDS, SHAPES, SceneConfig, _caption, _graph, generate_scene
 from training.synthetic import SceneObject as DrawnObject
 

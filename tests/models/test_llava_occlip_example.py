@@ -1,4 +1,4 @@
-"""`examples/llava_occlip.py`: an OC-CLIP image tower exported as a stock CLIP tower inside a tiny LLaVA model, saved,
+"""`training/llava_occlip.py`: an OC-CLIP image tower exported as a stock CLIP tower inside a tiny LLaVA model, saved,
 and reloaded by transformers alone (no package import) with OC-CLIP's image features and image processing."""
 
 import json
@@ -14,10 +14,10 @@ from transformers import (
     LlavaProcessor,
 )
 
-from examples import llava_cloc, llava_occlip
 from processing import OCCLIPProcessor
 from processing.clip_tokenizer import bundled_clip_tokenizer
 from tests.factories import tiny_occlip_model
+from training import llava_cloc, llava_occlip
 
 # Not CLIP's statistics: the exported tower must carry OC-CLIP's own image processing, not a default.
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
@@ -53,6 +53,7 @@ def folders(tmp_path_factory):
     return root, occlip
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_saved_llava_with_an_occlip_tower_loads_in_stock_transformers(folders, tmp_path, clean_python, capsys):
     from tests.isolated_python import run_isolated

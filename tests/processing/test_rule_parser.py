@@ -163,7 +163,7 @@ def test_real_sugarcrepe_sample_parses_without_fallback(parser):
     import json
     from pathlib import Path
 
-    rows = json.loads((Path(__file__).parent / "data" / "sugarcrepe_sample.json").read_text())
+    rows = json.loads((Path(__file__).parents[1] / "data" / "sugarcrepe_sample.json").read_text())
     captions = [row["caption"] for row in rows.values()]
     graphs = parser.parse_batch(captions)
     for caption, graph in zip(captions, graphs):

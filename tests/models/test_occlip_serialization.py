@@ -48,6 +48,7 @@ def test_round_trip_gives_identical_logits(saved):
     assert type(AutoConfig.from_pretrained(folder)).__name__ == "OCCLIPConfig"
 
 
+@pytest.mark.slow
 def test_remote_code_load_in_clean_venv(saved, clean_python, tmp_path):
     folder, _, _, logits = saved
     run_isolated(

@@ -147,7 +147,7 @@ def test_readme_region_example_runs_on_a_tiny_saved_model(model, tmp_path):
     import re
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "processing.region_tasks" in b]
     assert len(blocks) == 1, "README needs one python example of processing.region_tasks"
     model.save_pretrained(tmp_path / "cloc")

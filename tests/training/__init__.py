@@ -1,0 +1,1 @@
+"""Tests of training/: trainer, families, losses, data, evaluation, the synthetic benchmark and the commands."""
