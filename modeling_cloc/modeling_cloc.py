@@ -830,12 +830,18 @@ def _check_boxes(
 
 
 # The same function stands in modeling_occlip/modeling_occlip.py: each model folder must work alone as remote code.
-def _check_kwargs(kwargs: dict, method: str) -> None:
-    """Keyword arguments beyond a method's own must be transformers' `TransformersKwargs` (`output_attentions`,
-    `output_hidden_states`, ...): anything else, e.g. a misspelt argument, is an error, not silently dropped."""
-    unknown = sorted(set(kwargs) - set(TransformersKwargs.__annotations__))
+def _check_kwargs(kwargs: dict, method: str, hints: dict[str, str] | None = None) -> None:
+    """Keyword arguments beyond a method's own may only be the output flags the models honour
+    (`output_attentions`, `output_hidden_states`); anything else, a misspelt argument or one of transformers'
+    `TransformersKwargs` for packed or MoE language models that these models would ignore, is an error rather than
+    silently dropped. `hints` maps an argument name to a sentence saying where it belongs."""
+    unknown = sorted(set(kwargs) - {"output_attentions", "output_hidden_states"})
     if unknown:
-        raise TypeError(f"{method}() got unexpected keyword arguments: {', '.join(unknown)}")
+        notes = sorted({hints[name] for name in unknown if hints and name in hints})
+        raise TypeError(
+            f"{method}() got unexpected keyword argument(s): {', '.join(map(repr, unknown))}."
+            + "".join(f" {note}" for note in notes)
+        )
 
 
 # The same function stands in modeling_occlip/modeling_occlip.py: each model folder must work alone as remote code.

@@ -30,8 +30,8 @@ from .configuration_occlip import OCCLIPConfig, OCCLIPTextConfig, OCCLIPVisionCo
 
 logger = logging.get_logger(__name__)
 
-# The keyword arguments the models honour beyond their named ones (the rest of transformers' `TransformersKwargs`
-# concern packed or MoE language models and would be ignored here, so they are refused).
+# The keyword arguments the models honour beyond their named ones, which `forward` passes on to the towers (the
+# only ones `_check_kwargs` lets through).
 _OUTPUT_FLAGS = ("output_attentions", "output_hidden_states")
 _GRAPH_INPUT_NAMES = (
     "node_input_ids",
@@ -43,16 +43,10 @@ _GRAPH_INPUT_NAMES = (
     "relation_subject_index",
     "relation_object_index",
 )
-
-
-def _refuse_unknown_kwargs(method: str, kwargs: dict, allowed: tuple[str, ...] = _OUTPUT_FLAGS) -> None:
-    """Raise `TypeError` naming every keyword argument `method` would otherwise drop silently."""
-    unknown = sorted(set(kwargs) - set(allowed))
-    if unknown:
-        hint = ""
-        if set(unknown) & set(_GRAPH_INPUT_NAMES):
-            hint = " Scene-graph inputs go to OCCLIPModel.get_graph_features (or forward)."
-        raise TypeError(f"{method} got unexpected keyword argument(s) {', '.join(map(repr, unknown))}.{hint}")
+# Where scene-graph inputs belong, for the error a caller gets passing them to a method that takes plain captions.
+_GRAPH_INPUT_HINTS = {
+    name: "Scene-graph inputs go to OCCLIPModel.get_graph_features (or forward)." for name in _GRAPH_INPUT_NAMES
+}
 
 
 @dataclass
@@ -399,12 +393,18 @@ def _init_head(module: nn.Module, std: float) -> None:
 
 
 # The same function stands in modeling_cloc/modeling_cloc.py: each model folder must work alone as remote code.
-def _check_kwargs(kwargs: dict, method: str) -> None:
-    """Keyword arguments beyond a method's own must be transformers' `TransformersKwargs` (`output_attentions`,
-    `output_hidden_states`, ...): anything else, e.g. a misspelt argument, is an error, not silently dropped."""
-    unknown = sorted(set(kwargs) - set(TransformersKwargs.__annotations__))
+def _check_kwargs(kwargs: dict, method: str, hints: dict[str, str] | None = None) -> None:
+    """Keyword arguments beyond a method's own may only be the output flags the models honour
+    (`output_attentions`, `output_hidden_states`); anything else, a misspelt argument or one of transformers'
+    `TransformersKwargs` for packed or MoE language models that these models would ignore, is an error rather than
+    silently dropped. `hints` maps an argument name to a sentence saying where it belongs."""
+    unknown = sorted(set(kwargs) - {"output_attentions", "output_hidden_states"})
     if unknown:
-        raise TypeError(f"{method}() got unexpected keyword arguments: {', '.join(unknown)}")
+        notes = sorted({hints[name] for name in unknown if hints and name in hints})
+        raise TypeError(
+            f"{method}() got unexpected keyword argument(s): {', '.join(map(repr, unknown))}."
+            + "".join(f" {note}" for note in notes)
+        )
 
 
 # The same function stands in modeling_cloc/modeling_cloc.py: each model folder must work alone as remote code.
@@ -432,6 +432,8 @@ def _check_pixel_values(pixel_values: torch.Tensor, vision, any_size: bool = Fal
 
 
 def _check_shape(name: str, tensor: torch.Tensor, shape: tuple, what: str) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor, got {type(tensor).__name__}.")
     if tuple(tensor.shape) != tuple(shape):
         raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {tuple(shape)} ({what}).")
 
@@ -439,8 +441,6 @@ def _check_shape(name: str, tensor: torch.Tensor, shape: tuple, what: str) -> No
 def _as_bool_mask(name: str, mask: torch.Tensor | None, shape: tuple, device: torch.device) -> torch.Tensor:
     if mask is None:
         return torch.ones(shape, dtype=torch.bool, device=device)
-    if not isinstance(mask, torch.Tensor):
-        raise ValueError(f"{name} must be a tensor, got {type(mask).__name__}.")
     _check_shape(name, mask, shape, "one flag per entry")
     return mask.to(device=device, dtype=torch.bool)
 
@@ -515,7 +515,7 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
             interpolate_pos_encoding: interpolate the tower's position embeddings for images of another size.
             output_attentions / output_hidden_states: the vision tower's attentions / hidden states.
         """
-        _refuse_unknown_kwargs("OCCLIPModel.get_image_features", kwargs)
+        _check_kwargs(kwargs, "OCCLIPModel.get_image_features")
         self._check_pixel_values(pixel_values, interpolate_pos_encoding)
         layer = self.config.binding_config.vision_feature_layer
         output_hidden_states = self._output_flag(kwargs, "output_hidden_states")
@@ -556,7 +556,9 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
             attention_mask: `[B, L]`; position_ids: `[B, L]`, as for `CLIPTextModel`.
             output_attentions / output_hidden_states: the text tower's attentions / hidden states.
         """
-        _refuse_unknown_kwargs("OCCLIPModel.get_text_features", kwargs)  # before input_ids: names graph inputs
+        _check_kwargs(
+            kwargs, "OCCLIPModel.get_text_features", _GRAPH_INPUT_HINTS
+        )  # before input_ids: names graph inputs
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise ValueError(
@@ -574,13 +576,15 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
         text_outputs.pooler_output = self.text_projection(text_outputs.pooler_output)
         return text_outputs
 
-    def _check_phrase_tokens(self, name: str, input_ids: torch.Tensor, attention_mask: torch.Tensor, valid) -> None:
-        eos = self.config.text_config.eos_token_id
+    def _check_phrase_length(self, name: str, input_ids: torch.Tensor) -> None:
         if input_ids.shape[-1] > self.config.text_config.max_position_embeddings:
             raise ValueError(
                 f"{name} has {input_ids.shape[-1]} tokens per phrase, more than the text tower's "
                 f"max_position_embeddings ({self.config.text_config.max_position_embeddings})."
             )
+
+    def _check_phrase_tokens(self, name: str, input_ids: torch.Tensor, attention_mask: torch.Tensor, valid) -> None:
+        eos = self.config.text_config.eos_token_id
         if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.text_config.vocab_size):
             raise ValueError(
                 f"{name} holds token ids outside the vocabulary [0, {self.config.text_config.vocab_size})."
@@ -597,6 +601,64 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
                     f"tower pools at that token. Tokenize phrases with the CLIP tokenizer."
                 )
 
+    def check_graph_shapes(
+        self,
+        node_input_ids: torch.Tensor,
+        node_attention_mask: torch.Tensor | None = None,
+        node_mask: torch.Tensor | None = None,
+        relation_input_ids: torch.Tensor | None = None,
+        relation_attention_mask: torch.Tensor | None = None,
+        relation_mask: torch.Tensor | None = None,
+        relation_subject_index: torch.Tensor | None = None,
+        relation_object_index: torch.Tensor | None = None,
+    ) -> None:
+        """Raise `ValueError` naming the field if the padded scene graphs have wrong types, shapes or phrase lengths.
+
+        Reads shapes only (no device sync), so `get_graph_features` runs it on every call, `validate_inputs=False`
+        included; `check_graph_inputs` adds the checks of the values.
+        """
+        if not isinstance(node_input_ids, torch.Tensor) or node_input_ids.dim() != 3:
+            shape = tuple(node_input_ids.shape) if isinstance(node_input_ids, torch.Tensor) else type(node_input_ids)
+            raise ValueError(f"node_input_ids must be a [captions, nodes, tokens] tensor, got {shape}.")
+        if node_input_ids.dtype.is_floating_point:
+            raise ValueError("node_input_ids must hold integer token ids.")
+        num_captions, num_nodes, _ = node_input_ids.shape
+        if num_captions == 0 or num_nodes == 0:
+            raise ValueError(f"node_input_ids has shape {tuple(node_input_ids.shape)}: no caption or no node slot.")
+        if node_attention_mask is not None:
+            _check_shape("node_attention_mask", node_attention_mask, node_input_ids.shape, "same as node_input_ids")
+        if node_mask is not None:
+            _check_shape("node_mask", node_mask, (num_captions, num_nodes), "one flag per entry")
+        self._check_phrase_length("node_input_ids", node_input_ids)
+        if relation_input_ids is None:
+            if relation_subject_index is not None or relation_object_index is not None:
+                raise ValueError("relation indices were given without relation_input_ids.")
+            return
+        if relation_input_ids.dim() != 3 or relation_input_ids.shape[0] != num_captions:
+            raise ValueError(
+                f"relation_input_ids has shape {tuple(relation_input_ids.shape)}, expected [{num_captions}, relations,"
+                " tokens] (one row of relations per caption of node_input_ids)."
+            )
+        num_relations = relation_input_ids.shape[1]
+        if relation_attention_mask is not None:
+            _check_shape(
+                "relation_attention_mask",
+                relation_attention_mask,
+                relation_input_ids.shape,
+                "same as relation_input_ids",
+            )
+        if relation_mask is not None:
+            _check_shape("relation_mask", relation_mask, (num_captions, num_relations), "one flag per entry")
+        if relation_subject_index is None or relation_object_index is None:
+            raise ValueError("relation_input_ids needs both relation_subject_index and relation_object_index.")
+        for name, index in (
+            ("relation_subject_index", relation_subject_index),
+            ("relation_object_index", relation_object_index),
+        ):
+            _check_shape(name, index, (num_captions, num_relations), "one node index per relation")
+        if num_relations:
+            self._check_phrase_length("relation_input_ids", relation_input_ids)
+
     def check_graph_inputs(
         self,
         node_input_ids: torch.Tensor,
@@ -610,22 +672,25 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
     ) -> None:
         """Raise `ValueError` naming the caption and field if the padded scene graphs are malformed.
 
-        `get_graph_features(validate_inputs=True)` (the default) runs it first. It reads values on the host (one
-        device sync per check), so inputs built by `OCCLIPProcessor`, valid by construction, may skip it with
-        `validate_inputs=False`.
+        `check_graph_shapes`, then the values: every caption has a node, token ids lie in the vocabulary and each
+        phrase holds the end-of-text token, relations point to valid, distinct nodes. The value checks read the
+        tensors on the host (one device sync each), so inputs built by `OCCLIPProcessor`, valid by construction,
+        may skip them with `get_graph_features(validate_inputs=False)`.
         """
-        if not isinstance(node_input_ids, torch.Tensor) or node_input_ids.dim() != 3:
-            shape = tuple(node_input_ids.shape) if isinstance(node_input_ids, torch.Tensor) else type(node_input_ids)
-            raise ValueError(f"node_input_ids must be a [captions, nodes, tokens] tensor, got {shape}.")
-        if node_input_ids.dtype.is_floating_point:
-            raise ValueError("node_input_ids must hold integer token ids.")
+        self.check_graph_shapes(
+            node_input_ids,
+            node_attention_mask,
+            node_mask,
+            relation_input_ids,
+            relation_attention_mask,
+            relation_mask,
+            relation_subject_index,
+            relation_object_index,
+        )
         device = node_input_ids.device
         num_captions, num_nodes, _ = node_input_ids.shape
-        if num_captions == 0 or num_nodes == 0:
-            raise ValueError(f"node_input_ids has shape {tuple(node_input_ids.shape)}: no caption or no node slot.")
         if node_attention_mask is None:
             node_attention_mask = torch.ones_like(node_input_ids)
-        _check_shape("node_attention_mask", node_attention_mask, node_input_ids.shape, "same as node_input_ids")
         node_mask = _as_bool_mask("node_mask", node_mask, (num_captions, num_nodes), device)
         empty = (~node_mask.any(-1)).nonzero().flatten().tolist()
         if empty:
@@ -634,28 +699,15 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
             )
         self._check_phrase_tokens("node_input_ids", node_input_ids, node_attention_mask, node_mask)
         if relation_input_ids is None:
-            if relation_subject_index is not None or relation_object_index is not None:
-                raise ValueError("relation indices were given without relation_input_ids.")
             return
-        if relation_input_ids.dim() != 3 or relation_input_ids.shape[0] != num_captions:
-            raise ValueError(
-                f"relation_input_ids has shape {tuple(relation_input_ids.shape)}, expected [{num_captions}, relations,"
-                " tokens] (one row of relations per caption of node_input_ids)."
-            )
         num_relations = relation_input_ids.shape[1]
         if relation_attention_mask is None:
             relation_attention_mask = torch.ones_like(relation_input_ids)
-        _check_shape(
-            "relation_attention_mask", relation_attention_mask, relation_input_ids.shape, "same as relation_input_ids"
-        )
         relation_mask = _as_bool_mask("relation_mask", relation_mask, (num_captions, num_relations), device)
-        if relation_subject_index is None or relation_object_index is None:
-            raise ValueError("relation_input_ids needs both relation_subject_index and relation_object_index.")
         for name, index in (
             ("relation_subject_index", relation_subject_index),
             ("relation_object_index", relation_object_index),
         ):
-            _check_shape(name, index, (num_captions, num_relations), "one node index per relation")
             index = index.long()
             in_range = (index >= 0) & (index < num_nodes)
             safe = index.clamp(0, num_nodes - 1)
@@ -721,19 +773,20 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
             relation_input_ids: `[T, P, L']` token ids of each predicate ("left of"), or `None` for no relations.
             relation_attention_mask: `[T, P, L']`; relation_mask: `[T, P]`.
             relation_subject_index / relation_object_index: `[T, P]` node index of each relation's endpoints.
-            validate_inputs: run `check_graph_inputs` first (host syncs); `False` for processor outputs.
+            validate_inputs: run `check_graph_inputs` first (host syncs); `False` for processor outputs, which then
+                get only `check_graph_shapes` (no sync).
         """
-        if validate_inputs:
-            self.check_graph_inputs(
-                node_input_ids,
-                node_attention_mask,
-                node_mask,
-                relation_input_ids,
-                relation_attention_mask,
-                relation_mask,
-                relation_subject_index,
-                relation_object_index,
-            )
+        check = self.check_graph_inputs if validate_inputs else self.check_graph_shapes
+        check(
+            node_input_ids,
+            node_attention_mask,
+            node_mask,
+            relation_input_ids,
+            relation_attention_mask,
+            relation_mask,
+            relation_subject_index,
+            relation_object_index,
+        )
         device = node_input_ids.device
         num_captions, num_nodes, _ = node_input_ids.shape
         if node_attention_mask is None:
@@ -1114,7 +1167,7 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
             output_attentions: the vision (and caption) tower attentions, and `binding_attentions` of every pair.
             output_hidden_states: the vision (and caption) tower hidden states.
         """
-        _refuse_unknown_kwargs("OCCLIPModel.forward", kwargs)
+        _check_kwargs(kwargs, "OCCLIPModel.forward")
         if pixel_values is None or node_input_ids is None:
             raise ValueError("OCCLIPModel.forward needs pixel_values and node_input_ids.")
         output_attentions = self._output_flag(kwargs, "output_attentions")
@@ -1228,6 +1281,7 @@ class OCCLIPTextModel(CLIPTextModel):
     config: OCCLIPTextConfig
     main_input_name = "input_ids"
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -1236,8 +1290,10 @@ class OCCLIPTextModel(CLIPTextModel):
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple | BaseModelOutputWithPooling:
         """`CLIPTextModel.forward`; unknown keyword arguments are an error."""
-        _check_kwargs({k: v for k, v in kwargs.items() if k != "return_dict"}, "OCCLIPTextModel.forward")
-        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        _check_kwargs(kwargs, "OCCLIPTextModel.forward")
+        return super().forward(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, return_dict=True, **kwargs
+        )
 
     def initialize_weights(self):
         """Every module through `_init_weights`, as transformers does for its own models (see

@@ -216,8 +216,33 @@ def new_module_settings(values: dict, clip_config, model_config_path, init_from)
     return {key: value for key, value in values.items() if key not in TOWER_SETTINGS}
 
 
+def check_tokenizer_fits(tokenizer, text_config) -> None:
+    """`ValueError` unless every token id of `tokenizer` lies in the text tower's vocabulary and both agree on the
+    end-of-text token the tower pools at. Checked once per run: the training batches then skip the models'
+    per-batch token checks (`ContrastiveTrainingModule(trusted_inputs=True)`)."""
+    if len(tokenizer) > text_config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens, more than the text tower's vocab_size "
+            f"({text_config.vocab_size}); save the model's own tokenizer next to it, or set text_config.vocab_size"
+        )
+    eos = text_config.eos_token_id
+    # eos_token_id == 2 is the legacy value of early CLIP configs: the tower then pools at the highest id instead.
+    if eos != 2 and tokenizer.eos_token_id != eos:
+        raise ValueError(
+            f"the tokenizer's end-of-text token is {tokenizer.eos_token_id}, the text tower pools at {eos} "
+            "(text_config.eos_token_id)"
+        )
+
+
 def build_model_and_processor(args: "ContrastiveTrainingArguments", family: "str | ModelFamily"):
-    """The model (from `--model_config` or `--init_from`) and its processor."""
+    """The model (from `--model_config` or `--init_from`) and its processor, the tokenizer checked against the text
+    tower (`check_tokenizer_fits`)."""
+    model, processor = _model_and_processor(args, family)
+    check_tokenizer_fits(processor.tokenizer, model.config.text_config)
+    return model, processor
+
+
+def _model_and_processor(args: "ContrastiveTrainingArguments", family: "str | ModelFamily"):
     family = get_family(family)
     if args.model_config is None and args.init_from is None:
         raise ValueError("pass --model_config (train from scratch) or --init_from (a CLIP folder)")
@@ -633,8 +658,10 @@ def _prepare_run(args: ContrastiveTrainingArguments, family: ModelFamily, tracke
     optimizer = build_optimizer(model, args, family, fine_tuning=args.init_from is not None)
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, max_steps)
     # Constructed on every process at the same point: the gatherer may create a process group collectively.
+    # Every batch comes from `TrainingCollator`, i.e. the family's processor, whose tokenizer was checked against
+    # the model above: the model may skip its per-batch input checks and their host syncs.
     module = ContrastiveTrainingModule(
-        model, family.objective(args.hard_negatives), FeatureGatherer(), args.local_loss
+        model, family.objective(args.hard_negatives), FeatureGatherer(), args.local_loss, trusted_inputs=True
     )
     if args.streaming:  # each process reads its own split of the stream; batches are moved to the device here
         module, optimizer = accelerator.prepare(module, optimizer)
