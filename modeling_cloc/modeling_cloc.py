@@ -1121,7 +1121,7 @@ class CLOCModel(CLOCPreTrainedModel):
         image_tokens = self._prompter_tokens(vision)
         image_embeds = nn.functional.normalize(vision.pooler_output, dim=-1)
         text_embeds = nn.functional.normalize(text.pooler_output, dim=-1)
-        logits_per_text = self._logit_scale() * text_embeds @ image_embeds.t()
+        logits_per_text = self.clamped_logit_scale() * text_embeds @ image_embeds.t()
         region_embeds = region_text_embeds = predicted_boxes = grounding_mask = region_caption_keys = None
         attention_mass = None
         if input_boxes is not None:
@@ -1192,10 +1192,12 @@ class CLOCModel(CLOCPreTrainedModel):
         if input_boxes is not None:
             _check_boxes(input_boxes, box_mask, num_images, self.config.vision_config.image_size)
 
-    def _logit_scale(self) -> torch.Tensor:
+    def clamped_logit_scale(self) -> torch.Tensor:
+        """The temperature the logits and the loss use: `exp(logit_scale)` capped at `config.logit_scale_max`."""
         return self.logit_scale.exp().clamp(max=self.config.logit_scale_max)
 
-    def _region_logit_scale(self) -> torch.Tensor:
+    def clamped_region_logit_scale(self) -> torch.Tensor:
+        """The region-text temperature: `exp(region_logit_scale)` capped at `config.logit_scale_max`."""
         return self.region_logit_scale.exp().clamp(max=self.config.logit_scale_max)
 
     def region_negative_mask(self, caption_embeds: torch.Tensor, other_embeds: torch.Tensor | None = None):
@@ -1278,8 +1280,8 @@ class CLOCModel(CLOCPreTrainedModel):
             }
         return cloc_loss(
             self.config,
-            self._logit_scale(),
-            self._region_logit_scale(),
+            self.clamped_logit_scale(),
+            self.clamped_region_logit_scale(),
             image_embeds,
             text_embeds,
             regions=regions,

@@ -835,7 +835,8 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
 
     # ------------------------------------------------------------------ pair scoring
 
-    def _logit_scale(self) -> torch.Tensor:
+    def clamped_logit_scale(self) -> torch.Tensor:
+        """The temperature the logits and the loss use: `exp(logit_scale)` capped at `config.logit_scale_max`."""
         return self.logit_scale.exp().clamp(max=self.config.logit_scale_max)
 
     def _prepare_graphs(self, graph_features: OCCLIPGraphFeatures) -> GraphPairInputs:
@@ -906,7 +907,7 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
         """
         self._check_features(image_features, graph_features)
         similarity, _ = self._score_grid(image_features, graph_features, output_attentions=False)
-        return similarity * self._logit_scale() if scale else similarity
+        return similarity * self.clamped_logit_scale() if scale else similarity
 
     def score_pairs(
         self,
@@ -961,7 +962,34 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
             similarity = self.similarity(slots, tile_graphs)
             output = output.index_put((pair_ids[valid],), similarity[valid])
             tile_start = tile_end
-        return output * self._logit_scale() if scale else output
+        return output * self.clamped_logit_scale() if scale else output
+
+    def bind_pairs(
+        self,
+        image_features: OCCLIPImageFeatures,
+        graph_features: OCCLIPGraphFeatures,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """The binding module on the pairs (image k, caption k) only: the slots `[B, Q, D_e]` (the caption's nodes,
+        then the default queries) and, with `output_attentions`, each binding layer's query-softmax attention
+        `[B, H, Q, N]` (else None).
+        """
+        self._check_features(image_features, graph_features)
+        count = image_features.binding_keys.shape[0]
+        if graph_features.num_captions != count:
+            raise ValueError(
+                f"bind_pairs pairs image k with caption k: got {count} images and {graph_features.num_captions} "
+                "captions."
+            )
+        matched_graphs = self._prepare_graphs(graph_features).select(
+            torch.arange(count, device=image_features.binding_keys.device)[:, None]
+        )
+        slots, attentions = self._bind(
+            image_features.binding_keys, image_features.binding_values, matched_graphs, output_attentions
+        )
+        if attentions is not None:
+            attentions = tuple(attention[:, :, 0] for attention in attentions)
+        return slots[:, 0], attentions
 
     def binding_attention(
         self, image_features: OCCLIPImageFeatures, graph_features: OCCLIPGraphFeatures
@@ -969,21 +997,10 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
         """Query-softmax attention of each binding layer for the pairs (image k, caption k): `[B, H, Q, N]` per layer.
 
         A convenience over `forward(..., output_attentions=True).binding_attentions`, equal to its matched pairs
-        `[k, :, k]` but computed for those pairs only. Queries are the caption's nodes then the default queries;
-        reshape `N` to the patch grid for binding maps.
+        `[k, :, k]` but computed for those pairs only (`bind_pairs`). Queries are the caption's nodes then the
+        default queries; reshape `N` to the patch grid for binding maps.
         """
-        self._check_features(image_features, graph_features)
-        count = image_features.binding_keys.shape[0]
-        if graph_features.num_captions != count:
-            raise ValueError(
-                f"binding_attention pairs image k with caption k: got {count} images and "
-                f"{graph_features.num_captions} captions."
-            )
-        matched_graphs = self._prepare_graphs(graph_features).select(
-            torch.arange(count, device=image_features.binding_keys.device)[:, None]
-        )
-        _, attentions = self._bind(image_features.binding_keys, image_features.binding_values, matched_graphs, True)
-        return tuple(attention[:, :, 0] for attention in attentions)
+        return self.bind_pairs(image_features, graph_features, output_attentions=True)[1]
 
     def rerank(
         self,
@@ -1029,7 +1046,7 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
 
     # ------------------------------------------------------------------ losses
 
-    def _relation_negatives(
+    def relation_negatives(
         self, text_features: OCCLIPGraphFeatures
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Negative graphs with the same nodes: `[T, K, P]` subject/object indices and a `[T, K]` validity mask.
@@ -1082,7 +1099,7 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
     ) -> torch.Tensor:
         """Local graph contrastive loss per usable (image, graph) pair, `[n]`: the pair against its own
         relation-perturbed graphs (pairs whose graph has no valid negative are left out)."""
-        subjects, objects, valid = self._relation_negatives(text_features)
+        subjects, objects, valid = self.relation_negatives(text_features)
         usable = valid.any(-1)
         if not bool(usable.any()):
             return image_features.binding_keys.new_zeros(0) * self.logit_scale
@@ -1106,7 +1123,7 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
             negative_relations,
             text.relation_mask[:, :, None].expand(-1, -1, num_negatives, -1),
         )  # [n, 1, K]
-        logits = torch.cat([positive[..., None], negative], dim=-1)[:, 0] * self._logit_scale()
+        logits = torch.cat([positive[..., None], negative], dim=-1)[:, 0] * self.clamped_logit_scale()
         logits = logits.masked_fill(
             ~torch.cat([torch.ones_like(valid[index, :1]), valid[index]], dim=1), float("-inf")
         )
@@ -1197,7 +1214,7 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
         if return_logits or output_attentions:
             self._check_features(image_features, graph_features)
             similarity, binding_attentions = self._score_grid(image_features, graph_features, output_attentions)
-            logits_per_image = similarity * self._logit_scale() if return_logits else None
+            logits_per_image = similarity * self.clamped_logit_scale() if return_logits else None
         loss = loss_itc = loss_rel = None
         if return_loss:
             loss, loss_itc, loss_rel = self.loss_from_features(

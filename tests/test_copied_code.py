@@ -26,7 +26,7 @@ COPIES = [
     (cloc._init_head, occlip._init_head),
     (cloc.CLOCPreTrainedModel.initialize_weights, occlip.OCCLIPPreTrainedModel.initialize_weights),
     (cloc.CLOCVisionModel.initialize_weights, occlip.OCCLIPVisionModel.initialize_weights),
-    (cloc.CLOCModel._logit_scale, occlip.OCCLIPModel._logit_scale),
+    (cloc.CLOCModel.clamped_logit_scale, occlip.OCCLIPModel.clamped_logit_scale),
     # Input checks.
     (cloc._check_kwargs, occlip._check_kwargs),
     (cloc._check_pixel_values, occlip._check_pixel_values),

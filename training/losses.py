@@ -228,8 +228,8 @@ class CLOCLoss(nn.Module):
 
         return cloc_loss(
             model.config,
-            model._logit_scale(),
-            model._region_logit_scale(),
+            model.clamped_logit_scale(),
+            model.clamped_region_logit_scale(),
             images["image_embeds"],
             images["text_embeds"],
             images["image_valid"],
