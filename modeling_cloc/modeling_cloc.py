@@ -510,6 +510,7 @@ def _refuse_missing_weights(info: dict, what: str, source, hint: str = "") -> No
     """Raise, naming them, if a load left weights missing (they would silently start random)."""
     missing = sorted(info["missing_keys"])
     if missing:
+        # Eight names, then the count: a whole missing module would otherwise print hundreds of keys.
         shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
         raise ValueError(
             f"{what}.from_pretrained({str(source)!r}): these weights are not in the checkpoint and would start "
@@ -553,6 +554,7 @@ def _load_clip_weights(model: nn.Module, clip: CLIPModel, new_modules: tuple[str
     unexpected = list(incompatible.unexpected_keys)
     missing = [key for key in incompatible.missing_keys if not key.startswith(new_modules)]
     if unexpected or missing:
+        # The first five names of each kind: enough to recognise the mismatch without printing a whole state dict.
         raise ValueError(
             f"CLIP checkpoint does not match {type(model).__name__}'s towers: unexpected {unexpected[:5]}, "
             f"missing {missing[:5]}."
@@ -794,7 +796,8 @@ def cloc_loss(
     scored = grounding_mask[rows]
     error = regions["predicted_boxes"][rows] - regions["input_boxes"][rows]
     error = error.abs() if config.grounding_loss == "l1" else error**2
-    loss_grounding = error[scored].sum() * share / (4 * targets)
+    box_coordinates = error.shape[-1]  # x0, y0, x1, y1: the loss is the mean error per coordinate
+    loss_grounding = error[scored].sum() * share / (box_coordinates * targets)
     local = loss_region + loss_grounding
     loss_attention = None
     if config.grounding_attention_loss_weight > 0:

@@ -55,24 +55,23 @@ class OCCLIPImageFeatures(BaseModelOutputWithPooling):
     Per-image features of OC-CLIP, cacheable: [`OCCLIPModel.get_image_features`] fills every field it was asked for;
     [`OCCLIPModel.score`] needs only `binding_keys` and `binding_values`.
 
-    Args:
-        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, num_patches + 1, vision_hidden_size)`):
-            Last hidden state of the vision tower (CLS token first), as in CLIP's `get_image_features`.
-        pooler_output (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
-            The projected, unnormalised global image embedding: `visual_projection` of the vision tower's pooled
-            output, equal to `CLIPModel.get_image_features(...).pooler_output` for the same towers. Used by
-            reranking and global retrieval; the structured loss does not train it (see [`OCCLIPModel`]).
-        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
-            The vision tower's embeddings output and every layer's output, each `(batch_size, num_patches + 1,
-            vision_hidden_size)`.
-        attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
-            The vision tower's self-attention weights per layer, each `(batch_size, num_heads, num_patches + 1,
-            num_patches + 1)`.
-        binding_keys (`torch.FloatTensor` of shape `(batch_size, binding_layers, binding_heads, num_patches,
-            binding_head_dim)`):
-            Per-layer patch keys of the binding module with its query projection and scale folded in.
-        binding_values (`torch.FloatTensor` of the same shape as `binding_keys`):
-            Per-layer patch values of the binding module with its output projection folded in.
+    last_hidden_state (`torch.FloatTensor` of shape `(batch_size, num_patches + 1, vision_hidden_size)`):
+        Last hidden state of the vision tower (CLS token first), as in CLIP's `get_image_features`.
+    pooler_output (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
+        The projected, unnormalised global image embedding: `visual_projection` of the vision tower's pooled
+        output, equal to `CLIPModel.get_image_features(...).pooler_output` for the same towers. Used by
+        reranking and global retrieval; the structured loss does not train it (see [`OCCLIPModel`]).
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
+        The vision tower's embeddings output and every layer's output, each `(batch_size, num_patches + 1,
+        vision_hidden_size)`.
+    attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
+        The vision tower's self-attention weights per layer, each `(batch_size, num_heads, num_patches + 1,
+        num_patches + 1)`.
+    binding_keys (`torch.FloatTensor` of shape `(batch_size, binding_layers, binding_heads, num_patches,
+        binding_head_dim)`):
+        Per-layer patch keys of the binding module with its query projection and scale folded in.
+    binding_values (`torch.FloatTensor` of the same shape as `binding_keys`):
+        Per-layer patch values of the binding module with its output projection folded in.
     """
 
     binding_keys: torch.Tensor | None = None
@@ -88,22 +87,21 @@ class OCCLIPGraphFeatures(ModelOutput):
     them as masks and indices. transformers' generic output-equivalence check subtracts outputs, which bool tensors
     do not support; `to_tuple()` keeps them, and this project's tests compare such entries exactly.
 
-    Args:
-        node_embeds (`torch.FloatTensor` of shape `(num_captions, max_nodes, text_embed_dim)`):
-            Embedding of each node phrase (text tower pooled output, projected when
-            `config.text_embedding_source == "projected"`); zeros where `node_mask` is False.
-        node_mask (`torch.BoolTensor` of shape `(num_captions, max_nodes)`):
-            True for the caption's nodes, False for padding.
-        relation_embeds (`torch.FloatTensor` of shape `(num_captions, max_relations, text_embed_dim)`):
-            Embedding of each relation predicate ("left of"); zeros where `relation_mask` is False.
-        relation_mask (`torch.BoolTensor` of shape `(num_captions, max_relations)`):
-            True for the caption's relations, False for padding.
-        relation_subject_index (`torch.LongTensor` of shape `(num_captions, max_relations)`):
-            Node index of each relation's subject; 0 where padded.
-        relation_object_index (`torch.LongTensor` of shape `(num_captions, max_relations)`):
-            Node index of each relation's object; 0 where padded.
-        relation_predicate_id (`torch.LongTensor` of shape `(num_captions, max_relations)`):
-            Equal ids mean the same predicate text within this batch; -1 where padded.
+    node_embeds (`torch.FloatTensor` of shape `(num_captions, max_nodes, text_embed_dim)`):
+        Embedding of each node phrase (text tower pooled output, projected when
+        `config.text_embedding_source == "projected"`); zeros where `node_mask` is False.
+    node_mask (`torch.BoolTensor` of shape `(num_captions, max_nodes)`):
+        True for the caption's nodes, False for padding.
+    relation_embeds (`torch.FloatTensor` of shape `(num_captions, max_relations, text_embed_dim)`):
+        Embedding of each relation predicate ("left of"); zeros where `relation_mask` is False.
+    relation_mask (`torch.BoolTensor` of shape `(num_captions, max_relations)`):
+        True for the caption's relations, False for padding.
+    relation_subject_index (`torch.LongTensor` of shape `(num_captions, max_relations)`):
+        Node index of each relation's subject; 0 where padded.
+    relation_object_index (`torch.LongTensor` of shape `(num_captions, max_relations)`):
+        Node index of each relation's object; 0 where padded.
+    relation_predicate_id (`torch.LongTensor` of shape `(num_captions, max_relations)`):
+        Equal ids mean the same predicate text within this batch; -1 where padded.
     """
 
     node_embeds: torch.Tensor | None = None
@@ -125,33 +123,32 @@ class OCCLIPOutput(ModelOutput):
     r"""
     Output of [`OCCLIPModel.forward`].
 
-    Args:
-        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `return_loss=True`):
-            `loss_itc + rel_loss_weight * loss_rel`.
-        logits_per_image (`torch.FloatTensor` of shape `(image_batch_size, caption_batch_size)`, *optional*):
-            Structured logits `exp(t) * s(x, G)` of every (image, scene graph) pair; absent with `return_logits=False`.
-        logits_per_text (`torch.FloatTensor` of shape `(caption_batch_size, image_batch_size)`, *optional*):
-            The transpose of `logits_per_image`.
-        loss_itc (`torch.FloatTensor` of shape `()`, *optional*, returned when `return_loss=True`):
-            Symmetric InfoNCE over the structured logits.
-        loss_rel (`torch.FloatTensor` of shape `()`, *optional*, returned when `return_loss=True` and
-            `config.rel_loss_weight` is not 0):
-            Local graph contrastive loss (each pair against its relation-perturbed graphs).
-        text_embeds (`torch.FloatTensor` of shape `(caption_batch_size, projection_dim)`, *optional*, returned when
-            `input_ids` are given):
-            Normalised global caption embeddings, as `CLIPOutput.text_embeds`.
-        image_embeds (`torch.FloatTensor` of shape `(image_batch_size, projection_dim)`):
-            Normalised global image embeddings, as `CLIPOutput.image_embeds`.
-        text_model_output (`BaseModelOutputWithPooling`, *optional*, returned when `input_ids` are given):
-            [`OCCLIPModel.get_text_features`] of the plain captions (`pooler_output` projected).
-        image_features (`OCCLIPImageFeatures`):
-            [`OCCLIPModel.get_image_features`] of the images (vision tower outputs and binding keys/values).
-        graph_features (`OCCLIPGraphFeatures`):
-            [`OCCLIPModel.get_graph_features`] of the scene graphs.
-        binding_attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
-            Query-softmax attention of each binding layer for every (image, caption) pair, each `(image_batch_size,
-            binding_heads, caption_batch_size, num_queries, num_patches)`; queries are the caption's nodes, then
-            the default queries.
+    loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `return_loss=True`):
+        `loss_itc + rel_loss_weight * loss_rel`.
+    logits_per_image (`torch.FloatTensor` of shape `(image_batch_size, caption_batch_size)`, *optional*):
+        Structured logits `exp(t) * s(x, G)` of every (image, scene graph) pair; absent with `return_logits=False`.
+    logits_per_text (`torch.FloatTensor` of shape `(caption_batch_size, image_batch_size)`, *optional*):
+        The transpose of `logits_per_image`.
+    loss_itc (`torch.FloatTensor` of shape `()`, *optional*, returned when `return_loss=True`):
+        Symmetric InfoNCE over the structured logits.
+    loss_rel (`torch.FloatTensor` of shape `()`, *optional*, returned when `return_loss=True` and
+        `config.rel_loss_weight` is not 0):
+        Local graph contrastive loss (each pair against its relation-perturbed graphs).
+    text_embeds (`torch.FloatTensor` of shape `(caption_batch_size, projection_dim)`, *optional*, returned when
+        `input_ids` are given):
+        Normalised global caption embeddings, as `CLIPOutput.text_embeds`.
+    image_embeds (`torch.FloatTensor` of shape `(image_batch_size, projection_dim)`):
+        Normalised global image embeddings, as `CLIPOutput.image_embeds`.
+    text_model_output (`BaseModelOutputWithPooling`, *optional*, returned when `input_ids` are given):
+        [`OCCLIPModel.get_text_features`] of the plain captions (`pooler_output` projected).
+    image_features (`OCCLIPImageFeatures`):
+        [`OCCLIPModel.get_image_features`] of the images (vision tower outputs and binding keys/values).
+    graph_features (`OCCLIPGraphFeatures`):
+        [`OCCLIPModel.get_graph_features`] of the scene graphs.
+    binding_attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
+        Query-softmax attention of each binding layer for every (image, caption) pair, each `(image_batch_size,
+        binding_heads, caption_batch_size, num_queries, num_patches)`; queries are the caption's nodes, then
+        the default queries.
     """
 
     loss: torch.Tensor | None = None
@@ -176,15 +173,14 @@ class OCCLIPRerankOutput(ModelOutput):
     r"""
     Output of [`OCCLIPModel.rerank`]: per query, the shortlisted candidates re-ordered by the fused score.
 
-    Args:
-        indices (`torch.LongTensor` of shape `(num_queries, top_k)`):
-            Candidate indices (images for text queries, captions for image queries), best first.
-        scores (`torch.FloatTensor` of shape `(num_queries, top_k)`):
-            Fused scores `z_oc + global_weight * z_global`, in the order of `indices`.
-        structured_logits (`torch.FloatTensor` of shape `(num_queries, top_k)`):
-            The OC-CLIP part `z_oc`, in the order of `indices`.
-        global_logits (`torch.FloatTensor` of shape `(num_queries, top_k)`):
-            The first-stage part `z_global`, in the order of `indices`.
+    indices (`torch.LongTensor` of shape `(num_queries, top_k)`):
+        Candidate indices (images for text queries, captions for image queries), best first.
+    scores (`torch.FloatTensor` of shape `(num_queries, top_k)`):
+        Fused scores `z_oc + global_weight * z_global`, in the order of `indices`.
+    structured_logits (`torch.FloatTensor` of shape `(num_queries, top_k)`):
+        The OC-CLIP part `z_oc`, in the order of `indices`.
+    global_logits (`torch.FloatTensor` of shape `(num_queries, top_k)`):
+        The first-stage part `z_global`, in the order of `indices`.
     """
 
     indices: torch.Tensor | None = None
@@ -204,14 +200,13 @@ def occlip_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """`(loss, loss_itc, loss_rel)`: OC-CLIP's `L_itc + rel_loss_weight * L_rel`.
 
-    Args:
-        logits_per_image / logits_per_text (`[r, N]`): structured logits of the scored rows against every column
-            (`OCCLIPModel.score`); a trainer passes the gathered batch's columns.
-        labels (`[r]`): each row's matching column (default `arange(r)`, image k paired with caption k).
-        relation_terms (`[n]`): `OCCLIPModel.relation_loss_terms` of the scored pairs; `num_relation_terms` their
-            number over the whole batch. `L_rel` is their mean over the batch.
-        scored_fraction: the share of the batch's pairs whose relation terms are given (a process's own: 1/world);
-            the sum is divided by it, so that the mean over processes is the batch's loss.
+    logits_per_image / logits_per_text (`[r, N]`): structured logits of the scored rows against every column
+        (`OCCLIPModel.score`); a trainer passes the gathered batch's columns.
+    labels (`[r]`): each row's matching column (default `arange(r)`, image k paired with caption k).
+    relation_terms (`[n]`): `OCCLIPModel.relation_loss_terms` of the scored pairs; `num_relation_terms` their
+        number over the whole batch. `L_rel` is their mean over the batch.
+    scored_fraction: the share of the batch's pairs whose relation terms are given (a process's own: 1/world);
+        the sum is divided by it, so that the mean over processes is the batch's loss.
     """
     labels = torch.arange(logits_per_image.shape[0], device=logits_per_image.device) if labels is None else labels
     loss_itc = 0.5 * (
@@ -230,6 +225,7 @@ def _refuse_missing_weights(info: dict, what: str, source, hint: str = "") -> No
     """Raise, naming them, if a load left weights missing (they would silently start random)."""
     missing = sorted(info["missing_keys"])
     if missing:
+        # Eight names, then the count: a whole missing module would otherwise print hundreds of keys.
         shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
         raise ValueError(
             f"{what}.from_pretrained({str(source)!r}): these weights are not in the checkpoint and would start "
@@ -273,6 +269,7 @@ def _load_clip_weights(model: nn.Module, clip: CLIPModel, new_modules: tuple[str
     unexpected = list(incompatible.unexpected_keys)
     missing = [key for key in incompatible.missing_keys if not key.startswith(new_modules)]
     if unexpected or missing:
+        # The first five names of each kind: enough to recognise the mismatch without printing a whole state dict.
         raise ValueError(
             f"CLIP checkpoint does not match {type(model).__name__}'s towers: unexpected {unexpected[:5]}, "
             f"missing {missing[:5]}."

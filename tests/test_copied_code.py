@@ -45,8 +45,8 @@ def _name(function) -> str:
     return f"{function.__module__}.{function.__qualname__}"
 
 
-@pytest.mark.parametrize("first, second", COPIES, ids=[a.__qualname__ for a, _ in COPIES])
-def test_copies_in_the_two_model_folders_are_identical(first, second):
-    assert inspect.getsource(first) == inspect.getsource(second), (
-        f"{_name(first)} and {_name(second)} have drifted: change both copies together"
+@pytest.mark.parametrize("cloc_copy, occlip_copy", COPIES, ids=[cloc_copy.__qualname__ for cloc_copy, _ in COPIES])
+def test_copies_in_the_two_model_folders_are_identical(cloc_copy, occlip_copy):
+    assert inspect.getsource(cloc_copy) == inspect.getsource(occlip_copy), (
+        f"{_name(cloc_copy)} and {_name(occlip_copy)} have drifted: change both copies together"
     )
