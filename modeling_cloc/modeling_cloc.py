@@ -891,9 +891,11 @@ def _check_kwargs(kwargs: dict, method: str, hints: dict[str, str] | None = None
 
 
 # The same function stands in modeling_occlip/modeling_occlip.py: each model folder must work alone as remote code.
-def _check_pixel_values(pixel_values: torch.Tensor, vision, any_size: bool = False) -> None:
+def _check_pixel_values(pixel_values: torch.Tensor, vision, any_size: bool = False, square_grid: bool = False) -> None:
     """Shape, batch and dtype of `pixel_values` for a vision config, with errors that say what to do; `any_size`
-    (CLIP's `interpolate_pos_encoding`) lets the height and width differ from the config's `image_size`."""
+    (CLIP's `interpolate_pos_encoding`) lets the height and width differ from the config's `image_size`;
+    `square_grid` (paths that place patch tokens on a square grid: OC-CLIP's binding, CLOC's Prompter and RoI
+    head) requires as many patch rows as columns."""
     if not isinstance(pixel_values, torch.Tensor):
         raise ValueError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}.")
     expected = (vision.num_channels, vision.image_size, vision.image_size)
@@ -911,6 +913,13 @@ def _check_pixel_values(pixel_values: torch.Tensor, vision, any_size: bool = Fal
         raise ValueError(
             f"pixel_values has dtype {pixel_values.dtype}; the model takes normalised float pixels (the processor's "
             "output), not raw 0-255 values."
+        )
+    rows, columns = pixel_values.shape[-2] // vision.patch_size, pixel_values.shape[-1] // vision.patch_size
+    if square_grid and rows != columns:
+        raise ValueError(
+            f"pixel_values of {pixel_values.shape[-2]} x {pixel_values.shape[-1]} pixels give a {rows} x {columns} "
+            "patch grid; this path places the patch tokens on a square grid: pass square images (the processor's "
+            "center crop makes them square)."
         )
 
 
@@ -1067,7 +1076,7 @@ class CLOCModel(CLOCPreTrainedModel):
         if input_boxes is None:
             raise ValueError("get_region_features needs input_boxes [images, regions, 4] (normalised x0, y0, x1, y1)")
         if image_tokens is None and pixel_values is not None:  # named before the towers run
-            _check_pixel_values(pixel_values, self.config.vision_config, interpolate_pos_encoding)
+            _check_pixel_values(pixel_values, self.config.vision_config, interpolate_pos_encoding, square_grid=True)
             _check_boxes(input_boxes, box_mask, pixel_values.shape[0], self.config.vision_config.image_size)
         image_tokens = self._image_tokens(pixel_values, image_tokens, interpolate_pos_encoding)
         box_mask = _check_boxes(input_boxes, box_mask, image_tokens.shape[0], self.config.vision_config.image_size)
@@ -1114,7 +1123,7 @@ class CLOCModel(CLOCPreTrainedModel):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 3:
             raise ValueError("ground needs input_ids of shape [images, captions per image, tokens]")
         if image_tokens is None and pixel_values is not None:  # named before the towers run
-            _check_pixel_values(pixel_values, self.config.vision_config, interpolate_pos_encoding)
+            _check_pixel_values(pixel_values, self.config.vision_config, interpolate_pos_encoding, square_grid=True)
             if pixel_values.shape[0] != input_ids.shape[0]:
                 raise ValueError(
                     f"ground needs one row of captions per image: input_ids has {input_ids.shape[0]} rows for "
@@ -1254,7 +1263,9 @@ class CLOCModel(CLOCPreTrainedModel):
         """`forward`'s checks, before any tower runs, so a bad input is named instead of failing inside them."""
         if pixel_values is None or input_ids is None:
             raise ValueError("CLOCModel.forward needs pixel_values and input_ids.")
-        _check_pixel_values(pixel_values, self.config.vision_config, interpolate_pos_encoding)
+        # Regions place the patch tokens on a square grid; image-text alone takes any grid, as CLIP does.
+        square_grid = input_boxes is not None
+        _check_pixel_values(pixel_values, self.config.vision_config, interpolate_pos_encoding, square_grid)
         _check_caption_ids(input_ids, attention_mask, self.config.text_config)
         num_images, num_captions = pixel_values.shape[0], input_ids.shape[0]
         if return_loss and num_images != num_captions:
@@ -1456,7 +1467,7 @@ class CLOCVisionModel(CLIPVisionModel):
         `[B, R, D_v]`, `region_embeds` `[B, R, D]` and, with `output_attentions`, `region_attentions`, as
         `CLOCModel.get_region_features` gives them."""
         _check_kwargs(kwargs, "CLOCVisionModel.forward")
-        _check_pixel_values(pixel_values, self.config, interpolate_pos_encoding)
+        _check_pixel_values(pixel_values, self.config, interpolate_pos_encoding, square_grid=input_boxes is not None)
         layer = None
         if input_boxes is not None:
             if self.prompter is None:

@@ -405,9 +405,11 @@ def _check_kwargs(kwargs: dict, method: str, hints: dict[str, str] | None = None
 
 
 # The same function stands in modeling_cloc/modeling_cloc.py: each model folder must work alone as remote code.
-def _check_pixel_values(pixel_values: torch.Tensor, vision, any_size: bool = False) -> None:
+def _check_pixel_values(pixel_values: torch.Tensor, vision, any_size: bool = False, square_grid: bool = False) -> None:
     """Shape, batch and dtype of `pixel_values` for a vision config, with errors that say what to do; `any_size`
-    (CLIP's `interpolate_pos_encoding`) lets the height and width differ from the config's `image_size`."""
+    (CLIP's `interpolate_pos_encoding`) lets the height and width differ from the config's `image_size`;
+    `square_grid` (paths that place patch tokens on a square grid: OC-CLIP's binding, CLOC's Prompter and RoI
+    head) requires as many patch rows as columns."""
     if not isinstance(pixel_values, torch.Tensor):
         raise ValueError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}.")
     expected = (vision.num_channels, vision.image_size, vision.image_size)
@@ -425,6 +427,13 @@ def _check_pixel_values(pixel_values: torch.Tensor, vision, any_size: bool = Fal
         raise ValueError(
             f"pixel_values has dtype {pixel_values.dtype}; the model takes normalised float pixels (the processor's "
             "output), not raw 0-255 values."
+        )
+    rows, columns = pixel_values.shape[-2] // vision.patch_size, pixel_values.shape[-1] // vision.patch_size
+    if square_grid and rows != columns:
+        raise ValueError(
+            f"pixel_values of {pixel_values.shape[-2]} x {pixel_values.shape[-1]} pixels give a {rows} x {columns} "
+            "patch grid; this path places the patch tokens on a square grid: pass square images (the processor's "
+            "center crop makes them square)."
         )
 
 
@@ -494,9 +503,6 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
         value = kwargs.get(name)
         return bool(getattr(self.config, name, False) if value is None else value)
 
-    def _check_pixel_values(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> None:
-        _check_pixel_values(pixel_values, self.config.vision_config, interpolate_pos_encoding)
-
     @can_return_tuple
     def get_image_features(
         self,
@@ -513,7 +519,7 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
             output_attentions / output_hidden_states: the vision tower's attentions / hidden states.
         """
         _check_kwargs(kwargs, "OCCLIPModel.get_image_features")
-        self._check_pixel_values(pixel_values, interpolate_pos_encoding)
+        _check_pixel_values(pixel_values, self.config.vision_config, interpolate_pos_encoding, square_grid=True)
         layer = self.config.binding_config.vision_feature_layer
         output_hidden_states = self._output_flag(kwargs, "output_hidden_states")
         vision_outputs = self.vision_model(
