@@ -604,7 +604,7 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
                     f"tower pools at that token. Tokenize phrases with the CLIP tokenizer."
                 )
 
-    def check_graph_shapes(
+    def check_graph_inputs(
         self,
         node_input_ids: torch.Tensor,
         node_attention_mask: torch.Tensor | None = None,
@@ -614,12 +614,43 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
         relation_mask: torch.Tensor | None = None,
         relation_subject_index: torch.Tensor | None = None,
         relation_object_index: torch.Tensor | None = None,
+        values: bool = True,
     ) -> None:
-        """Raise `ValueError` naming the field if the padded scene graphs have wrong types, shapes or phrase lengths.
+        """Raise `ValueError` naming the caption and field if the padded scene graphs are malformed.
 
-        Reads shapes only (no device sync), so `get_graph_features` runs it on every call, `validate_inputs=False`
-        included; `check_graph_inputs` adds the checks of the values.
+        First the types, shapes and phrase lengths, which read shapes only; then, with `values`, the values: every
+        caption has a node, token ids lie in the vocabulary and each phrase holds the end-of-text token, relations
+        point to valid, distinct nodes. The value checks read the tensors on the host (one device sync each), so
+        `get_graph_features(validate_inputs=False)`, meant for `OCCLIPProcessor`'s outputs (valid by construction),
+        runs the shape checks only (`values=False`).
         """
+        self._check_node_shapes(node_input_ids, node_attention_mask, node_mask)
+        if relation_input_ids is None:
+            if relation_subject_index is not None or relation_object_index is not None:
+                raise ValueError("relation indices were given without relation_input_ids.")
+        else:
+            self._check_relation_shapes(
+                node_input_ids.shape[0],
+                relation_input_ids,
+                relation_attention_mask,
+                relation_mask,
+                relation_subject_index,
+                relation_object_index,
+            )
+        if not values:
+            return
+        node_mask = self._check_node_values(node_input_ids, node_attention_mask, node_mask)
+        if relation_input_ids is not None:
+            self._check_relation_values(
+                node_mask,
+                relation_input_ids,
+                relation_attention_mask,
+                relation_mask,
+                relation_subject_index,
+                relation_object_index,
+            )
+
+    def _check_node_shapes(self, node_input_ids, node_attention_mask, node_mask) -> None:
         if not isinstance(node_input_ids, torch.Tensor) or node_input_ids.dim() != 3:
             shape = tuple(node_input_ids.shape) if isinstance(node_input_ids, torch.Tensor) else type(node_input_ids)
             raise ValueError(f"node_input_ids must be a [captions, nodes, tokens] tensor, got {shape}.")
@@ -633,10 +664,16 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
         if node_mask is not None:
             _check_shape("node_mask", node_mask, (num_captions, num_nodes), "one flag per entry")
         self._check_phrase_length("node_input_ids", node_input_ids)
-        if relation_input_ids is None:
-            if relation_subject_index is not None or relation_object_index is not None:
-                raise ValueError("relation indices were given without relation_input_ids.")
-            return
+
+    def _check_relation_shapes(
+        self,
+        num_captions: int,
+        relation_input_ids,
+        relation_attention_mask,
+        relation_mask,
+        subject_index,
+        object_index,
+    ) -> None:
         if relation_input_ids.dim() != 3 or relation_input_ids.shape[0] != num_captions:
             raise ValueError(
                 f"relation_input_ids has shape {tuple(relation_input_ids.shape)}, expected [{num_captions}, relations,"
@@ -652,65 +689,36 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
             )
         if relation_mask is not None:
             _check_shape("relation_mask", relation_mask, (num_captions, num_relations), "one flag per entry")
-        if relation_subject_index is None or relation_object_index is None:
+        if subject_index is None or object_index is None:
             raise ValueError("relation_input_ids needs both relation_subject_index and relation_object_index.")
-        for name, index in (
-            ("relation_subject_index", relation_subject_index),
-            ("relation_object_index", relation_object_index),
-        ):
+        for name, index in (("relation_subject_index", subject_index), ("relation_object_index", object_index)):
             _check_shape(name, index, (num_captions, num_relations), "one node index per relation")
         if num_relations:
             self._check_phrase_length("relation_input_ids", relation_input_ids)
 
-    def check_graph_inputs(
-        self,
-        node_input_ids: torch.Tensor,
-        node_attention_mask: torch.Tensor | None = None,
-        node_mask: torch.Tensor | None = None,
-        relation_input_ids: torch.Tensor | None = None,
-        relation_attention_mask: torch.Tensor | None = None,
-        relation_mask: torch.Tensor | None = None,
-        relation_subject_index: torch.Tensor | None = None,
-        relation_object_index: torch.Tensor | None = None,
-    ) -> None:
-        """Raise `ValueError` naming the caption and field if the padded scene graphs are malformed.
-
-        `check_graph_shapes`, then the values: every caption has a node, token ids lie in the vocabulary and each
-        phrase holds the end-of-text token, relations point to valid, distinct nodes. The value checks read the
-        tensors on the host (one device sync each), so inputs built by `OCCLIPProcessor`, valid by construction,
-        may skip them with `get_graph_features(validate_inputs=False)`.
-        """
-        self.check_graph_shapes(
-            node_input_ids,
-            node_attention_mask,
-            node_mask,
-            relation_input_ids,
-            relation_attention_mask,
-            relation_mask,
-            relation_subject_index,
-            relation_object_index,
-        )
-        device = node_input_ids.device
-        num_captions, num_nodes, _ = node_input_ids.shape
+    def _check_node_values(self, node_input_ids, node_attention_mask, node_mask) -> torch.Tensor:
+        """The node checks that read values (host syncs); returns `node_mask` as bool."""
         if node_attention_mask is None:
             node_attention_mask = torch.ones_like(node_input_ids)
-        node_mask = _as_bool_mask("node_mask", node_mask, (num_captions, num_nodes), device)
+        node_mask = _as_bool_mask("node_mask", node_mask, node_input_ids.shape[:2], node_input_ids.device)
         empty = (~node_mask.any(-1)).nonzero().flatten().tolist()
         if empty:
             raise ValueError(
                 f"caption {empty[0]} has zero valid nodes (node_mask is all False); a graph needs a node."
             )
         self._check_phrase_tokens("node_input_ids", node_input_ids, node_attention_mask, node_mask)
-        if relation_input_ids is None:
-            return
+        return node_mask
+
+    def _check_relation_values(
+        self, node_mask, relation_input_ids, relation_attention_mask, relation_mask, subject_index, object_index
+    ) -> None:
+        """The relation checks that read values (host syncs), against the bool `node_mask`."""
+        num_captions, num_nodes = node_mask.shape
         num_relations = relation_input_ids.shape[1]
         if relation_attention_mask is None:
             relation_attention_mask = torch.ones_like(relation_input_ids)
-        relation_mask = _as_bool_mask("relation_mask", relation_mask, (num_captions, num_relations), device)
-        for name, index in (
-            ("relation_subject_index", relation_subject_index),
-            ("relation_object_index", relation_object_index),
-        ):
+        relation_mask = _as_bool_mask("relation_mask", relation_mask, (num_captions, num_relations), node_mask.device)
+        for name, index in (("relation_subject_index", subject_index), ("relation_object_index", object_index)):
             index = index.long()
             in_range = (index >= 0) & (index < num_nodes)
             safe = index.clamp(0, num_nodes - 1)
@@ -722,7 +730,7 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
                     f"caption {caption}, relation {relation}: {name} = {int(index[caption, relation])} does not point to"
                     f" a valid node (the caption has {int(node_mask[caption].sum())} valid of {num_nodes} node slots)."
                 )
-        self_loops = relation_mask & (relation_subject_index.long() == relation_object_index.long())
+        self_loops = relation_mask & (subject_index.long() == object_index.long())
         if self_loops.any():
             caption, relation = self_loops.nonzero()[0].tolist()
             raise ValueError(f"caption {caption}, relation {relation}: subject and object are the same node.")
@@ -776,11 +784,10 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
             relation_input_ids: `[T, P, L']` token ids of each predicate ("left of"), or `None` for no relations.
             relation_attention_mask: `[T, P, L']`; relation_mask: `[T, P]`.
             relation_subject_index / relation_object_index: `[T, P]` node index of each relation's endpoints.
-            validate_inputs: run `check_graph_inputs` first (host syncs); `False` for processor outputs, which then
-                get only `check_graph_shapes` (no sync).
+            validate_inputs: run all of `check_graph_inputs` first (host syncs); `False` for processor outputs,
+                which then get its shape checks only (no sync).
         """
-        check = self.check_graph_inputs if validate_inputs else self.check_graph_shapes
-        check(
+        self.check_graph_inputs(
             node_input_ids,
             node_attention_mask,
             node_mask,
@@ -789,6 +796,7 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
             relation_mask,
             relation_subject_index,
             relation_object_index,
+            values=validate_inputs,
         )
         device = node_input_ids.device
         num_captions, num_nodes, _ = node_input_ids.shape

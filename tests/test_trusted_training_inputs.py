@@ -55,7 +55,7 @@ def test_trusted_batches_skip_the_value_checks_and_give_the_same_loss(monkeypatc
     loss_checked.backward()
     grad_checked = model.binding.layers[0].k_proj.weight.grad.clone()
     model.zero_grad()
-    monkeypatch.setattr(OCCLIPModel, "check_graph_inputs", refuse)
+    monkeypatch.setattr(OCCLIPModel, "_check_node_values", refuse)
     torch.manual_seed(1)
     loss_trusted, parts_trusted, _ = trusted(batch)
     loss_trusted.backward()
@@ -109,7 +109,7 @@ def test_the_trainer_runs_oc_clip_without_the_value_checks(tmp_path, monkeypatch
     config = write_model_config(tmp_path / "config.json", "occlip")
     argv = ["--train_data", str(data), "--model_config", str(config), "--per_device_train_batch_size", "4"]
     argv += ["--max_steps", "1", "--disable_tqdm", "true"]
-    monkeypatch.setattr(OCCLIPModel, "check_graph_inputs", refuse)
+    monkeypatch.setattr(OCCLIPModel, "_check_node_values", refuse)
     metrics = train_occlip.main([*argv, "--output_dir", str(tmp_path / "out")])
     assert torch.isfinite(torch.tensor(metrics["loss"]))
     small = config.read_text().replace('"vocab_size": 49408', '"vocab_size": 1000')
