@@ -116,8 +116,8 @@ class CLOCOutput(ModelOutput):
     vision_model_output: BaseModelOutputWithPooling | None = None
 
     def to_tuple(self) -> tuple:
-        """The fields that are set, nested outputs as tuples too (as `CLIPOutput.to_tuple`)."""
-        return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in self.values())
+        """The set fields in order, nested outputs turned into tuples too (as `CLIPOutput.to_tuple`)."""
+        return tuple(value.to_tuple() if isinstance(value, ModelOutput) else value for value in self.values())
 
 
 @dataclass
@@ -876,6 +876,13 @@ def _check_boxes(
 
 
 # The same function stands in modeling_occlip/modeling_occlip.py: each model folder must work alone as remote code.
+def _output_flag(config, name: str, value: bool | None) -> bool:
+    """An output flag (`output_attentions`, ...) from the call, else from the config (as transformers'
+    `merge_with_config_defaults`)."""
+    return bool(getattr(config, name, False) if value is None else value)
+
+
+# The same function stands in modeling_occlip/modeling_occlip.py: each model folder must work alone as remote code.
 def _check_kwargs(kwargs: dict, method: str, hints: dict[str, str] | None = None) -> None:
     """Keyword arguments beyond a method's own may only be the output flags the models honour
     (`output_attentions`, `output_hidden_states`); anything else, a misspelt argument or one of transformers'
@@ -1081,15 +1088,11 @@ class CLOCModel(CLOCPreTrainedModel):
         image_tokens = self._image_tokens(pixel_values, image_tokens, interpolate_pos_encoding)
         box_mask = _check_boxes(input_boxes, box_mask, image_tokens.shape[0], self.config.vision_config.image_size)
         hidden, embeds, attentions = self._box_outputs(
-            image_tokens, input_boxes, box_mask, self._output_attentions(output_attentions)
+            image_tokens, input_boxes, box_mask, _output_flag(self.config, "output_attentions", output_attentions)
         )
         return CLOCRegionOutput(
             region_embeds=embeds, region_hidden_states=hidden, box_mask=box_mask, prompter_attentions=attentions
         )
-
-    def _output_attentions(self, value: bool | None) -> bool:
-        """The call's `output_attentions`, else the config's (as transformers' `merge_with_config_defaults`)."""
-        return bool(self.config.output_attentions if value is None else value)
 
     def _box_outputs(
         self, image_tokens: torch.Tensor, boxes: torch.Tensor, box_mask: torch.Tensor, output_attentions: bool = False
@@ -1135,7 +1138,7 @@ class CLOCModel(CLOCPreTrainedModel):
         mask = torch.ones(input_ids.shape[:2], dtype=torch.bool, device=input_ids.device)
         caption_embeds = self._region_text_embeds(input_ids, attention_mask, mask)
         hidden, boxes, attentions = self._ground(
-            image_tokens, caption_embeds, self._output_attentions(output_attentions)
+            image_tokens, caption_embeds, _output_flag(self.config, "output_attentions", output_attentions)
         )
         return CLOCGroundingOutput(
             predicted_boxes=boxes,
@@ -1178,7 +1181,7 @@ class CLOCModel(CLOCPreTrainedModel):
         `output_attentions` also gives the Prompter's `region_attentions` and `grounding_attentions`.
         """
         _check_kwargs(kwargs, "CLOCModel.forward")
-        output_attentions = self._output_attentions(kwargs.get("output_attentions"))
+        output_attentions = _output_flag(self.config, "output_attentions", kwargs.get("output_attentions"))
         self._check_forward_inputs(
             pixel_values, input_ids, attention_mask, input_boxes, box_mask, return_loss, interpolate_pos_encoding
         )
@@ -1484,8 +1487,7 @@ class CLOCVisionModel(CLIPVisionModel):
         )
         result = CLOCVisionOutput(**outputs)
         if input_boxes is not None:
-            output_attentions = kwargs.get("output_attentions")
-            output_attentions = bool(self.config.output_attentions if output_attentions is None else output_attentions)
+            output_attentions = _output_flag(self.config, "output_attentions", kwargs.get("output_attentions"))
             hidden, embeds, attentions = self.prompter.embed_boxes(
                 _tokens_of_layer(outputs, layer), input_boxes, box_mask, output_attentions
             )

@@ -7,7 +7,6 @@ relation predicate ("left of"), subject/object indices per relation, and masks.
 
 from dataclasses import dataclass
 from os import PathLike
-from typing import Any
 
 import torch
 from torch import nn
@@ -163,7 +162,7 @@ class OCCLIPOutput(ModelOutput):
     graph_features: OCCLIPGraphFeatures | None = None
     binding_attentions: tuple[torch.Tensor, ...] | None = None
 
-    def to_tuple(self) -> tuple[Any]:
+    def to_tuple(self) -> tuple:
         """The set fields in order, nested outputs turned into tuples too (as `CLIPOutput.to_tuple`)."""
         return tuple(value.to_tuple() if isinstance(value, ModelOutput) else value for value in self.values())
 
@@ -390,6 +389,13 @@ def _init_head(module: nn.Module, std: float) -> None:
 
 
 # The same function stands in modeling_cloc/modeling_cloc.py: each model folder must work alone as remote code.
+def _output_flag(config, name: str, value: bool | None) -> bool:
+    """An output flag (`output_attentions`, ...) from the call, else from the config (as transformers'
+    `merge_with_config_defaults`)."""
+    return bool(getattr(config, name, False) if value is None else value)
+
+
+# The same function stands in modeling_cloc/modeling_cloc.py: each model folder must work alone as remote code.
 def _check_kwargs(kwargs: dict, method: str, hints: dict[str, str] | None = None) -> None:
     """Keyword arguments beyond a method's own may only be the output flags the models honour
     (`output_attentions`, `output_hidden_states`); anything else, a misspelt argument or one of transformers'
@@ -498,11 +504,6 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
 
     # ------------------------------------------------------------------ per-image side
 
-    def _output_flag(self, kwargs: dict, name: str) -> bool:
-        """An output flag from the call, else from the config (as transformers' `merge_with_config_defaults`)."""
-        value = kwargs.get(name)
-        return bool(getattr(self.config, name, False) if value is None else value)
-
     @can_return_tuple
     def get_image_features(
         self,
@@ -521,12 +522,12 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
         _check_kwargs(kwargs, "OCCLIPModel.get_image_features")
         _check_pixel_values(pixel_values, self.config.vision_config, interpolate_pos_encoding, square_grid=True)
         layer = self.config.binding_config.vision_feature_layer
-        output_hidden_states = self._output_flag(kwargs, "output_hidden_states")
+        output_hidden_states = _output_flag(self.config, "output_hidden_states", kwargs.get("output_hidden_states"))
         vision_outputs = self.vision_model(
             pixel_values=pixel_values,
             interpolate_pos_encoding=interpolate_pos_encoding,
             output_hidden_states=output_hidden_states or layer != -1,
-            output_attentions=self._output_flag(kwargs, "output_attentions"),
+            output_attentions=_output_flag(self.config, "output_attentions", kwargs.get("output_attentions")),
             return_dict=True,
         )
         hidden = vision_outputs.last_hidden_state if layer == -1 else vision_outputs.hidden_states[layer]
@@ -572,8 +573,8 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            output_attentions=self._output_flag(kwargs, "output_attentions"),
-            output_hidden_states=self._output_flag(kwargs, "output_hidden_states"),
+            output_attentions=_output_flag(self.config, "output_attentions", kwargs.get("output_attentions")),
+            output_hidden_states=_output_flag(self.config, "output_hidden_states", kwargs.get("output_hidden_states")),
             return_dict=True,
         )
         text_outputs.pooler_output = self.text_projection(text_outputs.pooler_output)
@@ -1198,8 +1199,8 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
         _check_kwargs(kwargs, "OCCLIPModel.forward")
         if pixel_values is None or node_input_ids is None:
             raise ValueError("OCCLIPModel.forward needs pixel_values and node_input_ids.")
-        output_attentions = self._output_flag(kwargs, "output_attentions")
-        output_flags = {name: self._output_flag(kwargs, name) for name in _OUTPUT_FLAGS}
+        output_attentions = _output_flag(self.config, "output_attentions", kwargs.get("output_attentions"))
+        output_flags = {name: _output_flag(self.config, name, kwargs.get(name)) for name in _OUTPUT_FLAGS}
         image_features = self.get_image_features(
             pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **output_flags
         )

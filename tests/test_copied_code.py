@@ -27,6 +27,9 @@ COPIES = [
     (cloc.CLOCPreTrainedModel.initialize_weights, occlip.OCCLIPPreTrainedModel.initialize_weights),
     (cloc.CLOCVisionModel.initialize_weights, occlip.OCCLIPVisionModel.initialize_weights),
     (cloc.CLOCModel.clamped_logit_scale, occlip.OCCLIPModel.clamped_logit_scale),
+    # Outputs and flags as transformers handles them.
+    (cloc.CLOCOutput.to_tuple, occlip.OCCLIPOutput.to_tuple),
+    (cloc._output_flag, occlip._output_flag),
     # Input checks.
     (cloc._check_kwargs, occlip._check_kwargs),
     (cloc._check_pixel_values, occlip._check_pixel_values),
