@@ -6,6 +6,7 @@ region caption) into a region embedding, and a box head for grounding.
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -690,7 +691,7 @@ def contrastive_loss(
     text_side: torch.Tensor,
     scale: torch.Tensor,
     valid: torch.Tensor | None = None,
-    keep_pairs=None,
+    keep_pairs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     duplicate_keys: torch.Tensor | None = None,
     rows: slice | None = None,
 ) -> torch.Tensor:
