@@ -539,16 +539,18 @@ class TrainingRun:
 
 def _check_run(args: ContrastiveTrainingArguments, family: ModelFamily):
     """Every check that needs no model or data, before anything is built or written; returns the trackers."""
-    if args.hard_negatives and family.name != "clip":
+    if args.hard_negatives and not family.supports_hard_negatives:
         raise ValueError(
             f"--hard_negatives is the CLIP baseline's option; {family.name} trains without hard negatives"
         )
     validate_arguments(args)
     trackers = requested_trackers(args.report_to)
     check_output_dir(args)  # before anything is written
-    if family.name == "occlip" and args.on_bad_sample == "skip" and accelerator_processes() > 1:
-        # OC-CLIP's gathered loss needs equal batches on every process; a skipped row breaks that.
-        raise ValueError("--on_bad_sample skip is not supported for OC-CLIP with several processes; clean the data")
+    if family.needs_equal_batches and args.on_bad_sample == "skip" and accelerator_processes() > 1:
+        # The family's gathered loss needs equal batches on every process; a skipped row breaks that.
+        raise ValueError(
+            f"--on_bad_sample skip is not supported for {family.card.title} with several processes; clean the data"
+        )
     if args.mixed_precision == "fp16" and args.gradient_accumulation_steps > 1:
         # Cached-feature accumulation backpropagates feature gradients outside the fp16 loss scaler.
         raise ValueError("--mixed_precision fp16 does not combine with --gradient_accumulation_steps > 1; use bf16")
@@ -846,7 +848,7 @@ def _finish(run: TrainingRun) -> dict:
     check_finite_weights(accelerator.unwrap_model(run.module), progress.step)
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(run.module).model
-        save_final(model, run.processor, run.output_dir, run.args, run.family.name, run.metrics)
+        save_final(model, run.processor, run.output_dir, run.args, run.family, run.metrics)
         # Records of this run (after a resume: from the resumed step on).
         (run.output_dir / "log_history.json").write_text(json.dumps(run.history, indent=1))
         if run.args.push_to_hub:
@@ -957,7 +959,7 @@ def save_checkpoint(
 
 
 def save_final(
-    model, processor, output_dir: Path, args: ContrastiveTrainingArguments, family: str, metrics: dict
+    model, processor, output_dir: Path, args: ContrastiveTrainingArguments, family: ModelFamily, metrics: dict
 ) -> None:
     """Model (LoRA merged; the adapter also under `adapter/`), processor and model card at `output_dir`."""
     output_dir.mkdir(parents=True, exist_ok=True)
