@@ -6,6 +6,7 @@ region caption) into a region embedding, and a box head for grounding.
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +78,16 @@ class CLOCOutput(ModelOutput):
     loss_grounding_attention (`torch.Tensor` of shape `()`, *optional*, returned with `return_loss` when
         `grounding_attention_loss_weight > 0`):
         Mean `-log grounding_attention_mass` over the grounding targets.
+    region_attentions (`tuple(torch.Tensor)`, *optional*, returned with `input_boxes` when `output_attentions=True`
+        and the Prompter embeds the regions):
+        One per Prompter layer, `(image_batch_size, regions, heads, 2, 2 + 1 + patches)`: the attention of each box's
+        two prompt tokens over its own prompt tokens, then the image tokens (CLS first), as
+        `get_region_features(output_attentions=True).prompter_attentions`.
+    grounding_attentions (`tuple(torch.Tensor)`, *optional*, returned with `region_input_ids` when
+        `output_attentions=True`):
+        One per Prompter layer, `(image_batch_size, regions, heads, 1, 1 + 1 + patches)`: the attention of each
+        region caption's text prompt over itself, then the image tokens, as
+        `ground(output_attentions=True).prompter_attentions`.
     text_model_output (`BaseModelOutputWithPooling`):
         The output of `get_text_features` (the text tower, `pooler_output` projected), with its hidden states and
         attentions when asked for.
@@ -100,12 +111,14 @@ class CLOCOutput(ModelOutput):
     region_caption_keys: torch.Tensor | None = None
     grounding_attention_mass: torch.Tensor | None = None
     loss_grounding_attention: torch.Tensor | None = None
+    region_attentions: tuple[torch.Tensor, ...] | None = None
+    grounding_attentions: tuple[torch.Tensor, ...] | None = None
     text_model_output: BaseModelOutputWithPooling | None = None
     vision_model_output: BaseModelOutputWithPooling | None = None
 
     def to_tuple(self) -> tuple:
-        """The fields that are set, nested outputs as tuples too (as `CLIPOutput.to_tuple`)."""
-        return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in self.values())
+        """The set fields in order, nested outputs turned into tuples too (as `CLIPOutput.to_tuple`)."""
+        return tuple(value.to_tuple() if isinstance(value, ModelOutput) else value for value in self.values())
 
 
 @dataclass
@@ -120,11 +133,18 @@ class CLOCRegionOutput(ModelOutput):
         tokens); zero where `box_mask` is False. None for `region_head="roi_align"`.
     box_mask (`torch.BoolTensor` of shape `(batch_size, regions)`):
         The boxes that were embedded (the input `box_mask`, or all True).
+    prompter_attentions (`tuple(torch.Tensor)`, *optional*, returned when `output_attentions=True`; None for
+        `region_head="roi_align"`):
+        One per Prompter layer, `(batch_size, regions, heads, 2, 2 + 1 + patches)`: the softmax weights of each box's
+        two prompt tokens over its own prompt tokens, then the image tokens (CLS first); rows sum to 1. Averaged over
+        heads and prompt tokens, the image columns of the last layer are `CLOCPrompter.image_attention`. Masked boxes
+        hold the attention of the full-image box that stands in for them.
     """
 
     region_embeds: torch.Tensor | None = None
     region_hidden_states: torch.Tensor | None = None
     box_mask: torch.Tensor | None = None
+    prompter_attentions: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
@@ -137,11 +157,16 @@ class CLOCGroundingOutput(ModelOutput):
         The Prompter's pooled text-prompt states the box head reads.
     region_text_embeds (`torch.Tensor` of shape `(batch_size, captions, projection_dim)`):
         Normalised caption embeddings (the text prompts).
+    prompter_attentions (`tuple(torch.Tensor)`, *optional*, returned when `output_attentions=True`):
+        One per Prompter layer, `(batch_size, captions, heads, 1, 1 + 1 + patches)`: the softmax weights of each
+        caption's text prompt over itself, then the image tokens (CLS first); rows sum to 1. Averaged over heads, the
+        image columns of the last layer are `CLOCPrompter.image_attention` of the text prompts.
     """
 
     predicted_boxes: torch.Tensor | None = None
     region_hidden_states: torch.Tensor | None = None
     region_text_embeds: torch.Tensor | None = None
+    prompter_attentions: tuple[torch.Tensor, ...] | None = None
 
 
 def _fill_masked_boxes(boxes: torch.Tensor, box_mask: torch.Tensor) -> torch.Tensor:
@@ -323,26 +348,26 @@ class CLOCPrompter(nn.Module):
         prompt rows are computed: all regions of an image form one query block against image keys/values computed
         once, and a block-diagonal mask keeps each region's prompt tokens to themselves (no per-region copy).
         """
-        hidden, embeds, _ = self.forward_with_image_attention(prompts, image_tokens, boxes, output_attentions=False)
+        hidden, embeds, _ = self.forward_with_attentions(prompts, image_tokens, boxes, output_attentions=False)
         return hidden, embeds
 
-    def forward_with_image_attention(
+    def forward_with_attentions(
         self,
         prompts: torch.Tensor,
         image_tokens: torch.Tensor,
         boxes: torch.Tensor | None = None,
         output_attentions: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """`forward`'s `(h, z)` and, with `output_attentions` (one-layer Prompters), each region's attention over
-        the image tokens `[B, R, 1+N]` (CLS first; averaged over heads and the region's prompt tokens; the rest of
-        each row goes to its own prompt tokens), from the same pass: what `image_attention` reports."""
-        if output_attentions and len(self.layers) != 1:
-            raise ValueError("image_attention reads the one-layer Prompter; this one has several layers")
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """`forward`'s `(h, z)` and, with `output_attentions`, each layer's attention of the prompt tokens from the
+        same pass: a tuple (one per layer) of `[B, R, H, T_p, T_p + 1 + N]`, the softmax weights of each region's
+        `T_p` prompt tokens over its own prompt tokens, then the image tokens (CLS first); each row sums to 1. Both
+        paths give this one layout (the one-layer path never builds the other regions' or the image tokens' rows).
+        """
         batch, regions, num_prompt, width = prompts.shape
         num_tokens = image_tokens.shape[1]
         position = self.image_position(num_tokens, image_tokens.dtype, image_tokens.device)
         bias = None if boxes is None else self.box_attention_bias(boxes, num_tokens, num_prompt)
-        image_attention = None
+        attentions = [] if output_attentions else None
         if self.pooling == "prompt" and len(self.layers) == 1:
             layer = self.layers[0]
             keys, values = layer.image_keys_values(image_tokens, position)  # [B, H, K, d], once per image
@@ -355,8 +380,15 @@ class CLOCPrompter(nn.Module):
             queries = prompts.reshape(batch, regions * num_prompt, width)
             rows, weights = layer(queries, keys, values, mask, output_attentions=output_attentions)
             pooled = rows.view(batch, regions, num_prompt, width).mean(dim=2)
-            if weights is not None:  # [B, H, R * T_p, R * T_p + K]: the image columns of the prompt rows
-                image_attention = weights[..., regions * num_prompt :].mean(1)
+            if output_attentions:  # [B, H, R * T_p, R * T_p + K] -> each region's own block and image columns
+                heads = weights.shape[1]
+                weights = weights.view(batch, heads, regions, num_prompt, -1)
+                prompt_columns = weights[..., : regions * num_prompt].view(
+                    batch, heads, regions, num_prompt, regions, num_prompt
+                )
+                own_block = torch.diagonal(prompt_columns, dim1=2, dim2=4).permute(0, 4, 1, 2, 3)  # [B, R, H, T, T]
+                image_columns = weights[..., regions * num_prompt :].transpose(1, 2)  # [B, R, H, T_p, K]
+                attentions.append(torch.cat([own_block, image_columns], dim=-1))
         else:
             # Full sequence per region: every layer updates image tokens too, which then depend on the prompt.
             tokens = torch.cat([prompts, image_tokens[:, None].expand(-1, regions, -1, -1)], dim=2)
@@ -373,14 +405,21 @@ class CLOCPrompter(nn.Module):
                 tokens, weights = layer(
                     tokens, attention_mask=mask, position=position, output_attentions=output_attentions
                 )
-            if output_attentions:  # [B * R, H, T_p + K, T_p + K]: the image columns of the prompt rows
-                image_attention = weights[:, :, :num_prompt, num_prompt:].mean(1)
+                if output_attentions:  # [B * R, H, T_p + K, T_p + K]: the prompt rows
+                    prompt_rows = weights[:, :, :num_prompt]
+                    attentions.append(prompt_rows.reshape(batch, regions, *prompt_rows.shape[1:]))
             tokens = tokens.view(batch, regions, -1, width)
             pooled = tokens[:, :, :num_prompt].mean(2) if self.pooling == "prompt" else tokens.mean(2)
-        if image_attention is not None:
-            image_attention = image_attention.reshape(batch, regions, num_prompt, num_tokens).mean(2)
         embeds = nn.functional.normalize(self.projection(self.post_layernorm(pooled)), dim=-1)
-        return pooled, embeds, image_attention
+        return pooled, embeds, None if attentions is None else tuple(attentions)
+
+    @staticmethod
+    def mean_image_attention(attentions: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """`[B, R, 1+N]`: the last layer of `forward_with_attentions`' attentions over the image tokens, averaged
+        over heads and the region's prompt tokens (what `image_attention` reports)."""
+        last = attentions[-1]
+        num_prompt = last.shape[-2]
+        return last[..., num_prompt:].mean(dim=(2, 3))
 
     @torch.no_grad()
     def image_attention(
@@ -395,15 +434,20 @@ class CLOCPrompter(nn.Module):
         self, prompts: torch.Tensor, image_tokens: torch.Tensor, boxes: torch.Tensor | None = None
     ) -> torch.Tensor:
         """`image_attention` with gradients (what the grounding attention loss supervises)."""
-        return self.forward_with_image_attention(prompts, image_tokens, boxes)[2]
+        if len(self.layers) != 1:
+            raise ValueError("image_attention reads the one-layer Prompter; this one has several layers")
+        return self.mean_image_attention(self.forward_with_attentions(prompts, image_tokens, boxes)[2])
 
     def embed_boxes(
-        self, image_tokens: torch.Tensor, boxes: torch.Tensor, box_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(h, z)` for validated boxes; masked boxes are replaced by the full image, then zeroed."""
+        self, image_tokens: torch.Tensor, boxes: torch.Tensor, box_mask: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """`(h, z, attentions)` for validated boxes; masked boxes are replaced by the full image, then zeroed (their
+        attentions are those of the full-image box). `attentions` as in `forward_with_attentions`, else None."""
         boxes = _fill_masked_boxes(boxes, box_mask)
-        hidden, embeds = self(self.box_prompts(boxes), image_tokens, boxes)
-        return hidden * box_mask[..., None], embeds * box_mask[..., None]
+        hidden, embeds, attentions = self.forward_with_attentions(
+            self.box_prompts(boxes), image_tokens, boxes, output_attentions
+        )
+        return hidden * box_mask[..., None], embeds * box_mask[..., None], attentions
 
 
 def roi_align_mean(patch_tokens: torch.Tensor, boxes: torch.Tensor, samples: int) -> torch.Tensor:
@@ -467,6 +511,7 @@ def _refuse_missing_weights(info: dict, what: str, source, hint: str = "") -> No
     """Raise, naming them, if a load left weights missing (they would silently start random)."""
     missing = sorted(info["missing_keys"])
     if missing:
+        # Eight names, then the count: a whole missing module would otherwise print hundreds of keys.
         shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
         raise ValueError(
             f"{what}.from_pretrained({str(source)!r}): these weights are not in the checkpoint and would start "
@@ -510,6 +555,7 @@ def _load_clip_weights(model: nn.Module, clip: CLIPModel, new_modules: tuple[str
     unexpected = list(incompatible.unexpected_keys)
     missing = [key for key in incompatible.missing_keys if not key.startswith(new_modules)]
     if unexpected or missing:
+        # The first five names of each kind: enough to recognise the mismatch without printing a whole state dict.
         raise ValueError(
             f"CLIP checkpoint does not match {type(model).__name__}'s towers: unexpected {unexpected[:5]}, "
             f"missing {missing[:5]}."
@@ -645,7 +691,7 @@ def contrastive_loss(
     text_side: torch.Tensor,
     scale: torch.Tensor,
     valid: torch.Tensor | None = None,
-    keep_pairs=None,
+    keep_pairs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     duplicate_keys: torch.Tensor | None = None,
     rows: slice | None = None,
 ) -> torch.Tensor:
@@ -751,7 +797,8 @@ def cloc_loss(
     scored = grounding_mask[rows]
     error = regions["predicted_boxes"][rows] - regions["input_boxes"][rows]
     error = error.abs() if config.grounding_loss == "l1" else error**2
-    loss_grounding = error[scored].sum() * share / (4 * targets)
+    box_coordinates = error.shape[-1]  # x0, y0, x1, y1: the loss is the mean error per coordinate
+    loss_grounding = error[scored].sum() * share / (box_coordinates * targets)
     local = loss_region + loss_grounding
     loss_attention = None
     if config.grounding_attention_loss_weight > 0:
@@ -830,18 +877,33 @@ def _check_boxes(
 
 
 # The same function stands in modeling_occlip/modeling_occlip.py: each model folder must work alone as remote code.
-def _check_kwargs(kwargs: dict, method: str) -> None:
-    """Keyword arguments beyond a method's own must be transformers' `TransformersKwargs` (`output_attentions`,
-    `output_hidden_states`, ...): anything else, e.g. a misspelt argument, is an error, not silently dropped."""
-    unknown = sorted(set(kwargs) - set(TransformersKwargs.__annotations__))
-    if unknown:
-        raise TypeError(f"{method}() got unexpected keyword arguments: {', '.join(unknown)}")
+def _output_flag(config, name: str, value: bool | None) -> bool:
+    """An output flag (`output_attentions`, ...) from the call, else from the config (as transformers'
+    `merge_with_config_defaults`)."""
+    return bool(getattr(config, name, False) if value is None else value)
 
 
 # The same function stands in modeling_occlip/modeling_occlip.py: each model folder must work alone as remote code.
-def _check_pixel_values(pixel_values: torch.Tensor, vision, any_size: bool = False) -> None:
+def _check_kwargs(kwargs: dict, method: str, hints: dict[str, str] | None = None) -> None:
+    """Keyword arguments beyond a method's own may only be the output flags the models honour
+    (`output_attentions`, `output_hidden_states`); anything else, a misspelt argument or one of transformers'
+    `TransformersKwargs` for packed or MoE language models that these models would ignore, is an error rather than
+    silently dropped. `hints` maps an argument name to a sentence saying where it belongs."""
+    unknown = sorted(set(kwargs) - {"output_attentions", "output_hidden_states"})
+    if unknown:
+        notes = sorted({hints[name] for name in unknown if hints and name in hints})
+        raise TypeError(
+            f"{method}() got unexpected keyword argument(s): {', '.join(map(repr, unknown))}."
+            + "".join(f" {note}" for note in notes)
+        )
+
+
+# The same function stands in modeling_occlip/modeling_occlip.py: each model folder must work alone as remote code.
+def _check_pixel_values(pixel_values: torch.Tensor, vision, any_size: bool = False, square_grid: bool = False) -> None:
     """Shape, batch and dtype of `pixel_values` for a vision config, with errors that say what to do; `any_size`
-    (CLIP's `interpolate_pos_encoding`) lets the height and width differ from the config's `image_size`."""
+    (CLIP's `interpolate_pos_encoding`) lets the height and width differ from the config's `image_size`;
+    `square_grid` (paths that place patch tokens on a square grid: OC-CLIP's binding, CLOC's Prompter and RoI
+    head) requires as many patch rows as columns."""
     if not isinstance(pixel_values, torch.Tensor):
         raise ValueError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}.")
     expected = (vision.num_channels, vision.image_size, vision.image_size)
@@ -859,6 +921,13 @@ def _check_pixel_values(pixel_values: torch.Tensor, vision, any_size: bool = Fal
         raise ValueError(
             f"pixel_values has dtype {pixel_values.dtype}; the model takes normalised float pixels (the processor's "
             "output), not raw 0-255 values."
+        )
+    rows, columns = pixel_values.shape[-2] // vision.patch_size, pixel_values.shape[-1] // vision.patch_size
+    if square_grid and rows != columns:
+        raise ValueError(
+            f"pixel_values of {pixel_values.shape[-2]} x {pixel_values.shape[-1]} pixels give a {rows} x {columns} "
+            "patch grid; this path places the patch tokens on a square grid: pass square images (the processor's "
+            "center crop makes them square)."
         )
 
 
@@ -1004,34 +1073,36 @@ class CLOCModel(CLOCPreTrainedModel):
         input_boxes: torch.Tensor | None = None,
         box_mask: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
+        output_attentions: bool | None = None,
     ) -> CLOCRegionOutput:
         """Region embeddings (`region_embeds` `[B, R, D]`, normalised, zero where masked) of `input_boxes`
         `[B, R, 4]` (normalised xyxy), and the Prompter's region hidden states.
 
         `image_tokens` (`get_image_tokens(pixel_values)`) can be cached and reused for any prompts.
+        `output_attentions` (default `config.output_attentions`) adds the Prompter's `prompter_attentions`.
         """
         if input_boxes is None:
             raise ValueError("get_region_features needs input_boxes [images, regions, 4] (normalised x0, y0, x1, y1)")
         if image_tokens is None and pixel_values is not None:  # named before the towers run
-            _check_pixel_values(pixel_values, self.config.vision_config, interpolate_pos_encoding)
+            _check_pixel_values(pixel_values, self.config.vision_config, interpolate_pos_encoding, square_grid=True)
             _check_boxes(input_boxes, box_mask, pixel_values.shape[0], self.config.vision_config.image_size)
         image_tokens = self._image_tokens(pixel_values, image_tokens, interpolate_pos_encoding)
         box_mask = _check_boxes(input_boxes, box_mask, image_tokens.shape[0], self.config.vision_config.image_size)
-        hidden, embeds = self._box_outputs(image_tokens, input_boxes, box_mask)
-        return CLOCRegionOutput(region_embeds=embeds, region_hidden_states=hidden, box_mask=box_mask)
+        hidden, embeds, attentions = self._box_outputs(
+            image_tokens, input_boxes, box_mask, _output_flag(self.config, "output_attentions", output_attentions)
+        )
+        return CLOCRegionOutput(
+            region_embeds=embeds, region_hidden_states=hidden, box_mask=box_mask, prompter_attentions=attentions
+        )
 
     def _box_outputs(
-        self, image_tokens: torch.Tensor, boxes: torch.Tensor, box_mask: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Region hidden states (None for the RoI head) and embeddings of already validated boxes (zero where
-        masked)."""
+        self, image_tokens: torch.Tensor, boxes: torch.Tensor, box_mask: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor | None, torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """Region hidden states (None for the RoI head), embeddings (zero where masked) and, with
+        `output_attentions`, the Prompter's attentions (None for the RoI head) of already validated boxes."""
         if self.roi_head is not None:
-            return None, self.roi_head(image_tokens, _fill_masked_boxes(boxes, box_mask)) * box_mask[..., None]
-        return self.prompter.embed_boxes(image_tokens, boxes, box_mask)
-
-    def _box_embeddings(self, image_tokens: torch.Tensor, boxes: torch.Tensor, box_mask: torch.Tensor) -> torch.Tensor:
-        """Region embeddings of already validated boxes (zero where masked)."""
-        return self._box_outputs(image_tokens, boxes, box_mask)[1]
+            return None, self.roi_head(image_tokens, _fill_masked_boxes(boxes, box_mask)) * box_mask[..., None], None
+        return self.prompter.embed_boxes(image_tokens, boxes, box_mask, output_attentions)
 
     def _region_text_embeds(self, region_input_ids, region_attention_mask, mask) -> torch.Tensor:
         embeds = region_input_ids.new_zeros(
@@ -1049,12 +1120,14 @@ class CLOCModel(CLOCPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         image_tokens: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
+        output_attentions: bool | None = None,
     ) -> CLOCGroundingOutput:
-        """The box (`predicted_boxes` `[B, R, 4]`, normalised xyxy) of each region caption `input_ids` `[B, R, L]`."""
+        """The box (`predicted_boxes` `[B, R, 4]`, normalised xyxy) of each region caption `input_ids` `[B, R, L]`;
+        `output_attentions` (default `config.output_attentions`) adds the Prompter's `prompter_attentions`."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 3:
             raise ValueError("ground needs input_ids of shape [images, captions per image, tokens]")
         if image_tokens is None and pixel_values is not None:  # named before the towers run
-            _check_pixel_values(pixel_values, self.config.vision_config, interpolate_pos_encoding)
+            _check_pixel_values(pixel_values, self.config.vision_config, interpolate_pos_encoding, square_grid=True)
             if pixel_values.shape[0] != input_ids.shape[0]:
                 raise ValueError(
                     f"ground needs one row of captions per image: input_ids has {input_ids.shape[0]} rows for "
@@ -1065,23 +1138,26 @@ class CLOCModel(CLOCPreTrainedModel):
             raise ValueError("ground needs input_ids of shape [images, captions per image, tokens]")
         mask = torch.ones(input_ids.shape[:2], dtype=torch.bool, device=input_ids.device)
         caption_embeds = self._region_text_embeds(input_ids, attention_mask, mask)
-        hidden, boxes, _ = self._ground(image_tokens, caption_embeds)
+        hidden, boxes, attentions = self._ground(
+            image_tokens, caption_embeds, _output_flag(self.config, "output_attentions", output_attentions)
+        )
         return CLOCGroundingOutput(
             predicted_boxes=boxes,
             region_hidden_states=hidden,
             region_text_embeds=nn.functional.normalize(caption_embeds, dim=-1),
+            prompter_attentions=attentions,
         )
 
     def _ground(
         self, image_tokens: torch.Tensor, caption_embeds: torch.Tensor, output_attentions: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """The Prompter's text-prompt states `[B, R, D_v]`, the box head's boxes `[B, R, 4]` and, with
-        `output_attentions`, the prompts' attention over the image tokens `[B, R, 1+N]` (else None)."""
+        `output_attentions`, the Prompter's attentions (`CLOCPrompter.forward_with_attentions`; else None)."""
         prompts = self.prompter.text_prompts(caption_embeds)
-        hidden, _, attention = self.prompter.forward_with_image_attention(
+        hidden, _, attentions = self.prompter.forward_with_attentions(
             prompts, image_tokens, output_attentions=output_attentions
         )
-        return hidden, self.box_head(hidden), attention
+        return hidden, self.box_head(hidden), attentions
 
     @can_return_tuple
     def forward(
@@ -1102,9 +1178,11 @@ class CLOCModel(CLOCPreTrainedModel):
 
         With `region_input_ids` (one caption per box) the region-caption embeddings and grounded boxes are computed
         too; `return_loss` then adds the region and grounding terms (see `loss_from_features`).
-        `output_attentions` / `output_hidden_states` reach both towers (`text_model_output`, `vision_model_output`).
+        `output_attentions` / `output_hidden_states` reach both towers (`text_model_output`, `vision_model_output`);
+        `output_attentions` also gives the Prompter's `region_attentions` and `grounding_attentions`.
         """
         _check_kwargs(kwargs, "CLOCModel.forward")
+        output_attentions = _output_flag(self.config, "output_attentions", kwargs.get("output_attentions"))
         self._check_forward_inputs(
             pixel_values, input_ids, attention_mask, input_boxes, box_mask, return_loss, interpolate_pos_encoding
         )
@@ -1115,23 +1193,34 @@ class CLOCModel(CLOCPreTrainedModel):
         image_tokens = self._prompter_tokens(vision)
         image_embeds = nn.functional.normalize(vision.pooler_output, dim=-1)
         text_embeds = nn.functional.normalize(text.pooler_output, dim=-1)
-        logits_per_text = self._logit_scale() * text_embeds @ image_embeds.t()
+        logits_per_text = self.clamped_logit_scale() * text_embeds @ image_embeds.t()
         region_embeds = region_text_embeds = predicted_boxes = grounding_mask = region_caption_keys = None
-        attention_mass = None
+        attention_mass = region_attentions = grounding_attentions = None
         if input_boxes is not None:
             box_mask = _check_boxes(input_boxes, box_mask, image_tokens.shape[0])
-            region_embeds = self._box_embeddings(image_tokens, input_boxes, box_mask)
+            _, region_embeds, region_attentions = self._box_outputs(
+                image_tokens, input_boxes, box_mask, output_attentions
+            )
             if region_input_ids is not None:
                 supervise_attention = self.config.grounding_attention_loss_weight > 0
-                region_text_embeds, predicted_boxes, grounding_mask, region_caption_keys, image_attention = (
+                region_text_embeds, predicted_boxes, grounding_mask, region_caption_keys, grounding_attentions = (
                     self._region_caption_outputs(
-                        image_tokens, box_mask, region_input_ids, region_attention_mask, supervise_attention
+                        image_tokens,
+                        box_mask,
+                        region_input_ids,
+                        region_attention_mask,
+                        supervise_attention or output_attentions,
                     )
                 )
                 if supervise_attention:  # from the grounding pass's own attention, not a second pass
+                    image_attention = None
+                    if grounding_attentions is not None:
+                        image_attention = self.prompter.mean_image_attention(grounding_attentions)
                     attention_mass = self.grounding_attention_mass(
                         image_tokens, region_text_embeds, _fill_masked_boxes(input_boxes, box_mask), image_attention
                     ) * box_mask.to(region_text_embeds.dtype)
+                if not output_attentions:
+                    grounding_attentions = None
         box_mask = box_mask if input_boxes is not None else None
         losses = (None,) * 5
         if return_loss:
@@ -1166,6 +1255,8 @@ class CLOCModel(CLOCPreTrainedModel):
             region_caption_keys=region_caption_keys,
             grounding_attention_mass=attention_mass,
             loss_grounding_attention=loss_grounding_attention,
+            region_attentions=region_attentions,
+            grounding_attentions=grounding_attentions,
             text_model_output=text,
             vision_model_output=vision,
         )
@@ -1176,7 +1267,9 @@ class CLOCModel(CLOCPreTrainedModel):
         """`forward`'s checks, before any tower runs, so a bad input is named instead of failing inside them."""
         if pixel_values is None or input_ids is None:
             raise ValueError("CLOCModel.forward needs pixel_values and input_ids.")
-        _check_pixel_values(pixel_values, self.config.vision_config, interpolate_pos_encoding)
+        # Regions place the patch tokens on a square grid; image-text alone takes any grid, as CLIP does.
+        square_grid = input_boxes is not None
+        _check_pixel_values(pixel_values, self.config.vision_config, interpolate_pos_encoding, square_grid)
         _check_caption_ids(input_ids, attention_mask, self.config.text_config)
         num_images, num_captions = pixel_values.shape[0], input_ids.shape[0]
         if return_loss and num_images != num_captions:
@@ -1186,10 +1279,12 @@ class CLOCModel(CLOCPreTrainedModel):
         if input_boxes is not None:
             _check_boxes(input_boxes, box_mask, num_images, self.config.vision_config.image_size)
 
-    def _logit_scale(self) -> torch.Tensor:
+    def clamped_logit_scale(self) -> torch.Tensor:
+        """The temperature the logits and the loss use: `exp(logit_scale)` capped at `config.logit_scale_max`."""
         return self.logit_scale.exp().clamp(max=self.config.logit_scale_max)
 
-    def _region_logit_scale(self) -> torch.Tensor:
+    def clamped_region_logit_scale(self) -> torch.Tensor:
+        """The region-text temperature: `exp(region_logit_scale)` capped at `config.logit_scale_max`."""
         return self.region_logit_scale.exp().clamp(max=self.config.logit_scale_max)
 
     def region_negative_mask(self, caption_embeds: torch.Tensor, other_embeds: torch.Tensor | None = None):
@@ -1212,7 +1307,8 @@ class CLOCModel(CLOCPreTrainedModel):
     ) -> torch.Tensor:
         """`[B, R]`: the share of each caption's text-prompt attention over the image patches (CLS and the prompt
         itself left out) that falls inside `boxes`, weighting each patch by its covered area. `image_attention`
-        (`[B, R, 1+N]`, from the grounding pass's `forward_with_image_attention`) saves computing it again."""
+        (`[B, R, 1+N]`, `CLOCPrompter.mean_image_attention` of the grounding pass's attentions) saves computing it
+        again."""
         if image_attention is None:
             prompts = self.prompter.text_prompts(caption_embeds)
             image_attention = self.prompter.attention_over_image(prompts, image_tokens)
@@ -1224,8 +1320,8 @@ class CLOCModel(CLOCPreTrainedModel):
         self, image_tokens, box_mask, region_input_ids, region_attention_mask, output_attentions: bool = False
     ):
         """Normalised caption embeddings `[B, R, D]`, grounded boxes `[B, R, 4]`, the grounding target mask, the
-        caption keys (`[B, R]`, -1 where masked) and, with `output_attentions`, the text prompts' attention over
-        the image tokens `[B, R, 1+N]` (else None)."""
+        caption keys (`[B, R]`, -1 where masked) and, with `output_attentions`, the Prompter's attentions of the
+        text prompts (`CLOCPrompter.forward_with_attentions`; else None)."""
         if tuple(region_input_ids.shape[:2]) != tuple(box_mask.shape):
             raise ValueError(
                 f"region_input_ids has shape {tuple(region_input_ids.shape)}, expected one caption per box: "
@@ -1272,8 +1368,8 @@ class CLOCModel(CLOCPreTrainedModel):
             }
         return cloc_loss(
             self.config,
-            self._logit_scale(),
-            self._region_logit_scale(),
+            self.clamped_logit_scale(),
+            self.clamped_region_logit_scale(),
             image_embeds,
             text_embeds,
             regions=regions,
@@ -1300,10 +1396,14 @@ class CLOCVisionOutput(BaseModelOutputWithPooling):
         `input_boxes`):
         Normalised region embeddings in CLOC's joint space (equal to `CLOCModel.get_region_features`); zero where
         `box_mask` is False.
+    region_attentions (`tuple(torch.Tensor)`, *optional*, returned with `input_boxes` and `output_attentions=True`):
+        The Prompter's attentions, one per layer, `(batch_size, regions, heads, 2, 2 + 1 + patches)`, as
+        `CLOCModel.get_region_features(output_attentions=True).prompter_attentions`.
     """
 
     region_hidden_states: torch.Tensor | None = None
     region_embeds: torch.Tensor | None = None
+    region_attentions: tuple[torch.Tensor, ...] | None = None
 
 
 class CLOCVisionModel(CLIPVisionModel):
@@ -1368,9 +1468,10 @@ class CLOCVisionModel(CLIPVisionModel):
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple | CLOCVisionOutput:
         """CLIP's vision forward; with `input_boxes` (normalised xyxy `[B, R, 4]`) also `region_hidden_states`
-        `[B, R, D_v]` and `region_embeds` `[B, R, D]`, as `CLOCModel.get_region_features` gives them."""
+        `[B, R, D_v]`, `region_embeds` `[B, R, D]` and, with `output_attentions`, `region_attentions`, as
+        `CLOCModel.get_region_features` gives them."""
         _check_kwargs(kwargs, "CLOCVisionModel.forward")
-        _check_pixel_values(pixel_values, self.config, interpolate_pos_encoding)
+        _check_pixel_values(pixel_values, self.config, interpolate_pos_encoding, square_grid=input_boxes is not None)
         layer = None
         if input_boxes is not None:
             if self.prompter is None:
@@ -1387,8 +1488,13 @@ class CLOCVisionModel(CLIPVisionModel):
         )
         result = CLOCVisionOutput(**outputs)
         if input_boxes is not None:
-            hidden, embeds = self.prompter.embed_boxes(_tokens_of_layer(outputs, layer), input_boxes, box_mask)
-            result = CLOCVisionOutput(**outputs, region_hidden_states=hidden, region_embeds=embeds)
+            output_attentions = _output_flag(self.config, "output_attentions", kwargs.get("output_attentions"))
+            hidden, embeds, attentions = self.prompter.embed_boxes(
+                _tokens_of_layer(outputs, layer), input_boxes, box_mask, output_attentions
+            )
+            result = CLOCVisionOutput(
+                **outputs, region_hidden_states=hidden, region_embeds=embeds, region_attentions=attentions
+            )
         return result
 
     def clip_vision_config(self) -> CLIPVisionConfig:

@@ -7,7 +7,6 @@ relation predicate ("left of"), subject/object indices per relation, and masks.
 
 from dataclasses import dataclass
 from os import PathLike
-from typing import Any
 
 import torch
 from torch import nn
@@ -30,8 +29,8 @@ from .configuration_occlip import OCCLIPConfig, OCCLIPTextConfig, OCCLIPVisionCo
 
 logger = logging.get_logger(__name__)
 
-# The keyword arguments the models honour beyond their named ones (the rest of transformers' `TransformersKwargs`
-# concern packed or MoE language models and would be ignored here, so they are refused).
+# The keyword arguments the models honour beyond their named ones, which `forward` passes on to the towers (the
+# only ones `_check_kwargs` lets through).
 _OUTPUT_FLAGS = ("output_attentions", "output_hidden_states")
 _GRAPH_INPUT_NAMES = (
     "node_input_ids",
@@ -43,16 +42,10 @@ _GRAPH_INPUT_NAMES = (
     "relation_subject_index",
     "relation_object_index",
 )
-
-
-def _refuse_unknown_kwargs(method: str, kwargs: dict, allowed: tuple[str, ...] = _OUTPUT_FLAGS) -> None:
-    """Raise `TypeError` naming every keyword argument `method` would otherwise drop silently."""
-    unknown = sorted(set(kwargs) - set(allowed))
-    if unknown:
-        hint = ""
-        if set(unknown) & set(_GRAPH_INPUT_NAMES):
-            hint = " Scene-graph inputs go to OCCLIPModel.get_graph_features (or forward)."
-        raise TypeError(f"{method} got unexpected keyword argument(s) {', '.join(map(repr, unknown))}.{hint}")
+# Where scene-graph inputs belong, for the error a caller gets passing them to a method that takes plain captions.
+_GRAPH_INPUT_HINTS = {
+    name: "Scene-graph inputs go to OCCLIPModel.get_graph_features (or forward)." for name in _GRAPH_INPUT_NAMES
+}
 
 
 @dataclass
@@ -61,24 +54,23 @@ class OCCLIPImageFeatures(BaseModelOutputWithPooling):
     Per-image features of OC-CLIP, cacheable: [`OCCLIPModel.get_image_features`] fills every field it was asked for;
     [`OCCLIPModel.score`] needs only `binding_keys` and `binding_values`.
 
-    Args:
-        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, num_patches + 1, vision_hidden_size)`):
-            Last hidden state of the vision tower (CLS token first), as in CLIP's `get_image_features`.
-        pooler_output (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
-            The projected, unnormalised global image embedding: `visual_projection` of the vision tower's pooled
-            output, equal to `CLIPModel.get_image_features(...).pooler_output` for the same towers. Used by
-            reranking and global retrieval; the structured loss does not train it (see [`OCCLIPModel`]).
-        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
-            The vision tower's embeddings output and every layer's output, each `(batch_size, num_patches + 1,
-            vision_hidden_size)`.
-        attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
-            The vision tower's self-attention weights per layer, each `(batch_size, num_heads, num_patches + 1,
-            num_patches + 1)`.
-        binding_keys (`torch.FloatTensor` of shape `(batch_size, binding_layers, binding_heads, num_patches,
-            binding_head_dim)`):
-            Per-layer patch keys of the binding module with its query projection and scale folded in.
-        binding_values (`torch.FloatTensor` of the same shape as `binding_keys`):
-            Per-layer patch values of the binding module with its output projection folded in.
+    last_hidden_state (`torch.FloatTensor` of shape `(batch_size, num_patches + 1, vision_hidden_size)`):
+        Last hidden state of the vision tower (CLS token first), as in CLIP's `get_image_features`.
+    pooler_output (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
+        The projected, unnormalised global image embedding: `visual_projection` of the vision tower's pooled
+        output, equal to `CLIPModel.get_image_features(...).pooler_output` for the same towers. Used by
+        reranking and global retrieval; the structured loss does not train it (see [`OCCLIPModel`]).
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
+        The vision tower's embeddings output and every layer's output, each `(batch_size, num_patches + 1,
+        vision_hidden_size)`.
+    attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
+        The vision tower's self-attention weights per layer, each `(batch_size, num_heads, num_patches + 1,
+        num_patches + 1)`.
+    binding_keys (`torch.FloatTensor` of shape `(batch_size, binding_layers, binding_heads, num_patches,
+        binding_head_dim)`):
+        Per-layer patch keys of the binding module with its query projection and scale folded in.
+    binding_values (`torch.FloatTensor` of the same shape as `binding_keys`):
+        Per-layer patch values of the binding module with its output projection folded in.
     """
 
     binding_keys: torch.Tensor | None = None
@@ -94,22 +86,21 @@ class OCCLIPGraphFeatures(ModelOutput):
     them as masks and indices. transformers' generic output-equivalence check subtracts outputs, which bool tensors
     do not support; `to_tuple()` keeps them, and this project's tests compare such entries exactly.
 
-    Args:
-        node_embeds (`torch.FloatTensor` of shape `(num_captions, max_nodes, text_embed_dim)`):
-            Embedding of each node phrase (text tower pooled output, projected when
-            `config.text_embedding_source == "projected"`); zeros where `node_mask` is False.
-        node_mask (`torch.BoolTensor` of shape `(num_captions, max_nodes)`):
-            True for the caption's nodes, False for padding.
-        relation_embeds (`torch.FloatTensor` of shape `(num_captions, max_relations, text_embed_dim)`):
-            Embedding of each relation predicate ("left of"); zeros where `relation_mask` is False.
-        relation_mask (`torch.BoolTensor` of shape `(num_captions, max_relations)`):
-            True for the caption's relations, False for padding.
-        relation_subject_index (`torch.LongTensor` of shape `(num_captions, max_relations)`):
-            Node index of each relation's subject; 0 where padded.
-        relation_object_index (`torch.LongTensor` of shape `(num_captions, max_relations)`):
-            Node index of each relation's object; 0 where padded.
-        relation_predicate_id (`torch.LongTensor` of shape `(num_captions, max_relations)`):
-            Equal ids mean the same predicate text within this batch; -1 where padded.
+    node_embeds (`torch.FloatTensor` of shape `(num_captions, max_nodes, text_embed_dim)`):
+        Embedding of each node phrase (text tower pooled output, projected when
+        `config.text_embedding_source == "projected"`); zeros where `node_mask` is False.
+    node_mask (`torch.BoolTensor` of shape `(num_captions, max_nodes)`):
+        True for the caption's nodes, False for padding.
+    relation_embeds (`torch.FloatTensor` of shape `(num_captions, max_relations, text_embed_dim)`):
+        Embedding of each relation predicate ("left of"); zeros where `relation_mask` is False.
+    relation_mask (`torch.BoolTensor` of shape `(num_captions, max_relations)`):
+        True for the caption's relations, False for padding.
+    relation_subject_index (`torch.LongTensor` of shape `(num_captions, max_relations)`):
+        Node index of each relation's subject; 0 where padded.
+    relation_object_index (`torch.LongTensor` of shape `(num_captions, max_relations)`):
+        Node index of each relation's object; 0 where padded.
+    relation_predicate_id (`torch.LongTensor` of shape `(num_captions, max_relations)`):
+        Equal ids mean the same predicate text within this batch; -1 where padded.
     """
 
     node_embeds: torch.Tensor | None = None
@@ -131,33 +122,32 @@ class OCCLIPOutput(ModelOutput):
     r"""
     Output of [`OCCLIPModel.forward`].
 
-    Args:
-        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `return_loss=True`):
-            `loss_itc + rel_loss_weight * loss_rel`.
-        logits_per_image (`torch.FloatTensor` of shape `(image_batch_size, caption_batch_size)`, *optional*):
-            Structured logits `exp(t) * s(x, G)` of every (image, scene graph) pair; absent with `return_logits=False`.
-        logits_per_text (`torch.FloatTensor` of shape `(caption_batch_size, image_batch_size)`, *optional*):
-            The transpose of `logits_per_image`.
-        loss_itc (`torch.FloatTensor` of shape `()`, *optional*, returned when `return_loss=True`):
-            Symmetric InfoNCE over the structured logits.
-        loss_rel (`torch.FloatTensor` of shape `()`, *optional*, returned when `return_loss=True` and
-            `config.rel_loss_weight` is not 0):
-            Local graph contrastive loss (each pair against its relation-perturbed graphs).
-        text_embeds (`torch.FloatTensor` of shape `(caption_batch_size, projection_dim)`, *optional*, returned when
-            `input_ids` are given):
-            Normalised global caption embeddings, as `CLIPOutput.text_embeds`.
-        image_embeds (`torch.FloatTensor` of shape `(image_batch_size, projection_dim)`):
-            Normalised global image embeddings, as `CLIPOutput.image_embeds`.
-        text_model_output (`BaseModelOutputWithPooling`, *optional*, returned when `input_ids` are given):
-            [`OCCLIPModel.get_text_features`] of the plain captions (`pooler_output` projected).
-        image_features (`OCCLIPImageFeatures`):
-            [`OCCLIPModel.get_image_features`] of the images (vision tower outputs and binding keys/values).
-        graph_features (`OCCLIPGraphFeatures`):
-            [`OCCLIPModel.get_graph_features`] of the scene graphs.
-        binding_attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
-            Query-softmax attention of each binding layer for every (image, caption) pair, each `(image_batch_size,
-            binding_heads, caption_batch_size, num_queries, num_patches)`; queries are the caption's nodes, then
-            the default queries.
+    loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `return_loss=True`):
+        `loss_itc + rel_loss_weight * loss_rel`.
+    logits_per_image (`torch.FloatTensor` of shape `(image_batch_size, caption_batch_size)`, *optional*):
+        Structured logits `exp(t) * s(x, G)` of every (image, scene graph) pair; absent with `return_logits=False`.
+    logits_per_text (`torch.FloatTensor` of shape `(caption_batch_size, image_batch_size)`, *optional*):
+        The transpose of `logits_per_image`.
+    loss_itc (`torch.FloatTensor` of shape `()`, *optional*, returned when `return_loss=True`):
+        Symmetric InfoNCE over the structured logits.
+    loss_rel (`torch.FloatTensor` of shape `()`, *optional*, returned when `return_loss=True` and
+        `config.rel_loss_weight` is not 0):
+        Local graph contrastive loss (each pair against its relation-perturbed graphs).
+    text_embeds (`torch.FloatTensor` of shape `(caption_batch_size, projection_dim)`, *optional*, returned when
+        `input_ids` are given):
+        Normalised global caption embeddings, as `CLIPOutput.text_embeds`.
+    image_embeds (`torch.FloatTensor` of shape `(image_batch_size, projection_dim)`):
+        Normalised global image embeddings, as `CLIPOutput.image_embeds`.
+    text_model_output (`BaseModelOutputWithPooling`, *optional*, returned when `input_ids` are given):
+        [`OCCLIPModel.get_text_features`] of the plain captions (`pooler_output` projected).
+    image_features (`OCCLIPImageFeatures`):
+        [`OCCLIPModel.get_image_features`] of the images (vision tower outputs and binding keys/values).
+    graph_features (`OCCLIPGraphFeatures`):
+        [`OCCLIPModel.get_graph_features`] of the scene graphs.
+    binding_attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
+        Query-softmax attention of each binding layer for every (image, caption) pair, each `(image_batch_size,
+        binding_heads, caption_batch_size, num_queries, num_patches)`; queries are the caption's nodes, then
+        the default queries.
     """
 
     loss: torch.Tensor | None = None
@@ -172,7 +162,7 @@ class OCCLIPOutput(ModelOutput):
     graph_features: OCCLIPGraphFeatures | None = None
     binding_attentions: tuple[torch.Tensor, ...] | None = None
 
-    def to_tuple(self) -> tuple[Any]:
+    def to_tuple(self) -> tuple:
         """The set fields in order, nested outputs turned into tuples too (as `CLIPOutput.to_tuple`)."""
         return tuple(value.to_tuple() if isinstance(value, ModelOutput) else value for value in self.values())
 
@@ -182,15 +172,14 @@ class OCCLIPRerankOutput(ModelOutput):
     r"""
     Output of [`OCCLIPModel.rerank`]: per query, the shortlisted candidates re-ordered by the fused score.
 
-    Args:
-        indices (`torch.LongTensor` of shape `(num_queries, top_k)`):
-            Candidate indices (images for text queries, captions for image queries), best first.
-        scores (`torch.FloatTensor` of shape `(num_queries, top_k)`):
-            Fused scores `z_oc + global_weight * z_global`, in the order of `indices`.
-        structured_logits (`torch.FloatTensor` of shape `(num_queries, top_k)`):
-            The OC-CLIP part `z_oc`, in the order of `indices`.
-        global_logits (`torch.FloatTensor` of shape `(num_queries, top_k)`):
-            The first-stage part `z_global`, in the order of `indices`.
+    indices (`torch.LongTensor` of shape `(num_queries, top_k)`):
+        Candidate indices (images for text queries, captions for image queries), best first.
+    scores (`torch.FloatTensor` of shape `(num_queries, top_k)`):
+        Fused scores `z_oc + global_weight * z_global`, in the order of `indices`.
+    structured_logits (`torch.FloatTensor` of shape `(num_queries, top_k)`):
+        The OC-CLIP part `z_oc`, in the order of `indices`.
+    global_logits (`torch.FloatTensor` of shape `(num_queries, top_k)`):
+        The first-stage part `z_global`, in the order of `indices`.
     """
 
     indices: torch.Tensor | None = None
@@ -210,14 +199,13 @@ def occlip_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """`(loss, loss_itc, loss_rel)`: OC-CLIP's `L_itc + rel_loss_weight * L_rel`.
 
-    Args:
-        logits_per_image / logits_per_text (`[r, N]`): structured logits of the scored rows against every column
-            (`OCCLIPModel.score`); a trainer passes the gathered batch's columns.
-        labels (`[r]`): each row's matching column (default `arange(r)`, image k paired with caption k).
-        relation_terms (`[n]`): `OCCLIPModel.relation_loss_terms` of the scored pairs; `num_relation_terms` their
-            number over the whole batch. `L_rel` is their mean over the batch.
-        scored_fraction: the share of the batch's pairs whose relation terms are given (a process's own: 1/world);
-            the sum is divided by it, so that the mean over processes is the batch's loss.
+    logits_per_image / logits_per_text (`[r, N]`): structured logits of the scored rows against every column
+        (`OCCLIPModel.score`); a trainer passes the gathered batch's columns.
+    labels (`[r]`): each row's matching column (default `arange(r)`, image k paired with caption k).
+    relation_terms (`[n]`): `OCCLIPModel.relation_loss_terms` of the scored pairs; `num_relation_terms` their
+        number over the whole batch. `L_rel` is their mean over the batch.
+    scored_fraction: the share of the batch's pairs whose relation terms are given (a process's own: 1/world);
+        the sum is divided by it, so that the mean over processes is the batch's loss.
     """
     labels = torch.arange(logits_per_image.shape[0], device=logits_per_image.device) if labels is None else labels
     loss_itc = 0.5 * (
@@ -236,6 +224,7 @@ def _refuse_missing_weights(info: dict, what: str, source, hint: str = "") -> No
     """Raise, naming them, if a load left weights missing (they would silently start random)."""
     missing = sorted(info["missing_keys"])
     if missing:
+        # Eight names, then the count: a whole missing module would otherwise print hundreds of keys.
         shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
         raise ValueError(
             f"{what}.from_pretrained({str(source)!r}): these weights are not in the checkpoint and would start "
@@ -279,6 +268,7 @@ def _load_clip_weights(model: nn.Module, clip: CLIPModel, new_modules: tuple[str
     unexpected = list(incompatible.unexpected_keys)
     missing = [key for key in incompatible.missing_keys if not key.startswith(new_modules)]
     if unexpected or missing:
+        # The first five names of each kind: enough to recognise the mismatch without printing a whole state dict.
         raise ValueError(
             f"CLIP checkpoint does not match {type(model).__name__}'s towers: unexpected {unexpected[:5]}, "
             f"missing {missing[:5]}."
@@ -399,18 +389,33 @@ def _init_head(module: nn.Module, std: float) -> None:
 
 
 # The same function stands in modeling_cloc/modeling_cloc.py: each model folder must work alone as remote code.
-def _check_kwargs(kwargs: dict, method: str) -> None:
-    """Keyword arguments beyond a method's own must be transformers' `TransformersKwargs` (`output_attentions`,
-    `output_hidden_states`, ...): anything else, e.g. a misspelt argument, is an error, not silently dropped."""
-    unknown = sorted(set(kwargs) - set(TransformersKwargs.__annotations__))
-    if unknown:
-        raise TypeError(f"{method}() got unexpected keyword arguments: {', '.join(unknown)}")
+def _output_flag(config, name: str, value: bool | None) -> bool:
+    """An output flag (`output_attentions`, ...) from the call, else from the config (as transformers'
+    `merge_with_config_defaults`)."""
+    return bool(getattr(config, name, False) if value is None else value)
 
 
 # The same function stands in modeling_cloc/modeling_cloc.py: each model folder must work alone as remote code.
-def _check_pixel_values(pixel_values: torch.Tensor, vision, any_size: bool = False) -> None:
+def _check_kwargs(kwargs: dict, method: str, hints: dict[str, str] | None = None) -> None:
+    """Keyword arguments beyond a method's own may only be the output flags the models honour
+    (`output_attentions`, `output_hidden_states`); anything else, a misspelt argument or one of transformers'
+    `TransformersKwargs` for packed or MoE language models that these models would ignore, is an error rather than
+    silently dropped. `hints` maps an argument name to a sentence saying where it belongs."""
+    unknown = sorted(set(kwargs) - {"output_attentions", "output_hidden_states"})
+    if unknown:
+        notes = sorted({hints[name] for name in unknown if hints and name in hints})
+        raise TypeError(
+            f"{method}() got unexpected keyword argument(s): {', '.join(map(repr, unknown))}."
+            + "".join(f" {note}" for note in notes)
+        )
+
+
+# The same function stands in modeling_cloc/modeling_cloc.py: each model folder must work alone as remote code.
+def _check_pixel_values(pixel_values: torch.Tensor, vision, any_size: bool = False, square_grid: bool = False) -> None:
     """Shape, batch and dtype of `pixel_values` for a vision config, with errors that say what to do; `any_size`
-    (CLIP's `interpolate_pos_encoding`) lets the height and width differ from the config's `image_size`."""
+    (CLIP's `interpolate_pos_encoding`) lets the height and width differ from the config's `image_size`;
+    `square_grid` (paths that place patch tokens on a square grid: OC-CLIP's binding, CLOC's Prompter and RoI
+    head) requires as many patch rows as columns."""
     if not isinstance(pixel_values, torch.Tensor):
         raise ValueError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}.")
     expected = (vision.num_channels, vision.image_size, vision.image_size)
@@ -429,9 +434,18 @@ def _check_pixel_values(pixel_values: torch.Tensor, vision, any_size: bool = Fal
             f"pixel_values has dtype {pixel_values.dtype}; the model takes normalised float pixels (the processor's "
             "output), not raw 0-255 values."
         )
+    rows, columns = pixel_values.shape[-2] // vision.patch_size, pixel_values.shape[-1] // vision.patch_size
+    if square_grid and rows != columns:
+        raise ValueError(
+            f"pixel_values of {pixel_values.shape[-2]} x {pixel_values.shape[-1]} pixels give a {rows} x {columns} "
+            "patch grid; this path places the patch tokens on a square grid: pass square images (the processor's "
+            "center crop makes them square)."
+        )
 
 
 def _check_shape(name: str, tensor: torch.Tensor, shape: tuple, what: str) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor, got {type(tensor).__name__}.")
     if tuple(tensor.shape) != tuple(shape):
         raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {tuple(shape)} ({what}).")
 
@@ -439,8 +453,6 @@ def _check_shape(name: str, tensor: torch.Tensor, shape: tuple, what: str) -> No
 def _as_bool_mask(name: str, mask: torch.Tensor | None, shape: tuple, device: torch.device) -> torch.Tensor:
     if mask is None:
         return torch.ones(shape, dtype=torch.bool, device=device)
-    if not isinstance(mask, torch.Tensor):
-        raise ValueError(f"{name} must be a tensor, got {type(mask).__name__}.")
     _check_shape(name, mask, shape, "one flag per entry")
     return mask.to(device=device, dtype=torch.bool)
 
@@ -492,14 +504,6 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
 
     # ------------------------------------------------------------------ per-image side
 
-    def _output_flag(self, kwargs: dict, name: str) -> bool:
-        """An output flag from the call, else from the config (as transformers' `merge_with_config_defaults`)."""
-        value = kwargs.get(name)
-        return bool(getattr(self.config, name, False) if value is None else value)
-
-    def _check_pixel_values(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> None:
-        _check_pixel_values(pixel_values, self.config.vision_config, interpolate_pos_encoding)
-
     @can_return_tuple
     def get_image_features(
         self,
@@ -515,15 +519,15 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
             interpolate_pos_encoding: interpolate the tower's position embeddings for images of another size.
             output_attentions / output_hidden_states: the vision tower's attentions / hidden states.
         """
-        _refuse_unknown_kwargs("OCCLIPModel.get_image_features", kwargs)
-        self._check_pixel_values(pixel_values, interpolate_pos_encoding)
+        _check_kwargs(kwargs, "OCCLIPModel.get_image_features")
+        _check_pixel_values(pixel_values, self.config.vision_config, interpolate_pos_encoding, square_grid=True)
         layer = self.config.binding_config.vision_feature_layer
-        output_hidden_states = self._output_flag(kwargs, "output_hidden_states")
+        output_hidden_states = _output_flag(self.config, "output_hidden_states", kwargs.get("output_hidden_states"))
         vision_outputs = self.vision_model(
             pixel_values=pixel_values,
             interpolate_pos_encoding=interpolate_pos_encoding,
             output_hidden_states=output_hidden_states or layer != -1,
-            output_attentions=self._output_flag(kwargs, "output_attentions"),
+            output_attentions=_output_flag(self.config, "output_attentions", kwargs.get("output_attentions")),
             return_dict=True,
         )
         hidden = vision_outputs.last_hidden_state if layer == -1 else vision_outputs.hidden_states[layer]
@@ -556,7 +560,9 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
             attention_mask: `[B, L]`; position_ids: `[B, L]`, as for `CLIPTextModel`.
             output_attentions / output_hidden_states: the text tower's attentions / hidden states.
         """
-        _refuse_unknown_kwargs("OCCLIPModel.get_text_features", kwargs)  # before input_ids: names graph inputs
+        _check_kwargs(
+            kwargs, "OCCLIPModel.get_text_features", _GRAPH_INPUT_HINTS
+        )  # before input_ids: names graph inputs
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise ValueError(
@@ -567,20 +573,22 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            output_attentions=self._output_flag(kwargs, "output_attentions"),
-            output_hidden_states=self._output_flag(kwargs, "output_hidden_states"),
+            output_attentions=_output_flag(self.config, "output_attentions", kwargs.get("output_attentions")),
+            output_hidden_states=_output_flag(self.config, "output_hidden_states", kwargs.get("output_hidden_states")),
             return_dict=True,
         )
         text_outputs.pooler_output = self.text_projection(text_outputs.pooler_output)
         return text_outputs
 
-    def _check_phrase_tokens(self, name: str, input_ids: torch.Tensor, attention_mask: torch.Tensor, valid) -> None:
-        eos = self.config.text_config.eos_token_id
+    def _check_phrase_length(self, name: str, input_ids: torch.Tensor) -> None:
         if input_ids.shape[-1] > self.config.text_config.max_position_embeddings:
             raise ValueError(
                 f"{name} has {input_ids.shape[-1]} tokens per phrase, more than the text tower's "
                 f"max_position_embeddings ({self.config.text_config.max_position_embeddings})."
             )
+
+    def _check_phrase_tokens(self, name: str, input_ids: torch.Tensor, attention_mask: torch.Tensor, valid) -> None:
+        eos = self.config.text_config.eos_token_id
         if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.text_config.vocab_size):
             raise ValueError(
                 f"{name} holds token ids outside the vocabulary [0, {self.config.text_config.vocab_size})."
@@ -607,55 +615,111 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
         relation_mask: torch.Tensor | None = None,
         relation_subject_index: torch.Tensor | None = None,
         relation_object_index: torch.Tensor | None = None,
+        values: bool = True,
     ) -> None:
         """Raise `ValueError` naming the caption and field if the padded scene graphs are malformed.
 
-        `get_graph_features(validate_inputs=True)` (the default) runs it first. It reads values on the host (one
-        device sync per check), so inputs built by `OCCLIPProcessor`, valid by construction, may skip it with
-        `validate_inputs=False`.
+        First the types, shapes and phrase lengths, which read shapes only; then, with `values`, the values: every
+        caption has a node, token ids lie in the vocabulary and each phrase holds the end-of-text token, relations
+        point to valid, distinct nodes. The value checks read the tensors on the host (one device sync each), so
+        `get_graph_features(validate_inputs=False)`, meant for `OCCLIPProcessor`'s outputs (valid by construction),
+        runs the shape checks only (`values=False`).
         """
+        self._check_node_shapes(node_input_ids, node_attention_mask, node_mask)
+        if relation_input_ids is None:
+            if relation_subject_index is not None or relation_object_index is not None:
+                raise ValueError("relation indices were given without relation_input_ids.")
+        else:
+            self._check_relation_shapes(
+                node_input_ids.shape[0],
+                relation_input_ids,
+                relation_attention_mask,
+                relation_mask,
+                relation_subject_index,
+                relation_object_index,
+            )
+        if not values:
+            return
+        node_mask = self._check_node_values(node_input_ids, node_attention_mask, node_mask)
+        if relation_input_ids is not None:
+            self._check_relation_values(
+                node_mask,
+                relation_input_ids,
+                relation_attention_mask,
+                relation_mask,
+                relation_subject_index,
+                relation_object_index,
+            )
+
+    def _check_node_shapes(self, node_input_ids, node_attention_mask, node_mask) -> None:
         if not isinstance(node_input_ids, torch.Tensor) or node_input_ids.dim() != 3:
             shape = tuple(node_input_ids.shape) if isinstance(node_input_ids, torch.Tensor) else type(node_input_ids)
             raise ValueError(f"node_input_ids must be a [captions, nodes, tokens] tensor, got {shape}.")
         if node_input_ids.dtype.is_floating_point:
             raise ValueError("node_input_ids must hold integer token ids.")
-        device = node_input_ids.device
         num_captions, num_nodes, _ = node_input_ids.shape
         if num_captions == 0 or num_nodes == 0:
             raise ValueError(f"node_input_ids has shape {tuple(node_input_ids.shape)}: no caption or no node slot.")
-        if node_attention_mask is None:
-            node_attention_mask = torch.ones_like(node_input_ids)
-        _check_shape("node_attention_mask", node_attention_mask, node_input_ids.shape, "same as node_input_ids")
-        node_mask = _as_bool_mask("node_mask", node_mask, (num_captions, num_nodes), device)
-        empty = (~node_mask.any(-1)).nonzero().flatten().tolist()
-        if empty:
-            raise ValueError(
-                f"caption {empty[0]} has zero valid nodes (node_mask is all False); a graph needs a node."
-            )
-        self._check_phrase_tokens("node_input_ids", node_input_ids, node_attention_mask, node_mask)
-        if relation_input_ids is None:
-            if relation_subject_index is not None or relation_object_index is not None:
-                raise ValueError("relation indices were given without relation_input_ids.")
-            return
+        if node_attention_mask is not None:
+            _check_shape("node_attention_mask", node_attention_mask, node_input_ids.shape, "same as node_input_ids")
+        if node_mask is not None:
+            _check_shape("node_mask", node_mask, (num_captions, num_nodes), "one flag per entry")
+        self._check_phrase_length("node_input_ids", node_input_ids)
+
+    def _check_relation_shapes(
+        self,
+        num_captions: int,
+        relation_input_ids,
+        relation_attention_mask,
+        relation_mask,
+        subject_index,
+        object_index,
+    ) -> None:
         if relation_input_ids.dim() != 3 or relation_input_ids.shape[0] != num_captions:
             raise ValueError(
                 f"relation_input_ids has shape {tuple(relation_input_ids.shape)}, expected [{num_captions}, relations,"
                 " tokens] (one row of relations per caption of node_input_ids)."
             )
         num_relations = relation_input_ids.shape[1]
+        if relation_attention_mask is not None:
+            _check_shape(
+                "relation_attention_mask",
+                relation_attention_mask,
+                relation_input_ids.shape,
+                "same as relation_input_ids",
+            )
+        if relation_mask is not None:
+            _check_shape("relation_mask", relation_mask, (num_captions, num_relations), "one flag per entry")
+        if subject_index is None or object_index is None:
+            raise ValueError("relation_input_ids needs both relation_subject_index and relation_object_index.")
+        for name, index in (("relation_subject_index", subject_index), ("relation_object_index", object_index)):
+            _check_shape(name, index, (num_captions, num_relations), "one node index per relation")
+        if num_relations:
+            self._check_phrase_length("relation_input_ids", relation_input_ids)
+
+    def _check_node_values(self, node_input_ids, node_attention_mask, node_mask) -> torch.Tensor:
+        """The node checks that read values (host syncs); returns `node_mask` as bool."""
+        if node_attention_mask is None:
+            node_attention_mask = torch.ones_like(node_input_ids)
+        node_mask = _as_bool_mask("node_mask", node_mask, node_input_ids.shape[:2], node_input_ids.device)
+        empty = (~node_mask.any(-1)).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(
+                f"caption {empty[0]} has zero valid nodes (node_mask is all False); a graph needs a node."
+            )
+        self._check_phrase_tokens("node_input_ids", node_input_ids, node_attention_mask, node_mask)
+        return node_mask
+
+    def _check_relation_values(
+        self, node_mask, relation_input_ids, relation_attention_mask, relation_mask, subject_index, object_index
+    ) -> None:
+        """The relation checks that read values (host syncs), against the bool `node_mask`."""
+        num_captions, num_nodes = node_mask.shape
+        num_relations = relation_input_ids.shape[1]
         if relation_attention_mask is None:
             relation_attention_mask = torch.ones_like(relation_input_ids)
-        _check_shape(
-            "relation_attention_mask", relation_attention_mask, relation_input_ids.shape, "same as relation_input_ids"
-        )
-        relation_mask = _as_bool_mask("relation_mask", relation_mask, (num_captions, num_relations), device)
-        if relation_subject_index is None or relation_object_index is None:
-            raise ValueError("relation_input_ids needs both relation_subject_index and relation_object_index.")
-        for name, index in (
-            ("relation_subject_index", relation_subject_index),
-            ("relation_object_index", relation_object_index),
-        ):
-            _check_shape(name, index, (num_captions, num_relations), "one node index per relation")
+        relation_mask = _as_bool_mask("relation_mask", relation_mask, (num_captions, num_relations), node_mask.device)
+        for name, index in (("relation_subject_index", subject_index), ("relation_object_index", object_index)):
             index = index.long()
             in_range = (index >= 0) & (index < num_nodes)
             safe = index.clamp(0, num_nodes - 1)
@@ -667,7 +731,7 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
                     f"caption {caption}, relation {relation}: {name} = {int(index[caption, relation])} does not point to"
                     f" a valid node (the caption has {int(node_mask[caption].sum())} valid of {num_nodes} node slots)."
                 )
-        self_loops = relation_mask & (relation_subject_index.long() == relation_object_index.long())
+        self_loops = relation_mask & (subject_index.long() == object_index.long())
         if self_loops.any():
             caption, relation = self_loops.nonzero()[0].tolist()
             raise ValueError(f"caption {caption}, relation {relation}: subject and object are the same node.")
@@ -721,19 +785,20 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
             relation_input_ids: `[T, P, L']` token ids of each predicate ("left of"), or `None` for no relations.
             relation_attention_mask: `[T, P, L']`; relation_mask: `[T, P]`.
             relation_subject_index / relation_object_index: `[T, P]` node index of each relation's endpoints.
-            validate_inputs: run `check_graph_inputs` first (host syncs); `False` for processor outputs.
+            validate_inputs: run all of `check_graph_inputs` first (host syncs); `False` for processor outputs,
+                which then get its shape checks only (no sync).
         """
-        if validate_inputs:
-            self.check_graph_inputs(
-                node_input_ids,
-                node_attention_mask,
-                node_mask,
-                relation_input_ids,
-                relation_attention_mask,
-                relation_mask,
-                relation_subject_index,
-                relation_object_index,
-            )
+        self.check_graph_inputs(
+            node_input_ids,
+            node_attention_mask,
+            node_mask,
+            relation_input_ids,
+            relation_attention_mask,
+            relation_mask,
+            relation_subject_index,
+            relation_object_index,
+            values=validate_inputs,
+        )
         device = node_input_ids.device
         num_captions, num_nodes, _ = node_input_ids.shape
         if node_attention_mask is None:
@@ -782,7 +847,8 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
 
     # ------------------------------------------------------------------ pair scoring
 
-    def _logit_scale(self) -> torch.Tensor:
+    def clamped_logit_scale(self) -> torch.Tensor:
+        """The temperature the logits and the loss use: `exp(logit_scale)` capped at `config.logit_scale_max`."""
         return self.logit_scale.exp().clamp(max=self.config.logit_scale_max)
 
     def _prepare_graphs(self, graph_features: OCCLIPGraphFeatures) -> GraphPairInputs:
@@ -853,7 +919,7 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
         """
         self._check_features(image_features, graph_features)
         similarity, _ = self._score_grid(image_features, graph_features, output_attentions=False)
-        return similarity * self._logit_scale() if scale else similarity
+        return similarity * self.clamped_logit_scale() if scale else similarity
 
     def score_pairs(
         self,
@@ -908,7 +974,34 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
             similarity = self.similarity(slots, tile_graphs)
             output = output.index_put((pair_ids[valid],), similarity[valid])
             tile_start = tile_end
-        return output * self._logit_scale() if scale else output
+        return output * self.clamped_logit_scale() if scale else output
+
+    def bind_pairs(
+        self,
+        image_features: OCCLIPImageFeatures,
+        graph_features: OCCLIPGraphFeatures,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """The binding module on the pairs (image k, caption k) only: the slots `[B, Q, D_e]` (the caption's nodes,
+        then the default queries) and, with `output_attentions`, each binding layer's query-softmax attention
+        `[B, H, Q, N]` (else None).
+        """
+        self._check_features(image_features, graph_features)
+        count = image_features.binding_keys.shape[0]
+        if graph_features.num_captions != count:
+            raise ValueError(
+                f"bind_pairs pairs image k with caption k: got {count} images and {graph_features.num_captions} "
+                "captions."
+            )
+        matched_graphs = self._prepare_graphs(graph_features).select(
+            torch.arange(count, device=image_features.binding_keys.device)[:, None]
+        )
+        slots, attentions = self._bind(
+            image_features.binding_keys, image_features.binding_values, matched_graphs, output_attentions
+        )
+        if attentions is not None:
+            attentions = tuple(attention[:, :, 0] for attention in attentions)
+        return slots[:, 0], attentions
 
     def binding_attention(
         self, image_features: OCCLIPImageFeatures, graph_features: OCCLIPGraphFeatures
@@ -916,21 +1009,10 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
         """Query-softmax attention of each binding layer for the pairs (image k, caption k): `[B, H, Q, N]` per layer.
 
         A convenience over `forward(..., output_attentions=True).binding_attentions`, equal to its matched pairs
-        `[k, :, k]` but computed for those pairs only. Queries are the caption's nodes then the default queries;
-        reshape `N` to the patch grid for binding maps.
+        `[k, :, k]` but computed for those pairs only (`bind_pairs`). Queries are the caption's nodes then the
+        default queries; reshape `N` to the patch grid for binding maps.
         """
-        self._check_features(image_features, graph_features)
-        count = image_features.binding_keys.shape[0]
-        if graph_features.num_captions != count:
-            raise ValueError(
-                f"binding_attention pairs image k with caption k: got {count} images and "
-                f"{graph_features.num_captions} captions."
-            )
-        matched_graphs = self._prepare_graphs(graph_features).select(
-            torch.arange(count, device=image_features.binding_keys.device)[:, None]
-        )
-        _, attentions = self._bind(image_features.binding_keys, image_features.binding_values, matched_graphs, True)
-        return tuple(attention[:, :, 0] for attention in attentions)
+        return self.bind_pairs(image_features, graph_features, output_attentions=True)[1]
 
     def rerank(
         self,
@@ -976,7 +1058,7 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
 
     # ------------------------------------------------------------------ losses
 
-    def _relation_negatives(
+    def relation_negatives(
         self, text_features: OCCLIPGraphFeatures
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Negative graphs with the same nodes: `[T, K, P]` subject/object indices and a `[T, K]` validity mask.
@@ -1029,7 +1111,7 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
     ) -> torch.Tensor:
         """Local graph contrastive loss per usable (image, graph) pair, `[n]`: the pair against its own
         relation-perturbed graphs (pairs whose graph has no valid negative are left out)."""
-        subjects, objects, valid = self._relation_negatives(text_features)
+        subjects, objects, valid = self.relation_negatives(text_features)
         usable = valid.any(-1)
         if not bool(usable.any()):
             return image_features.binding_keys.new_zeros(0) * self.logit_scale
@@ -1053,7 +1135,7 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
             negative_relations,
             text.relation_mask[:, :, None].expand(-1, -1, num_negatives, -1),
         )  # [n, 1, K]
-        logits = torch.cat([positive[..., None], negative], dim=-1)[:, 0] * self._logit_scale()
+        logits = torch.cat([positive[..., None], negative], dim=-1)[:, 0] * self.clamped_logit_scale()
         logits = logits.masked_fill(
             ~torch.cat([torch.ones_like(valid[index, :1]), valid[index]], dim=1), float("-inf")
         )
@@ -1114,11 +1196,11 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
             output_attentions: the vision (and caption) tower attentions, and `binding_attentions` of every pair.
             output_hidden_states: the vision (and caption) tower hidden states.
         """
-        _refuse_unknown_kwargs("OCCLIPModel.forward", kwargs)
+        _check_kwargs(kwargs, "OCCLIPModel.forward")
         if pixel_values is None or node_input_ids is None:
             raise ValueError("OCCLIPModel.forward needs pixel_values and node_input_ids.")
-        output_attentions = self._output_flag(kwargs, "output_attentions")
-        output_flags = {name: self._output_flag(kwargs, name) for name in _OUTPUT_FLAGS}
+        output_attentions = _output_flag(self.config, "output_attentions", kwargs.get("output_attentions"))
+        output_flags = {name: _output_flag(self.config, name, kwargs.get(name)) for name in _OUTPUT_FLAGS}
         image_features = self.get_image_features(
             pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **output_flags
         )
@@ -1144,7 +1226,7 @@ class OCCLIPModel(OCCLIPPreTrainedModel):
         if return_logits or output_attentions:
             self._check_features(image_features, graph_features)
             similarity, binding_attentions = self._score_grid(image_features, graph_features, output_attentions)
-            logits_per_image = similarity * self._logit_scale() if return_logits else None
+            logits_per_image = similarity * self.clamped_logit_scale() if return_logits else None
         loss = loss_itc = loss_rel = None
         if return_loss:
             loss, loss_itc, loss_rel = self.loss_from_features(
@@ -1228,6 +1310,7 @@ class OCCLIPTextModel(CLIPTextModel):
     config: OCCLIPTextConfig
     main_input_name = "input_ids"
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -1236,8 +1319,10 @@ class OCCLIPTextModel(CLIPTextModel):
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple | BaseModelOutputWithPooling:
         """`CLIPTextModel.forward`; unknown keyword arguments are an error."""
-        _check_kwargs({k: v for k, v in kwargs.items() if k != "return_dict"}, "OCCLIPTextModel.forward")
-        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        _check_kwargs(kwargs, "OCCLIPTextModel.forward")
+        return super().forward(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, return_dict=True, **kwargs
+        )
 
     def initialize_weights(self):
         """Every module through `_init_weights`, as transformers does for its own models (see

@@ -51,8 +51,9 @@ def text_embeddings(model, processor, texts: list[str], templates=("{}",)) -> to
 
 
 def region_logit_scale(model) -> torch.Tensor:
-    """The trained region-text temperature `exp(region_logit_scale)`, clamped as in training."""
-    return model.region_logit_scale.exp().clamp(max=model.config.logit_scale_max)
+    """The trained region-text temperature `exp(region_logit_scale)`, clamped as in training
+    (`CLOCModel.clamped_region_logit_scale`)."""
+    return model.clamped_region_logit_scale()
 
 
 @torch.no_grad()

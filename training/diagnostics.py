@@ -262,6 +262,8 @@ def occlip_diagnostics(model, processor, train_rows: list[dict], test_rows: list
     last-layer binding-attention mass on each node's own box vs the other objects' boxes, the chance value of
     `L_rel` for these graphs, and ridge probes (fit on `train_rows`, scored on `test_rows`) of the patch tokens
     feeding the binding and of the slots: colour, shape and centre of their object."""
+    from modeling_occlip import OCCLIPImageFeatures  # here: CLOC's and CLIP's diagnostics load no OC-CLIP code
+
     model.eval()
     layer = model.config.binding_config.vision_feature_layer
 
@@ -271,10 +273,9 @@ def occlip_diagnostics(model, processor, train_rows: list[dict], test_rows: list
         hidden = model.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states[layer][:, 1:]
         keys, values = model.binding.encode_image(hidden)  # what get_image_features builds, from the same pass
         text = model.get_graph_features(**inputs)
-        index = torch.arange(len(rows))
-        prepared = model._prepare_graphs(text).select(index[:, None])
-        slots, attentions = model._bind(keys, values, prepared, output_attentions=True)
-        return hidden, slots[:, 0], attentions[-1][:, :, 0], text
+        image = OCCLIPImageFeatures(binding_keys=keys, binding_values=values)
+        slots, attentions = model.bind_pairs(image, text, output_attentions=True)
+        return hidden, slots, attentions[-1], text
 
     hidden_tr, slots_tr, _, _ = encode(train_rows)
     hidden_te, slots_te, attention_te, text_te = encode(test_rows)
@@ -289,7 +290,7 @@ def occlip_diagnostics(model, processor, train_rows: list[dict], test_rows: list
         start += count
     grid = int(round(attention_te.shape[-1] ** 0.5))
     mass = binding_box_mass(attention_te.mean(1)[:, :num_nodes], node_boxes, node_valid, grid)
-    _, _, valid = model._relation_negatives(text_te)
+    _, _, valid = model.relation_negatives(text_te)
     has_relation = text_te.relation_mask.any(-1)
     counts = valid.sum(-1)[has_relation & (valid.sum(-1) > 0)]
     chance = statistics.fmean(chance_relation_loss(int(k)) for k in counts) if len(counts) else float("nan")

@@ -109,10 +109,10 @@ def run(args: EvaluateArguments) -> dict:
         args.model_dir, args.device, args.batch_size, args.benchmark == "synthetic" and not args.no_progress
     )
     progress, limit = not args.no_progress, args.max_samples
-    default_region_mode = "model" if scorer.family == "cloc" else "crop"
+    default_region_mode = "model" if scorer.model_family.has_regions else "crop"
     inputs = {"data_dir": str(data_dir)}
     if args.benchmark == "synthetic":
-        mode = args.region_mode or ("model" if scorer.family == "cloc" else None)
+        mode = args.region_mode or ("model" if scorer.model_family.has_regions else None)
         metrics = evaluate_synthetic(scorer, data_dir, region_mode=mode)
     elif args.benchmark == "sugarcrepe":
         image_dir = _existing(args.image_dir or data_dir / "images", "--image_dir")

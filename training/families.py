@@ -16,6 +16,7 @@ from processing import CLOCProcessor, OCCLIPProcessor
 from processing.scene_graph import SceneGraph
 
 from .data import BadSample, check_regions
+from .model_card import ModelCardInfo
 from .objectives import CLIPObjective, CLOCObjective, OCCLIPObjective
 
 
@@ -29,6 +30,10 @@ class ModelFamily:
             whole with LoRA).
         logit_scale_names: the model's temperature parameters (no weight decay, clamped after each step).
         has_regions: whether the model embeds and grounds regions (CLOC).
+        supports_hard_negatives: whether `objective(hard_negatives=True)` exists (the NegCLIP baseline).
+        needs_equal_batches: whether the gathered loss needs the same batch size on every process (so that a
+            skipped bad row cannot be allowed with several processes).
+        card: what the trained folder's model card says (`training.model_card`).
     """
 
     name: str
@@ -38,6 +43,9 @@ class ModelFamily:
     new_module_prefixes: tuple[str, ...] = ()
     logit_scale_names: tuple[str, ...] = ("logit_scale",)
     has_regions: bool = False
+    supports_hard_negatives: bool = False
+    needs_equal_batches: bool = False
+    card: ModelCardInfo
 
     # ------------------------------------------------------------------ model
 
@@ -51,7 +59,7 @@ class ModelFamily:
 
     def objective(self, hard_negatives: bool = False):
         """What the trainer runs: forward arguments, features kept, loss module (`training.objectives`)."""
-        if hard_negatives:
+        if hard_negatives and not self.supports_hard_negatives:
             raise ValueError(f"hard negatives are a CLIP baseline; {self.name} trains without them")
         return self._objective
 
@@ -95,7 +103,18 @@ class CLIPFamily(ModelFamily):
 
     name = "clip"
     config_class, model_class, processor_class = CLIPConfig, CLIPModel, CLIPProcessor
+    supports_hard_negatives = True
     _objective = CLIPObjective()
+    card = ModelCardInfo(
+        title="CLIP",
+        description="a CLIP model (transformers `CLIPModel`)",
+        tags=("clip", "contrastive-learning"),
+        pipeline_tag="zero-shot-image-classification",
+        usage="""inputs = processor(text=["a red square", "a blue circle"], images=image, return_tensors="pt", padding=True)
+with torch.no_grad():
+    print(model(**inputs).logits_per_image.softmax(-1))""",
+        remote_code=False,
+    )
 
     def from_clip(self, clip: CLIPModel, values: dict):
         """The CLIP model itself (`values` must be empty: CLIP has no new modules)."""
@@ -123,7 +142,21 @@ class OCCLIPFamily(ModelFamily):
     name = "occlip"
     config_class, model_class, processor_class = OCCLIPConfig, OCCLIPModel, OCCLIPProcessor
     new_module_prefixes = ("binding.", "similarity.")
+    needs_equal_batches = True  # the gathered binding features are not padded by rows
     _objective = OCCLIPObjective()
+    card = ModelCardInfo(
+        title="OC-CLIP",
+        description="an OC-CLIP model: CLIP towers, a binding module that gives one visual slot per scene-graph "
+        "node, and a structured object + relation similarity",
+        tags=("occlip", "clip", "object-centric", "scene-graph", "compositionality"),
+        # OC-CLIP scores captions through scene graphs, so the zero-shot pipeline (plain CLIP text features) does
+        # not apply to it.
+        pipeline_tag=None,
+        usage="""# Captions are parsed into scene graphs by the processor (offline spaCy rule parser).
+inputs = processor(text=["a red square", "a blue circle"], images=image, return_tensors="pt")
+with torch.no_grad():
+    print(model(**inputs).logits_per_image.softmax(-1))  # structured object + relation scores""",
+    )
 
     def prepare_row(self, row: dict, where: str, max_regions: int | None = None) -> dict:
         """The row's cached `scene_graph` (checked), or None to parse the caption."""
@@ -181,6 +214,21 @@ class CLOCFamily(ModelFamily):
     logit_scale_names = ("logit_scale", "region_logit_scale")
     has_regions = True
     _objective = CLOCObjective()
+    card = ModelCardInfo(
+        title="CLOC",
+        description="a CLOC model: CLIP towers plus a Prompter that turns image tokens and a box or region caption "
+        "into a region embedding, and a box head for grounding",
+        tags=("cloc", "clip", "region-level", "visual-grounding"),
+        # A plain CLIP there (`AutoModelForZeroShotImageClassification`).
+        pipeline_tag="zero-shot-image-classification",
+        usage="""# Boxes in pixels of the original image, one list per image.
+inputs = processor(
+    text=["a red square", "a blue circle"], images=image, input_boxes=[[[4, 4, 40, 40]]], return_tensors="pt"
+)
+with torch.no_grad():
+    out = model(**inputs)
+print(out.logits_per_image.softmax(-1), out.region_embeds.shape)  # image-text scores, one embedding per box""",
+    )
 
     def prepare_row(self, row: dict, where: str, max_regions: int | None = None) -> dict:
         """The row's region boxes and texts (checked), the first `max_regions` kept."""

@@ -110,7 +110,9 @@ class OCCLIPLoss(nn.Module):
     Every process needs the same batch size (the gathered binding features are not padded by rows).
     """
 
-    _text_names = (
+    # The graph fields gathered across processes. `relation_predicate_id` stays local: it only tells a process's own
+    # relations apart for `relation_loss_terms`, and its ids are not comparable between processes.
+    gathered_text_names = (
         "node_embeds",
         "node_mask",
         "relation_embeds",
@@ -129,11 +131,11 @@ class OCCLIPLoss(nn.Module):
         batch = FeatureBatch(
             binding_keys=image.binding_keys,
             binding_values=image.binding_values,
-            **{name: getattr(text, name) for name in self._text_names},
+            **{name: getattr(text, name) for name in self.gathered_text_names},
         ).gather(self.gatherer)
         return (
             OCCLIPImageFeatures(binding_keys=batch["binding_keys"], binding_values=batch["binding_values"]),
-            OCCLIPGraphFeatures(**{name: batch[name] for name in self._text_names}),
+            OCCLIPGraphFeatures(**{name: batch[name] for name in self.gathered_text_names}),
         )
 
     def forward(
@@ -177,6 +179,20 @@ class OCCLIPLoss(nn.Module):
 class CLOCLoss(nn.Module):
     """CLOC's image-text InfoNCE plus region-text InfoNCE, box regression and (optionally) grounding attention,
     over the global batch. Every process must pass regions (possibly none valid) or none."""
+
+    # The features `forward` takes (after `model`): what `CLOCModel.forward` returns, plus the batch's input_boxes.
+    feature_names = (
+        "image_embeds",
+        "text_embeds",
+        "region_embeds",
+        "region_text_embeds",
+        "input_boxes",
+        "box_mask",
+        "predicted_boxes",
+        "grounding_mask",
+        "region_caption_keys",
+        "grounding_attention_mass",
+    )
 
     def __init__(self, gatherer: Gatherer | None = None, local_loss: bool = False):
         super().__init__()
@@ -228,8 +244,8 @@ class CLOCLoss(nn.Module):
 
         return cloc_loss(
             model.config,
-            model._logit_scale(),
-            model._region_logit_scale(),
+            model.clamped_logit_scale(),
+            model.clamped_region_logit_scale(),
             images["image_embeds"],
             images["text_embeds"],
             images["image_valid"],

@@ -3,49 +3,37 @@ what it is, how it was trained, its metrics (evaluations as card-metadata `EvalR
 
 import json
 import re
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-DESCRIPTIONS = {
-    "clip": "a CLIP model (transformers `CLIPModel`)",
-    "occlip": "an OC-CLIP model: CLIP towers, a binding module that gives one visual slot per scene-graph node, "
-    "and a structured object + relation similarity",
-    "cloc": "a CLOC model: CLIP towers plus a Prompter that turns image tokens and a box or region caption into a "
-    "region embedding, and a box head for grounding",
-}
-TITLES = {"clip": "CLIP", "occlip": "OC-CLIP", "cloc": "CLOC"}
-# Only what works: OC-CLIP scores captions through scene graphs, so the zero-shot pipeline (plain CLIP text
-# features) does not apply to it; CLOC is also a plain CLIP there (`AutoModelForZeroShotImageClassification`).
-PIPELINE_TAGS = {"clip": "zero-shot-image-classification", "occlip": None, "cloc": "zero-shot-image-classification"}
-TAGS = {
-    "clip": ["clip", "contrastive-learning"],
-    "occlip": ["occlip", "clip", "object-centric", "scene-graph", "compositionality"],
-    "cloc": ["cloc", "clip", "region-level", "visual-grounding"],
-}
+
+@dataclass(frozen=True)
+class ModelCardInfo:
+    """What a family's model card says about it (`training.families.ModelFamily.card`).
+
+    Attributes:
+        title: the model's name in the card's title ("OC-CLIP").
+        description: what the folder holds, as "a ... model: ..." (one sentence part).
+        tags: Hub tags.
+        pipeline_tag: the transformers pipeline the folder runs in, or None (only what works).
+        usage: Python run after loading `model`, `processor` and `image`, on any image.
+        remote_code: whether the folder's classes come from this package (else transformers has them).
+    """
+
+    title: str
+    description: str
+    tags: tuple[str, ...]
+    pipeline_tag: str | None
+    usage: str
+    remote_code: bool = True
+
+
 # The license of this package's code, used for models trained from scratch with it.
 SCRATCH_LICENSE = "apache-2.0"
 PLACEHOLDER = "PATH_OR_REPO"
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-# Usage after loading, per family; it runs on any image (a plain red one here).
-USAGE = {
-    "clip": """inputs = processor(text=["a red square", "a blue circle"], images=image, return_tensors="pt", padding=True)
-with torch.no_grad():
-    print(model(**inputs).logits_per_image.softmax(-1))""",
-    "occlip": """# Captions are parsed into scene graphs by the processor (offline spaCy rule parser).
-inputs = processor(text=["a red square", "a blue circle"], images=image, return_tensors="pt")
-with torch.no_grad():
-    print(model(**inputs).logits_per_image.softmax(-1))  # structured object + relation scores""",
-    "cloc": """# Boxes in pixels of the original image, one list per image.
-inputs = processor(
-    text=["a red square", "a blue circle"], images=image, input_boxes=[[[4, 4, 40, 40]]], return_tensors="pt"
-)
-with torch.no_grad():
-    out = model(**inputs)
-print(out.logits_per_image.softmax(-1), out.region_embeds.shape)  # image-text scores, one embedding per box""",
-}
 
 
 def hub_id(value: str | None, kind: str = "models") -> str | None:
@@ -117,18 +105,25 @@ def eval_results(metrics: dict, eval_data: str | None, split: str | None = None)
     return results
 
 
-def load_snippet(family: str) -> str:
-    """Python that loads the folder at `PLACEHOLDER` and runs it on an image."""
+def _card_info(family) -> ModelCardInfo:
+    from .families import get_family  # here: the families import this module for `ModelCardInfo`
+
+    return get_family(family).card
+
+
+def load_snippet(family) -> str:
+    """Python that loads the folder at `PLACEHOLDER` and runs it on an image (`family`: a `ModelFamily` or its
+    name)."""
+    card = _card_info(family)
     imports = (
-        "import torch\nfrom PIL import Image\nfrom transformers import AutoModel, AutoProcessor\n\n"
-        if family == "clip"
-        else "import modeling_cloc, modeling_occlip, processing  # pip install occlip-cloc: registers the classes\n"
-        "import torch\nfrom PIL import Image\nfrom transformers import AutoModel, AutoProcessor\n\n"
-    )
+        "import modeling_cloc, modeling_occlip, processing  # pip install occlip-cloc: registers the classes\n"
+        if card.remote_code
+        else ""
+    ) + "import torch\nfrom PIL import Image\nfrom transformers import AutoModel, AutoProcessor\n\n"
     return (
         imports + f'model = AutoModel.from_pretrained("{PLACEHOLDER}").eval()\n'
         f'processor = AutoProcessor.from_pretrained("{PLACEHOLDER}")\n'
-        'image = Image.new("RGB", (64, 48), "red")  # or Image.open("your.jpg")\n' + USAGE[family]
+        'image = Image.new("RGB", (64, 48), "red")  # or Image.open("your.jpg")\n' + card.usage
     )
 
 
@@ -136,20 +131,22 @@ def _fence(code: str, language: str = "python") -> str:
     return f"```{language}\n{code.strip()}\n```"
 
 
-def build_model_card(model, family: str, args, metrics: dict) -> ModelCard:
-    """The card of a trained `family` model: metadata (`ModelCardData`) and a body with a load snippet."""
+def build_model_card(model, family, args, metrics: dict) -> ModelCard:
+    """The card of a trained `family` model (a `ModelFamily` or its name): metadata (`ModelCardData`) and a body
+    with a load snippet."""
+    card = _card_info(family)
     options = {k: v for k, v in asdict(args).items() if v is not None and k not in ("push_to_hub", "hub_model_id")}
     datasets = [d for d in (hub_id(getattr(args, "dataset_name", None), "datasets"),) if d]
     datasets = datasets or [d for d in (hub_id(args.train_data, "datasets"),) if d]
-    tags = list(TAGS[family]) + (["lora"] if args.finetune_mode == "lora" else [])
+    tags = list(card.tags) + (["lora"] if args.finetune_mode == "lora" else [])
     data = ModelCardData(
         library_name="transformers",
         license=base_license(args.init_from),
         base_model=hub_id(args.init_from),
         datasets=datasets or None,
         tags=tags,
-        pipeline_tag=PIPELINE_TAGS[family],
-        model_name=f"{TITLES[family]} ({Path(args.output_dir).name})",
+        pipeline_tag=card.pipeline_tag,
+        model_name=f"{card.title} ({Path(args.output_dir).name})",
         eval_results=eval_results(metrics, evaluated_data(args), args.eval_split),
     )
     parameters = sum(p.numel() for p in model.parameters())
@@ -159,14 +156,14 @@ def build_model_card(model, family: str, args, metrics: dict) -> ModelCard:
     )
     remote = (
         ""
-        if family == "clip"
+        if not card.remote_code
         else "\nWithout the package, pass `trust_remote_code=True` to both `from_pretrained` calls (the folder holds "
         "the model and processor code).\n"
     )
     body = f"""
-# {TITLES[family]} model
+# {card.title} model
 
-This folder holds {DESCRIPTIONS[family]}, with {parameters / 1e6:.1f} M parameters. It was trained from {start}
+This folder holds {card.description}, with {parameters / 1e6:.1f} M parameters. It was trained from {start}
 with fine-tuning mode `{args.finetune_mode}` on `{args.train_data or args.dataset_name}`.
 
 ## How to load
@@ -186,7 +183,7 @@ with fine-tuning mode `{args.finetune_mode}` on `{args.train_data or args.datase
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
-def write_model_card(folder: Path, model, family: str, args, metrics: dict) -> Path:
+def write_model_card(folder: Path, model, family, args, metrics: dict) -> Path:
     """Write `folder/README.md`; returns its path."""
     path = Path(folder) / "README.md"
     build_model_card(model, family, args, metrics).save(path)

@@ -54,8 +54,9 @@ class CLIPObjective:
     def __init__(self, hard_negatives: bool = False):
         self.hard_negatives = hard_negatives
 
-    def forward_kwargs(self) -> dict:
-        """Extra arguments of the model call that produces the features."""
+    def forward_kwargs(self, trusted_inputs: bool = False) -> dict:
+        """Extra arguments of the model call that produces the features (`trusted_inputs`: see
+        `OCCLIPObjective.forward_kwargs`; CLIP has no input check to skip)."""
         return {"return_loss": False}
 
     def features(self, outputs, batch=None) -> dict[str, torch.Tensor]:
@@ -91,19 +92,13 @@ class OCCLIPObjective:
 
     name = "occlip"
     _image_keys = ("pooler_output", "binding_keys", "binding_values")
-    _text_keys = (
-        "node_embeds",
-        "node_mask",
-        "relation_embeds",
-        "relation_mask",
-        "relation_subject_index",
-        "relation_object_index",
-        "relation_predicate_id",
-    )
+    _text_keys = (*OCCLIPLoss.gathered_text_names, "relation_predicate_id")
 
-    def forward_kwargs(self) -> dict:
-        """Features only: the logit grid is built by the loss, over the gathered batch."""
-        return {"return_loss": False, "return_logits": False}
+    def forward_kwargs(self, trusted_inputs: bool = False) -> dict:
+        """Features only: the logit grid is built by the loss, over the gathered batch. `trusted_inputs` (batches
+        made by `OCCLIPProcessor`, valid by construction) skips the scene-graph checks, whose host syncs would stall
+        every step (the value checks of `OCCLIPModel.check_graph_inputs`)."""
+        return {"return_loss": False, "return_logits": False, "validate_inputs": not trusted_inputs}
 
     def features(self, outputs, batch=None) -> dict[str, torch.Tensor]:
         """Image features (global embedding, folded binding keys/values) and scene-graph text features."""
@@ -132,21 +127,11 @@ class CLOCObjective:
     """CLOC: image-text InfoNCE plus region-text InfoNCE and box regression, weighted by regions present."""
 
     name = "cloc"
-    _keys = (
-        "image_embeds",
-        "text_embeds",
-        "region_embeds",
-        "region_text_embeds",
-        "input_boxes",
-        "box_mask",
-        "predicted_boxes",
-        "grounding_mask",
-        "region_caption_keys",
-        "grounding_attention_mass",
-    )
+    _keys = CLOCLoss.feature_names
 
-    def forward_kwargs(self) -> dict:
-        """Features only; the loss is computed over the gathered batch."""
+    def forward_kwargs(self, trusted_inputs: bool = False) -> dict:
+        """Features only; the loss is computed over the gathered batch (`trusted_inputs`: see
+        `OCCLIPObjective.forward_kwargs`; CLOC's box checks run without host syncs, so there is nothing to skip)."""
         return {"return_loss": False}
 
     def features(self, outputs, batch=None) -> dict[str, torch.Tensor]:

@@ -36,18 +36,29 @@ class ContrastiveTrainingModule(nn.Module):
 
     DDP (`find_unused_parameters=True`) then sees every parameter the loss uses, including those used only by
     the loss (logit scales, OC-CLIP's scoring head) and those a batch leaves out (CLOC without regions, OC-CLIP's
-    unused global projection).
+    unused global projection). `trusted_inputs=True` is for batches made by the family's processor only.
     """
 
-    def __init__(self, model: nn.Module, objective, gatherer: Gatherer | None = None, local_loss: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        objective,
+        gatherer: Gatherer | None = None,
+        local_loss: bool = False,
+        trusted_inputs: bool = False,
+    ):
         super().__init__()
         self.model = model
         self.objective = objective
         self.loss = objective.build_loss(gatherer, local_loss)
+        # True only where every batch comes from the family's processor (the trainer's `TrainingCollator`):
+        # the model then skips the input checks that need host syncs. Hand-made batches keep them.
+        self.trusted_inputs = trusted_inputs
 
     def features(self, batch: dict) -> dict:
         """The objective's features of one batch."""
-        return self.objective.features(self.model(**batch, **self.objective.forward_kwargs()), batch)
+        outputs = self.model(**batch, **self.objective.forward_kwargs(trusted_inputs=self.trusted_inputs))
+        return self.objective.features(outputs, batch)
 
     def forward(self, batch: dict, cache=None, index: int | None = None):
         """`(loss, parts, fresh features)`; with `cache`, micro-batch `index`'s features are spliced into it."""

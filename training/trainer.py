@@ -216,8 +216,33 @@ def new_module_settings(values: dict, clip_config, model_config_path, init_from)
     return {key: value for key, value in values.items() if key not in TOWER_SETTINGS}
 
 
+def check_tokenizer_fits(tokenizer, text_config) -> None:
+    """`ValueError` unless every token id of `tokenizer` lies in the text tower's vocabulary and both agree on the
+    end-of-text token the tower pools at. Checked once per run: the training batches then skip the models'
+    per-batch token checks (`ContrastiveTrainingModule(trusted_inputs=True)`)."""
+    if len(tokenizer) > text_config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens, more than the text tower's vocab_size "
+            f"({text_config.vocab_size}); save the model's own tokenizer next to it, or set text_config.vocab_size"
+        )
+    eos = text_config.eos_token_id
+    # eos_token_id == 2 is the legacy value of early CLIP configs: the tower then pools at the highest id instead.
+    if eos != 2 and tokenizer.eos_token_id != eos:
+        raise ValueError(
+            f"the tokenizer's end-of-text token is {tokenizer.eos_token_id}, the text tower pools at {eos} "
+            "(text_config.eos_token_id)"
+        )
+
+
 def build_model_and_processor(args: "ContrastiveTrainingArguments", family: "str | ModelFamily"):
-    """The model (from `--model_config` or `--init_from`) and its processor."""
+    """The model (from `--model_config` or `--init_from`) and its processor, the tokenizer checked against the text
+    tower (`check_tokenizer_fits`)."""
+    model, processor = _model_and_processor(args, family)
+    check_tokenizer_fits(processor.tokenizer, model.config.text_config)
+    return model, processor
+
+
+def _model_and_processor(args: "ContrastiveTrainingArguments", family: "str | ModelFamily"):
     family = get_family(family)
     if args.model_config is None and args.init_from is None:
         raise ValueError("pass --model_config (train from scratch) or --init_from (a CLIP folder)")
@@ -514,16 +539,18 @@ class TrainingRun:
 
 def _check_run(args: ContrastiveTrainingArguments, family: ModelFamily):
     """Every check that needs no model or data, before anything is built or written; returns the trackers."""
-    if args.hard_negatives and family.name != "clip":
+    if args.hard_negatives and not family.supports_hard_negatives:
         raise ValueError(
             f"--hard_negatives is the CLIP baseline's option; {family.name} trains without hard negatives"
         )
     validate_arguments(args)
     trackers = requested_trackers(args.report_to)
     check_output_dir(args)  # before anything is written
-    if family.name == "occlip" and args.on_bad_sample == "skip" and accelerator_processes() > 1:
-        # OC-CLIP's gathered loss needs equal batches on every process; a skipped row breaks that.
-        raise ValueError("--on_bad_sample skip is not supported for OC-CLIP with several processes; clean the data")
+    if family.needs_equal_batches and args.on_bad_sample == "skip" and accelerator_processes() > 1:
+        # The family's gathered loss needs equal batches on every process; a skipped row breaks that.
+        raise ValueError(
+            f"--on_bad_sample skip is not supported for {family.card.title} with several processes; clean the data"
+        )
     if args.mixed_precision == "fp16" and args.gradient_accumulation_steps > 1:
         # Cached-feature accumulation backpropagates feature gradients outside the fp16 loss scaler.
         raise ValueError("--mixed_precision fp16 does not combine with --gradient_accumulation_steps > 1; use bf16")
@@ -633,8 +660,10 @@ def _prepare_run(args: ContrastiveTrainingArguments, family: ModelFamily, tracke
     optimizer = build_optimizer(model, args, family, fine_tuning=args.init_from is not None)
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, max_steps)
     # Constructed on every process at the same point: the gatherer may create a process group collectively.
+    # Every batch comes from `TrainingCollator`, i.e. the family's processor, whose tokenizer was checked against
+    # the model above: the model may skip its per-batch input checks and their host syncs.
     module = ContrastiveTrainingModule(
-        model, family.objective(args.hard_negatives), FeatureGatherer(), args.local_loss
+        model, family.objective(args.hard_negatives), FeatureGatherer(), args.local_loss, trusted_inputs=True
     )
     if args.streaming:  # each process reads its own split of the stream; batches are moved to the device here
         module, optimizer = accelerator.prepare(module, optimizer)
@@ -819,7 +848,7 @@ def _finish(run: TrainingRun) -> dict:
     check_finite_weights(accelerator.unwrap_model(run.module), progress.step)
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(run.module).model
-        save_final(model, run.processor, run.output_dir, run.args, run.family.name, run.metrics)
+        save_final(model, run.processor, run.output_dir, run.args, run.family, run.metrics)
         # Records of this run (after a resume: from the resumed step on).
         (run.output_dir / "log_history.json").write_text(json.dumps(run.history, indent=1))
         if run.args.push_to_hub:
@@ -930,7 +959,7 @@ def save_checkpoint(
 
 
 def save_final(
-    model, processor, output_dir: Path, args: ContrastiveTrainingArguments, family: str, metrics: dict
+    model, processor, output_dir: Path, args: ContrastiveTrainingArguments, family: ModelFamily, metrics: dict
 ) -> None:
     """Model (LoRA merged; the adapter also under `adapter/`), processor and model card at `output_dir`."""
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,10 @@ COPIES = [
     (cloc._init_head, occlip._init_head),
     (cloc.CLOCPreTrainedModel.initialize_weights, occlip.OCCLIPPreTrainedModel.initialize_weights),
     (cloc.CLOCVisionModel.initialize_weights, occlip.OCCLIPVisionModel.initialize_weights),
-    (cloc.CLOCModel._logit_scale, occlip.OCCLIPModel._logit_scale),
+    (cloc.CLOCModel.clamped_logit_scale, occlip.OCCLIPModel.clamped_logit_scale),
+    # Outputs and flags as transformers handles them.
+    (cloc.CLOCOutput.to_tuple, occlip.OCCLIPOutput.to_tuple),
+    (cloc._output_flag, occlip._output_flag),
     # Input checks.
     (cloc._check_kwargs, occlip._check_kwargs),
     (cloc._check_pixel_values, occlip._check_pixel_values),
@@ -45,8 +48,8 @@ def _name(function) -> str:
     return f"{function.__module__}.{function.__qualname__}"
 
 
-@pytest.mark.parametrize("first, second", COPIES, ids=[a.__qualname__ for a, _ in COPIES])
-def test_copies_in_the_two_model_folders_are_identical(first, second):
-    assert inspect.getsource(first) == inspect.getsource(second), (
-        f"{_name(first)} and {_name(second)} have drifted: change both copies together"
+@pytest.mark.parametrize("cloc_copy, occlip_copy", COPIES, ids=[cloc_copy.__qualname__ for cloc_copy, _ in COPIES])
+def test_copies_in_the_two_model_folders_are_identical(cloc_copy, occlip_copy):
+    assert inspect.getsource(cloc_copy) == inspect.getsource(occlip_copy), (
+        f"{_name(cloc_copy)} and {_name(occlip_copy)} have drifted: change both copies together"
     )

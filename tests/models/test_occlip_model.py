@@ -155,7 +155,7 @@ def test_relation_negatives_known_answer(model):
     ]
     with torch.no_grad():
         text = model.get_graph_features(**encode_graphs(graphs))
-    subjects, objects, valid = model._relation_negatives(text)
+    subjects, objects, valid = model.relation_negatives(text)
     # Graph 0: swap of relation 0, swap of relation 1, node shift by 1, node shift by 2.
     assert subjects[0].tolist()[:4] == [[1, 2], [0, 0], [1, 0], [2, 1]]
     assert objects[0].tolist()[:4] == [[0, 0], [1, 2], [2, 1], [0, 2]]
@@ -170,7 +170,7 @@ def test_relation_loss_equals_explicit_negative_graphs(model, inputs):
     with torch.no_grad():
         out = model(**inputs, return_loss=True)
         text = out.graph_features
-        subjects, objects, valid = model._relation_negatives(text)
+        subjects, objects, valid = model.relation_negatives(text)
         losses = []
         graph_inputs = {k: v for k, v in inputs.items() if k != "pixel_values"}
         for b in range(4):

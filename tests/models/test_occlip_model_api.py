@@ -389,9 +389,8 @@ def test_bool_masks_are_kept_in_the_tuple_form(model, inputs):
 @pytest.mark.parametrize("output_class", [OCCLIPImageFeatures, OCCLIPGraphFeatures, OCCLIPOutput, OCCLIPRerankOutput])
 def test_output_fields_are_documented_one_by_one(output_class):
     doc = inspect.getdoc(output_class)
-    assert "Args:" in doc
     for field in fields(output_class):
-        assert re.search(rf"^ {{4}}{field.name} \(", doc, re.MULTILINE), f"{output_class.__name__}.{field.name}"
+        assert re.search(rf"^{field.name} \(`", doc, re.MULTILINE), f"{output_class.__name__}.{field.name}"
 
 
 def test_structured_loss_does_not_train_the_global_embeddings(tester, inputs):

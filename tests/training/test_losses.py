@@ -38,18 +38,7 @@ def test_occlip_loss_is_occlip_model_loss(rel_loss_weight):
         assert loss_rel is None and out.loss_rel is None
 
 
-CLOC_KEYS = (
-    "image_embeds",
-    "text_embeds",
-    "region_embeds",
-    "region_text_embeds",
-    "input_boxes",
-    "box_mask",
-    "predicted_boxes",
-    "grounding_mask",
-    "region_caption_keys",
-    "grounding_attention_mass",
-)
+CLOC_KEYS = CLOCLoss.feature_names
 
 
 def cloc_features(out, batch) -> dict:
