@@ -23,7 +23,7 @@ from training.diagnostics import occlip_diagnostics
 from training.synthetic import SceneConfig, generate_scene
 from training.trainer import default_processor
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # `model._x`, `self.model._x`, `base_model(m)._x` ...: a private attribute of something named like a model.
 PRIVATE_MODEL_ACCESS = re.compile(r"\bmodel(?:\([^)]*\))?\._(?!_)\w+")
 
