@@ -36,7 +36,7 @@ def main():
     pixels = torch.randn(args.images, 3, size, size)
     corners = torch.rand(args.images, args.boxes, 2, 2).sort(dim=2).values * 0.9
     boxes = torch.cat([corners[:, :, 0], corners[:, :, 1] + 0.05], dim=-1)  # x0 < x1, y0 < y1
-    tokens = model.get_image_features(pixels).last_hidden_state
+    tokens = model.get_image_tokens(pixels)
     encoder = median_time(lambda: model.get_image_features(pixels), args.repeats)
     regions = median_time(lambda: model.get_region_features(image_tokens=tokens, input_boxes=boxes), args.repeats)
     tower = sum(p.numel() for p in model.vision_model.parameters())

@@ -1186,6 +1186,12 @@ class CLOCModel(CLOCPreTrainedModel):
         self._check_forward_inputs(
             pixel_values, input_ids, attention_mask, input_boxes, box_mask, return_loss, interpolate_pos_encoding
         )
+        # Region captions and box masks describe boxes: without input_boxes they would be dropped silently.
+        orphans = {"box_mask": box_mask, "region_input_ids": region_input_ids}
+        orphans["region_attention_mask"] = region_attention_mask
+        orphaned = [name for name, value in orphans.items() if value is not None]
+        if input_boxes is None and orphaned:
+            raise ValueError(f"CLOCModel.forward got {', '.join(orphaned)} without input_boxes: pass the boxes too.")
         vision = self.get_image_features(
             pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs
         )

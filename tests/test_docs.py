@@ -19,7 +19,13 @@ def _find(path: str) -> Path:
     """A reference's file: a repository path, or a bare file name that is unique in the repository."""
     if (ROOT / path).is_file():
         return ROOT / path
-    matches = [p for p in ROOT.rglob(Path(path).name) if ".venv" not in p.parts and p.as_posix().endswith(path)]
+    # Tracked sources only: a virtual environment or a `pip install .` build/ copy holds the same file names.
+    ignored = {".venv", "build", "dist"}
+    matches = [
+        p
+        for p in ROOT.rglob(Path(path).name)
+        if not ignored & set(p.relative_to(ROOT).parts) and p.as_posix().endswith(path)
+    ]
     assert len(matches) == 1, f"{path}: {len(matches)} files match"
     return matches[0]
 
@@ -75,3 +81,12 @@ def test_the_contributors_section_names_the_equations_and_the_family_registry():
     assert {"occlip_loss", "OCCLIPModel.relation_loss_terms", "OCCLIPModel.score", "contrastive_loss"} <= cited
     assert {"cloc_loss", "CLOCPrompter", "OCCLIPLoss", "CLOCLoss", "ModelFamily", "FAMILIES"} <= cited
     assert "docs/occlip.md" in section and "docs/cloc.md" in section
+
+
+def test_readme_caches_the_tokens_the_prompter_reads():
+    """The README's CLOC example caches `get_image_tokens` (the layer `vision_feature_layer` names), not the
+    tower's last hidden state, which differs whenever the Prompter reads an earlier layer (the demo reads layer 1)."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("## CLOC (model core)") :]
+    block = block[: block.index("```\n", block.index("```python") + 3)]
+    assert "get_image_tokens(" in block and "last_hidden_state" not in block

@@ -115,6 +115,21 @@ def build_llava(
     return llava.eval(), processor
 
 
+def check_output_dir(output_dir, **inputs) -> None:
+    """`ValueError` before any work when `output_dir` is, contains or lies inside an input folder (`flag=path`): the
+    saved LLaVA model would overwrite the model it was built from."""
+    if output_dir is None:
+        return
+    output = Path(output_dir).resolve()
+    for flag, path in inputs.items():
+        source = Path(path).resolve()
+        if output == source or output.is_relative_to(source) or source.is_relative_to(output):
+            raise ValueError(
+                f"--output_dir {output_dir} overlaps --{flag} {path}: saving would overwrite the input model; "
+                "choose a separate --output_dir"
+            )
+
+
 def export_llava(llava: LlavaForConditionalGeneration, processor: LlavaProcessor, output_dir) -> None:
     """Save `llava` so that stock transformers loads it: the CLOC tower as a plain `clip_vision_model`, and the
     Prompter as a side-car in `output_dir/prompter` (`load_llava_with_prompter` re-attaches it).
@@ -180,6 +195,7 @@ def pixel_boxes(values: list[float] | None) -> list[list[float]] | None:
 def main(argv: list[str] | None = None) -> dict:
     """Run both generations; returns `{"image_answer": str, "region_answer": str}` (and prints them)."""
     (args,) = parse_args(LlavaClocArguments, args=argv)
+    check_output_dir(args.output_dir, cloc_model=args.cloc_model, language_model=args.language_model)
     torch.manual_seed(args.seed)
     tower = CLOCVisionModel.from_pretrained(args.cloc_model)
     if tower.prompter is None:

@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
 from modeling_occlip import OCCLIPVisionModel
 from processing import OCCLIPProcessor
 from training.cli import parse_args
-from training.llava_cloc import IMAGE_TOKEN, build_llava, drawn_scene
+from training.llava_cloc import IMAGE_TOKEN, build_llava, check_output_dir, drawn_scene
 
 TOWER_DIR = "vision_tower"  # the exported CLIP tower inside --output_dir
 
@@ -64,6 +64,7 @@ def export_occlip_tower(occlip_model: str, folder) -> CLIPVisionModel:
 def main(argv: list[str] | None = None) -> dict:
     """Build the LLaVA model, answer `--prompt` about the image; returns `{"image_answer": str}` (and prints it)."""
     (args,) = parse_args(LlavaOcclipArguments, args=argv)
+    check_output_dir(args.output_dir, occlip_model=args.occlip_model, language_model=args.language_model)
     torch.manual_seed(args.seed)
     occlip_processor = OCCLIPProcessor.from_pretrained(args.occlip_model)
     language_model = AutoModelForCausalLM.from_pretrained(args.language_model)

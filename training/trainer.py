@@ -185,6 +185,9 @@ def default_processor(family: "str | ModelFamily", image_size: int):
 
 
 TOWER_SETTINGS = ("text_config", "vision_config", "projection_dim")
+# What a saved sub-config carries besides the tower's settings: an OC-CLIP or CLOC config.json repeats the towers
+# under its own model types, which must not count as contradicting a CLIP checkpoint's.
+CONFIG_BOOKKEEPING = ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path", "dtype")
 
 
 def new_module_settings(values: dict, clip_config, model_config_path, init_from) -> dict:
@@ -203,7 +206,7 @@ def new_module_settings(values: dict, clip_config, model_config_path, init_from)
             contradictions += [
                 f"{key}.{name} {value!r} (checkpoint: {saved.get(name)!r})"
                 for name, value in given.items()
-                if saved.get(name) != value
+                if name not in CONFIG_BOOKKEEPING and saved.get(name) != value
             ]
         elif given != saved:
             contradictions.append(f"{key} {given!r} (checkpoint: {saved!r})")

@@ -112,6 +112,15 @@ def test_loss_is_clip_plus_scaled_region_terms(model):
     torch.testing.assert_close(out.loss, expected)
 
 
+@pytest.mark.parametrize("orphan", ["region_input_ids", "box_mask"])
+def test_region_inputs_without_boxes_are_refused_not_dropped(model, orphan):
+    inputs = batch()
+    del inputs["input_boxes"]
+    inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "pixel_values", orphan)}
+    with pytest.raises(ValueError, match=f"got {orphan} without input_boxes"):
+        model(**inputs, return_loss=True)
+
+
 def test_head_initialisation_follows_the_config():
     """The heads own no parameter directly; `_init_weights` still gives them their configured init."""
     model = tiny_cloc_model(initializer_range=0.05)

@@ -228,3 +228,21 @@ def test_llava_with_cloc_tower_needs_the_package_which_is_why_output_dir_exports
         """,
         tmp_path,
     )
+
+
+@pytest.mark.parametrize("where", ["cloc", "lm", "."])
+def test_output_dir_overlapping_an_input_model_is_refused_before_any_write(folders, where):
+    root, _ = folders
+    before = {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    with pytest.raises(ValueError, match="overwrite the input model"):
+        llava_cloc.main(
+            [
+                "--cloc_model",
+                str(root / "cloc"),
+                "--language_model",
+                str(root / "lm"),
+                "--output_dir",
+                str(root / where),
+            ]
+        )
+    assert {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()} == before

@@ -124,3 +124,16 @@ def test_saved_llava_with_an_occlip_tower_loads_in_stock_transformers(folders, t
     generated = reloaded.generate(**inputs, max_new_tokens=4, do_sample=False)
     answer = tokenizer.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert answer == answers["image_answer"]
+
+
+@pytest.mark.parametrize("where", ["occlip", "occlip/sub", "lm", "."])
+def test_output_dir_overlapping_an_input_model_is_refused_before_any_write(folders, where):
+    root, _ = folders
+    before = {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    output = root / where
+    with pytest.raises(ValueError, match="overwrite the input model"):
+        llava_occlip.main(
+            ["--occlip_model", str(root / "occlip"), "--language_model", str(root / "lm"), "--output_dir", str(output)]
+        )
+    assert {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()} == before
+    assert not (root / "occlip" / "sub").exists()

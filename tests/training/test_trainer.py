@@ -548,3 +548,23 @@ def test_disable_tqdm_prints_progress_lines_with_the_logged_values(data, tmp_pat
         assert float(found[2]) == pytest.approx(record["loss"], abs=1e-4)
         assert float(found[3]) == pytest.approx(record["lr"], rel=1e-2)
         assert float(found[4]) == pytest.approx(record["samples_per_second"], abs=0.051)
+
+
+@pytest.mark.parametrize("family", ["occlip", "cloc"])
+def test_a_saved_model_config_that_repeats_the_towers_is_not_a_contradiction(clip_folder, family):
+    """A user's --model_config is often a saved OC-CLIP / CLOC config.json: its towers carry their own model_type and
+    bookkeeping keys, which do not contradict the CLIP checkpoint; a real tower setting still does."""
+    from modeling_cloc import CLOCModel
+    from modeling_occlip import OCCLIPModel
+    from training.trainer import new_module_settings
+
+    clip = CLIPModel.from_pretrained(clip_folder)
+    model_class = OCCLIPModel if family == "occlip" else CLOCModel
+    values = model_class.from_clip(clip).config.to_dict()
+    assert values["vision_config"]["model_type"] != clip.config.vision_config.model_type
+    kept = new_module_settings(values, clip.config, "cfg.json", str(clip_folder))
+    assert not set(kept) & {"text_config", "vision_config", "projection_dim"}
+    assert kept["logit_scale_max"] == values["logit_scale_max"]
+    values["vision_config"]["patch_size"] = 4
+    with pytest.raises(ValueError, match=r"vision_config.patch_size 4 \(checkpoint: "):
+        new_module_settings(values, clip.config, "cfg.json", str(clip_folder))
