@@ -64,3 +64,16 @@ def read_image_file(
     if len(data) > max_bytes:
         raise RefusedFile(f"{where}: image path {name!r} refused: {resolved} has more than {max_bytes:,} bytes")
     return data
+
+
+def folder_overlap(output: Path, source: Path) -> str | None:
+    """How a resolved `output` folder relates to a resolved input `source`: `"is"`, `"inside"` (output lies inside
+    the input), `"contains"` (output contains the input), or None when they are apart. Writers refuse any overlap
+    before writing, so outputs never overwrite or mix into their inputs."""
+    if output == source:
+        return "is"
+    if output.is_relative_to(source):
+        return "inside"
+    if source.is_relative_to(output):
+        return "contains"
+    return None

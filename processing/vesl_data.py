@@ -22,7 +22,7 @@ from PIL import Image
 
 from . import files
 from .dataset_source import CAPTION, IMAGE, is_hub_id, is_save_to_disk_folder, open_dataset
-from .files import RefusedFile, read_image_file
+from .files import RefusedFile, folder_overlap, read_image_file
 from .images import to_rgb
 
 logger = logging.getLogger(__name__)
@@ -260,10 +260,9 @@ def check_output_apart(source: str, output_dir: str) -> None:
     image folders there, which would overwrite the input or be read back as input on the next run."""
     output = Path(output_dir).resolve()
     for location in input_paths(source):
-        if output == location or location.is_relative_to(output) or output.is_relative_to(location):
-            relation = (
-                "is" if output == location else ("contains" if location.is_relative_to(output) else "lies inside")
-            )
+        overlap = folder_overlap(output, location)
+        if overlap is not None:
+            relation = "lies inside" if overlap == "inside" else overlap
             raise ValueError(
                 f"--output_dir {output_dir} {relation} the input {location} (--input {source}); VESL would "
                 "overwrite or re-read its own input there: choose an output folder outside the input"

@@ -38,6 +38,7 @@ from transformers import (
 
 from modeling_cloc import CLOCVisionModel
 from processing import CLOCProcessor
+from processing.files import folder_overlap
 from training.cli import parse_args
 
 IMAGE_TOKEN, REGION_TOKEN = "<image>", "<region>"
@@ -123,7 +124,7 @@ def check_output_dir(output_dir, **inputs) -> None:
     output = Path(output_dir).resolve()
     for flag, path in inputs.items():
         source = Path(path).resolve()
-        if output == source or output.is_relative_to(source) or source.is_relative_to(output):
+        if folder_overlap(output, source) is not None:
             raise ValueError(
                 f"--output_dir {output_dir} overlaps --{flag} {path}: saving would overwrite the input model; "
                 "choose a separate --output_dir"

@@ -30,6 +30,7 @@ from transformers import (
 )
 
 from processing.clip_tokenizer import bundled_clip_tokenizer
+from processing.files import folder_overlap
 
 from .checkpoint import (
     CONFIG_FILE,
@@ -383,9 +384,9 @@ def check_output_dir(args: "ContrastiveTrainingArguments") -> None:
     for flag, path in _input_paths(args).items():
         # A data folder must not even share a tree with the output (new files would join the data, or the data
         # would be uploaded with the model); a CLIP folder is only protected from being overwritten.
-        nested = flag != "init_from" and (output.is_relative_to(path) or path.is_relative_to(output))
-        if output == path or nested:
-            relation = "is" if output == path else "is inside" if output.is_relative_to(path) else "contains"
+        overlap = folder_overlap(output, path)
+        if overlap == "is" or (overlap is not None and flag != "init_from"):
+            relation = "is inside" if overlap == "inside" else overlap
             raise ValueError(
                 f"--output_dir {args.output_dir} {relation} --{flag} {getattr(args, flag)}: the trainer would "
                 "write its model, card and checkpoints into its input; choose a separate --output_dir"
